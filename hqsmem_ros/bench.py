@@ -1,0 +1,116 @@
+"""`hqsmem bench`: frames/s, per-stage time and memory of the pipeline on synthetic frames.
+
+The full configuration and the base tracker alone run in the same process on the same frames,
+so their ratio is meaningful on a noisy machine. Frame generation is outside the timed region.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, Optional
+
+import numpy as np
+import psutil
+
+from .core.config import load_config
+from .core.pipeline import HQSMemPipeline, ObjectPrompt
+
+
+def _pin_one_core() -> Optional[int]:
+    import cv2
+
+    cv2.setNumThreads(1)
+    try:
+        import torch  # noqa: F401  (only if already importable; models may use it)
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    if hasattr(os, "sched_setaffinity"):
+        core = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {core})
+        return core
+    return None
+
+
+def _run(cfg, frames_iter, n_frames: int, checkpoints=(1000, 10000)) -> Dict:
+    pipeline = HQSMemPipeline(cfg)
+    proc = psutil.Process()
+    stages: Dict[str, float] = {}
+    total = 0.0
+    memory_sizes = []
+    rss_at = {}
+    peak_rss = proc.memory_info().rss
+    for k, (image, label) in enumerate(frames_iter):
+        prompts = None
+        if k == 0:
+            prompts = [ObjectPrompt(int(i), mask=label == i) for i in np.unique(label) if i != 0]
+        t0 = time.perf_counter()
+        result = pipeline.process(image, prompts=prompts)
+        total += time.perf_counter() - t0
+        if k > 0:  # the prompt frame is set-up, not steady state
+            for name, sec in result.timings.items():
+                stages[name] = stages.get(name, 0.0) + sec
+        memory_sizes.append(len(result.memory_frames))
+        if (k + 1) % 100 == 0 or k + 1 in checkpoints or k + 1 == n_frames:
+            rss = proc.memory_info().rss
+            peak_rss = max(peak_rss, rss)
+            if k + 1 in checkpoints:
+                rss_at[k + 1] = rss
+    steady = max(1, n_frames - 1)
+    per_stage_ms = {k: 1000 * v / steady for k, v in stages.items()}
+    return {
+        "fps": steady / max(1e-9, stages.get("total", total)),
+        "ms_per_frame": per_stage_ms.get("total", 0.0),
+        "stage_ms": per_stage_ms,
+        "peak_rss_mb": peak_rss / 2**20,
+        "rss_mb_at_frame": {str(k): v / 2**20 for k, v in rss_at.items()},
+        "memory_bank_max": int(max(memory_sizes)),
+        "memory_bank_final": int(memory_sizes[-1]),
+        "memory_bank_over_frames": memory_sizes[:: max(1, len(memory_sizes) // 50)],
+        "stats": {k: v for k, v in pipeline.stats().items() if k != "memory_frames"},
+    }
+
+
+def run_bench(size=(640, 480), objects: int = 3, frames: int = 300, config=None,
+              one_core: bool = True, seed: int = 0) -> Dict:
+    from .data.synth import iter_frames
+
+    core = _pin_one_core() if one_core else None
+    cfg = load_config(config)
+    base_cfg = cfg.replace(ablation="base", refine=None, teacher_forcing=None, smart_memory=None)
+
+    def stream():
+        return iter_frames(seed=seed, size=tuple(size), frames=frames, n_objects=objects)
+
+    base = _run(base_cfg, stream(), frames)
+    full = _run(cfg, stream(), frames)
+    return {
+        "size": f"{size[0]}x{size[1]}",
+        "objects": objects,
+        "frames": frames,
+        "pinned_core": core,
+        "config": {k: v for k, v in cfg.to_dict().items()},
+        "fps": full["fps"],
+        "base_fps": base["fps"],
+        "full_over_base_time": full["ms_per_frame"] / max(1e-9, base["ms_per_frame"]),
+        "full": full,
+        "base": base,
+    }
+
+
+def format_report(r: Dict) -> str:
+    f, b = r["full"], r["base"]
+    lines = [
+        f"hqsmem bench: {r['size']}, {r['objects']} objects, {r['frames']} frames, "
+        f"core {'pinned to CPU %s' % r['pinned_core'] if r['pinned_core'] is not None else 'not pinned'}",
+        f"  full ({r['config']['ablation']}): {f['fps']:.1f} frames/s ({f['ms_per_frame']:.2f} ms/frame)",
+        f"  base tracker alone:  {b['fps']:.1f} frames/s ({b['ms_per_frame']:.2f} ms/frame)",
+        f"  full / base time per frame: {r['full_over_base_time']:.2f}x",
+        "  per-stage ms (full): " + ", ".join(f"{k} {v:.2f}" for k, v in f["stage_ms"].items()),
+        f"  memory bank: max {f['memory_bank_max']} (capacity {f['stats']['memory_capacity']}), "
+        f"base's own rule: {b['memory_bank_final']} at the end",
+        f"  peak RSS: full {f['peak_rss_mb']:.0f} MB, base {b['peak_rss_mb']:.0f} MB",
+    ]
+    if f["rss_mb_at_frame"]:
+        lines.append("  RSS at frame: " + ", ".join(f"{k}: {v:.1f} MB" for k, v in f["rss_mb_at_frame"].items()))
+    return "\n".join(lines)

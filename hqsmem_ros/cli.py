@@ -1,0 +1,189 @@
+"""`hqsmem`: the command line of hqsmem_ros.
+
+  hqsmem track FRAMES_DIR --init-mask MASK.png --out OUT_DIR [--config FILE]
+  hqsmem eval PRED_DIR GT_DIR [--json]
+  hqsmem synth OUT_DIR --seed N
+  hqsmem bench [--size WxH --objects N --frames F --json]
+  hqsmem node [--config FILE] [--ros-args ...]     (needs rclpy)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def _size(text: str):
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+        if w < 8 or h < 8:
+            raise ValueError
+        return w, h
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 640x480, got {text!r}")
+
+
+def cmd_track(args) -> int:
+    import numpy as np
+
+    from .core.config import ConfigError, load_config
+    from .core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt, PromptError
+    from .eval.davis_io import DataError, list_frames, read_frame, read_label, write_label
+
+    frames = list_frames(args.frames_dir)
+    init = read_label(args.init_mask)
+    ids = [int(i) for i in np.unique(init) if i != 0]
+    if not ids:
+        raise CliError(f"{args.init_mask}: the first-frame mask is empty (no object id > 0)")
+    cfg = load_config(args.config)
+    if args.offline_interval:
+        cfg = cfg.replace(sequence_length=len(frames))
+    out = Path(args.out)
+    # Results go to a hidden sibling folder first and are moved in only when every frame is done:
+    # a failed run leaves nothing that looks like complete output.
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+    except OSError as exc:
+        raise CliError(f"cannot write to output folder {out}: {exc.strerror or exc}")
+    try:
+        pipeline = HQSMemPipeline(cfg)
+        for k, path in enumerate(frames):
+            image = read_frame(path)
+            prompts = None
+            if k == 0:
+                if init.shape != image.shape[:2]:
+                    raise CliError(f"{args.init_mask} is {init.shape[1]}x{init.shape[0]} but frame {path} is "
+                                   f"{image.shape[1]}x{image.shape[0]}")
+                prompts = [ObjectPrompt(i, mask=init == i) for i in ids]
+            try:
+                result = pipeline.process(image, prompts=prompts)
+            except FrameError as exc:
+                raise CliError(f"{path}: {exc}")
+            write_label(partial / (path.stem + ".png"), result.label_map())
+            if not args.quiet and (k % 50 == 0 or k == len(frames) - 1):
+                print(f"frame {k + 1}/{len(frames)} objects visible: "
+                      f"{sum(o.visible for o in result.objects)}/{len(result.objects)}", file=sys.stderr)
+        for f in sorted(partial.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    print(f"wrote {len(frames)} label images to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.metrics import evaluate, format_table
+
+    result = evaluate(args.pred_dir, args.gt_dir)
+    if args.json:
+        keys = ("J", "F", "JF", "Q", "Acc", "Rob", "NRE", "DRE", "ADQ")
+        print(json.dumps({k: result[k] for k in keys if k in result}))
+    else:
+        print(format_table(result))
+    if args.plot:
+        from .eval.plots import plot_eval
+        for p in plot_eval(result, args.plot):
+            print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .data.synth import write_suite
+
+    names = write_suite(args.out_dir, seed=args.seed, size=args.size)
+    print(f"wrote {len(names)} sequences to {args.out_dir}: {', '.join(names)}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    report = run_bench(size=args.size, objects=args.objects, frames=args.frames, config=args.config,
+                       one_core=not args.all_cores, seed=args.seed)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        from .bench import format_report
+        print(format_report(report))
+    return 0
+
+
+def cmd_node(argv: List[str]) -> int:
+    try:
+        from .ros.main import main as node_main
+    except ImportError as exc:
+        raise CliError(f"the ROS 2 node needs rclpy and the built interfaces ({exc}); "
+                       "run scripts/setup_ros.sh or source your ROS 2 install")
+    return node_main(argv) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hqsmem", description="HQ-SMem video object segmentation and tracking")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("track", help="track the objects of a first-frame mask through a folder of frames")
+    p.add_argument("frames_dir")
+    p.add_argument("--init-mask", required=True, help="label PNG of the first frame (values = object ids)")
+    p.add_argument("--out", required=True, help="folder for one label PNG per frame")
+    p.add_argument("--config", help="pipeline YAML (default: built-in weight-free CPU pipeline)")
+    p.add_argument("--offline-interval", action="store_true",
+                   help="memory candidates every L/30 frames (L = sequence length), as the paper offline")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_track)
+
+    p = sub.add_parser("eval", help="DAVIS J/F and VOTS measures of predictions against ground truth")
+    p.add_argument("pred_dir")
+    p.add_argument("gt_dir")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="DIR", help="also write per-object IoU plots to DIR")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("synth", help="write the synthetic suite (DAVIS layout) with exact ground truth")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=_size, default=(640, 480))
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("bench", help="frames/s, per-stage time and memory of the pipeline")
+    p.add_argument("--size", type=_size, default=(640, 480))
+    p.add_argument("--objects", type=int, default=3)
+    p.add_argument("--frames", type=int, default=300)
+    p.add_argument("--config")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--all-cores", action="store_true", help="do not pin the process to one CPU core")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    sub.add_parser("node", help="run the ROS 2 node (arguments after 'node' go to it)", add_help=False)
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .core.config import ConfigError
+    from .eval.davis_io import DataError
+
+    try:
+        if argv[:1] == ["node"]:
+            return cmd_node(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except (CliError, ConfigError, DataError) as exc:
+        print(f"hqsmem: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The three pluggable parts of HQ-SMem. A new model is one file implementing one of these.
+
+Conventions shared by all parts:
+- images are HxWx3 uint8 **RGB** numpy arrays;
+- masks are HxW bool arrays at the image's size;
+- boxes are float arrays [x0, y0, x1, y1] in pixels, x1/y1 exclusive;
+- object ids are positive ints (0 is background in label images).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Dict, Iterable, List, Tuple
+
+import numpy as np
+
+Masks = Dict[int, np.ndarray]
+
+
+class BaseTracker(ABC):
+    """Memory-based VOS tracker: y_t = D(E(x_t); M_t; y_{t-1}^HQ) (paper Eq. 1, 10).
+
+    The pipeline owns the memory *policy* (smart memory or the tracker's own fixed-gap rule) and
+    tells the tracker which frames to write to or drop from its long-term memory.
+    """
+
+    name: str = "base"
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget every object and all memory."""
+
+    @abstractmethod
+    def add_objects(self, frame: int, image: np.ndarray, masks: Masks) -> None:
+        """Start (or re-prompt) objects on this frame from their masks.
+
+        Called after `track` for the same frame (so existing objects were already tracked on it).
+        The pipeline then calls `commit(frame, all masks)` and `store_memory(frame)`, and keeps the
+        frame pinned in memory: a prompt frame is never evicted. `store_memory` must therefore
+        accept a frame that `add_objects` may already have written (a reference frame).
+        """
+
+    @abstractmethod
+    def remove_objects(self, ids: Iterable[int]) -> None:
+        """Stop tracking these ids; every other object's state is left untouched."""
+
+    @abstractmethod
+    def track(self, frame: int, image: np.ndarray) -> Masks:
+        """Coarse masks y_t for every tracked object (empty mask = not visible this frame)."""
+
+    @abstractmethod
+    def commit(self, frame: int, image: np.ndarray, masks: Masks) -> None:
+        """Teacher forcing (Eq. 10): `masks` (refined where accepted) are the prior for t+1 and
+        what `store_memory(frame)` writes for this frame."""
+
+    @abstractmethod
+    def store_memory(self, frame: int) -> None:
+        """Write the committed frame into long-term memory."""
+
+    @abstractmethod
+    def drop_memory(self, frame: int) -> None:
+        """Remove one frame's entries from long-term memory and free them."""
+
+    @abstractmethod
+    def memory_frames(self) -> List[int]:
+        """Frame indices held in long-term memory now."""
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the long-term memory (0 if the tracker cannot tell)."""
+        return 0
+
+    @property
+    def object_ids(self) -> List[int]:
+        return []
+
+    max_objects: int = 1_000_000  # identity capacity of the tracker
+
+
+class Refiner(ABC):
+    """Box-prompted mask refiner: image + box -> 3 proposals per object (SAM-HQ's role)."""
+
+    name: str = "refiner"
+
+    @abstractmethod
+    def set_image(self, image: np.ndarray) -> None:
+        """Prepare a frame (one image embedding per frame)."""
+
+    @abstractmethod
+    def propose(self, boxes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """boxes (N,4) -> (masks (N,3,H,W) bool, scores (N,3) float, higher = more confident)."""
+
+
+class FeatureExtractor(ABC):
+    """Appearance features phi(x, m): masked pooling of a per-frame feature map (DINO's role)."""
+
+    name: str = "features"
+
+    @abstractmethod
+    def set_image(self, image: np.ndarray) -> None:
+        """Compute the frame's features once."""
+
+    @abstractmethod
+    def embed(self, masks: np.ndarray) -> np.ndarray:
+        """masks (M,H,W) bool -> (M,D) float32 unit vectors (all-zero row for an empty mask)."""

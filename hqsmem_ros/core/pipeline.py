@@ -1,0 +1,400 @@
+"""The HQ-SMem per-frame loop (paper Sec. 3, ../shared/notes/algorithm.md), ROS-free.
+
+For frame t and every tracked object i:
+  1. y_t = base tracker (memory + prior y_{t-1}^HQ)                       (Eq. 1, 10)
+  2. three proposals from the refiner, prompted with the box of y_{t,i}
+  3. p = argmax_c cos(phi(s^c), phi(y)); accept if cos > tau_verify       (Eq. 8-9)
+  4. teacher forcing: the accepted mask is what the tracker commits        (Eq. 10)
+  5. on candidate frames, smart memory decides what long-term memory keeps (Eq. 3-7)
+The paper's ablation rows are switches of the config (refine off/always/gated, teacher forcing,
+smart memory); see config.ABLATIONS.
+
+Smart-memory embedding of a frame with several objects: the mean of the objects' unit
+embeddings (phi under each committed mask). It has a fixed size whatever the number of objects,
+so entries stay comparable when objects are added or removed mid-stream; the price is that a
+change of one object among N moves z_t by about 1/N.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+from . import registry
+from .config import PipelineConfig, load_config
+from .gating import select_proposals
+from .interfaces import BaseTracker, FeatureExtractor, Masks, Refiner
+from .smart_memory import SmartMemory
+
+
+class PromptError(ValueError):
+    """A prompt or removal request that cannot be applied (the message says why)."""
+
+
+class FrameError(ValueError):
+    """A frame that cannot be processed (wrong type, shape, size change, stamp going back)."""
+
+
+@dataclass
+class ObjectPrompt:
+    """Start or correct object `id` on this frame from a mask (preferred) or a box."""
+    id: int
+    mask: Optional[np.ndarray] = None  # bool HxW at the input frame's size
+    box: Optional[Sequence[float]] = None  # (x0, y0, x1, y1) in input pixels, x1/y1 exclusive
+
+
+@dataclass
+class TrackedObject:
+    id: int
+    box: Tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), input pixels; zeros if absent
+    score: float  # verification cosine when the refiner was consulted, else 1 (visible) / 0
+    visible: bool
+    refined: bool  # the output mask is the refiner's (accepted) proposal
+    area: int
+    centroid: Tuple[float, float]  # x, y in input pixels; (nan, nan) if absent
+
+
+@dataclass
+class FrameResult:
+    frame: int
+    stamp: Optional[float]
+    shape: Tuple[int, int]
+    masks: Dict[int, np.ndarray]  # disjoint bool masks at the input size
+    objects: List[TrackedObject]
+    timings: Dict[str, float]
+    memory_frames: List[int]
+    label: np.ndarray = field(repr=False, default=None)
+
+    def label_map(self) -> np.ndarray:
+        """uint16 HxW: pixel = object id, 0 = background."""
+        return self.label
+
+
+def _resize_mask(mask: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
+    if mask.shape[1] == size_wh[0] and mask.shape[0] == size_wh[1]:
+        return mask
+    up = cv2.resize(mask.astype(np.uint8) * 255, size_wh, interpolation=cv2.INTER_LINEAR)
+    return up > 127
+
+
+def _box_of(mask: np.ndarray):
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+class HQSMemPipeline:
+    """Runs HQ-SMem frame by frame on a stream; one instance per camera."""
+
+    def __init__(self, config=None, tracker: Optional[BaseTracker] = None,
+                 refiner: Optional[Refiner] = None, features: Optional[FeatureExtractor] = None):
+        self.config: PipelineConfig = load_config(config)
+        c = self.config
+        self.tracker = tracker or registry.build("tracker", c.tracker, c.device, c.precision)
+        self.refiner = refiner or registry.build("refiner", c.refiner, c.device, c.precision)
+        self.features = features or registry.build("features", c.features, c.device, c.precision)
+        self.memory = SmartMemory(c.memory_capacity, c.memory_lambda, c.tau_memory) if c.use_smart_memory else None
+        self.reset()
+
+    # -- state --------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget every object, the memory and the stream's frame size and clock."""
+        self.tracker.reset()
+        if self.memory is not None:
+            self.memory.clear()
+        self._frame = 0
+        self._size: Optional[Tuple[int, int]] = None  # input (H, W)
+        self._work_wh: Optional[Tuple[int, int]] = None
+        self._ids: set = set()
+        self._retired: set = set()
+        self._prompt_frame_of: Dict[int, int] = {}  # object id -> its latest prompt frame
+        self._last_candidate_frame: Optional[int] = None
+        self._last_candidate_stamp: Optional[float] = None
+        self._last_stamp: Optional[float] = None
+
+    @property
+    def object_ids(self) -> List[int]:
+        return sorted(self._ids)
+
+    @property
+    def frames_processed(self) -> int:
+        return self._frame
+
+    def next_free_id(self) -> int:
+        used = self._ids | self._retired
+        return max(used) + 1 if used else 1
+
+    def stats(self) -> Dict[str, object]:
+        return {
+            "frames": self._frame,
+            "objects": len(self._ids),
+            "memory_size": len(self.tracker.memory_frames()),
+            "memory_capacity": self.config.memory_capacity if self.memory is not None else None,
+            "memory_frames": self.tracker.memory_frames(),
+            "memory_bytes": self.tracker.memory_bytes(),
+            "pinned_frames": self.memory.pinned_frames if self.memory is not None else [],
+            "tracker": getattr(self.tracker, "name", type(self.tracker).__name__),
+            "refiner": getattr(self.refiner, "name", type(self.refiner).__name__),
+            "features": getattr(self.features, "name", type(self.features).__name__),
+            "ablation": self.config.ablation,
+            "refine_mode": self.config.refine_mode,
+            "teacher_forcing": self.config.use_teacher_forcing,
+            "smart_memory": self.config.use_smart_memory,
+        }
+
+    # -- input checks -------------------------------------------------------------------------
+    def _check_image(self, image) -> np.ndarray:
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            desc = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}"
+            raise FrameError(f"frame must be an HxWx3 uint8 RGB array, got {desc}")
+        if image.shape[0] < 8 or image.shape[1] < 8:
+            raise FrameError(f"frame of {image.shape[1]}x{image.shape[0]} is too small (at least 8x8)")
+        if self._size is not None and image.shape[:2] != self._size:
+            raise FrameError(
+                f"frame size changed from {self._size[1]}x{self._size[0]} to {image.shape[1]}x{image.shape[0]}; "
+                "call reset() to start a new stream")
+        return np.ascontiguousarray(image)
+
+    def _check_stamp(self, stamp) -> None:
+        if stamp is None:
+            return
+        if not np.isfinite(stamp):
+            raise FrameError(f"stamp must be finite, got {stamp!r}")
+        if self._last_stamp is not None and stamp < self._last_stamp:
+            raise FrameError(f"stamp went backwards ({self._last_stamp:.6f} -> {stamp:.6f}); call reset()")
+
+    def _check_requests(self, prompts: Sequence[ObjectPrompt], remove: Sequence[int], shape) -> None:
+        h, w = shape
+        seen = set()
+        for oid in remove:
+            if oid not in self._ids:
+                raise PromptError(f"cannot remove object {oid}: not tracked (tracked: {self.object_ids})")
+        new = 0
+        for p in prompts:
+            if isinstance(p.id, bool) or not isinstance(p.id, (int, np.integer)) or p.id <= 0 or p.id > 65535:
+                raise PromptError(f"object id must be an integer in 1..65535, got {p.id!r}")
+            if p.id in seen:
+                raise PromptError(f"object id {p.id} appears twice in one request")
+            seen.add(p.id)
+            if p.id in self._retired:
+                raise PromptError(f"object id {p.id} was removed earlier; ids are never reused (next free: {self.next_free_id()})")
+            if p.id in remove:
+                raise PromptError(f"object id {p.id} is both prompted and removed")
+            if p.id not in self._ids:
+                new += 1
+            if p.mask is not None:
+                m = np.asarray(p.mask)
+                if m.shape != (h, w):
+                    raise PromptError(f"mask for object {p.id} is {m.shape[1] if m.ndim > 1 else '?'}x{m.shape[0]}, frame is {w}x{h}")
+                if not m.any():
+                    raise PromptError(f"mask for object {p.id} is empty")
+            elif p.box is not None:
+                b = np.asarray(p.box, dtype=np.float64).reshape(-1)
+                if b.size != 4 or not np.all(np.isfinite(b)):
+                    raise PromptError(f"box for object {p.id} must be 4 finite numbers (x0, y0, x1, y1), got {p.box!r}")
+                x0, y0, x1, y1 = np.clip(b, 0, [w, h, w, h])
+                if x1 - x0 < 2 or y1 - y0 < 2:
+                    raise PromptError(f"box {tuple(b)} for object {p.id} is empty or outside the {w}x{h} frame")
+            else:
+                raise PromptError(f"prompt for object {p.id} has neither a mask nor a box")
+        if len(self._ids) - len(set(remove)) + new > self.tracker.max_objects:
+            raise PromptError(f"tracker {self.tracker.name!r} can track at most {self.tracker.max_objects} objects")
+
+    # -- the loop -----------------------------------------------------------------------------
+    def process(self, image: np.ndarray, stamp: Optional[float] = None,
+                prompts: Optional[Sequence[ObjectPrompt]] = None,
+                remove: Optional[Iterable[int]] = None) -> FrameResult:
+        """Track one frame. Prompts and removals take effect on this frame.
+
+        Raises FrameError / PromptError before changing any state, so a caller can log the
+        error and go on with the next frame (or this frame without the bad request).
+        """
+        t_start = time.perf_counter()
+        image = self._check_image(image)
+        self._check_stamp(stamp)
+        prompts = list(prompts or [])
+        remove = [int(i) for i in (remove or [])]
+        H, W = image.shape[:2]
+        self._check_requests(prompts, remove, (H, W))
+        if self._size is None:
+            self._size = (H, W)
+            s = min(1.0, (self.config.process_max_side or max(H, W)) / max(H, W))
+            self._work_wh = (max(8, int(round(W * s))), max(8, int(round(H * s))))
+        t = self._frame
+        timings: Dict[str, float] = {}
+
+        clock = time.perf_counter()
+        small = image if self._work_wh == (W, H) else cv2.resize(image, self._work_wh, interpolation=cv2.INTER_AREA)
+        timings["resize"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        tracked = self.tracker.track(t, small) if self._ids else {}
+        timings["track"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        refiner_ready = False
+        if remove:
+            self.tracker.remove_objects(remove)
+            for oid in remove:
+                tracked.pop(oid, None)
+                self._ids.discard(oid)
+                self._retired.add(oid)
+                self._release_prompt_frame(oid)
+        prompt_masks: Masks = {}
+        box_prompts = [p for p in prompts if p.mask is None]
+        if box_prompts:
+            self.refiner.set_image(small)
+            refiner_ready = True
+            boxes = np.array([self._to_work_box(p.box, (H, W)) for p in box_prompts])
+            props, scores = self.refiner.propose(boxes)
+            for k, p in enumerate(box_prompts):
+                m = props[k, int(np.argmax(scores[k]))]
+                if not m.any():
+                    raise PromptError(f"the refiner found no object in box {tuple(p.box)} for object {p.id}")
+                prompt_masks[p.id] = m
+        for p in prompts:
+            if p.mask is not None:
+                m = cv2.resize(np.asarray(p.mask, dtype=np.uint8), self._work_wh, interpolation=cv2.INTER_AREA) > 0 \
+                    if self._work_wh != (W, H) else np.asarray(p.mask, dtype=bool)
+                prompt_masks[p.id] = m
+        if prompt_masks:
+            self.tracker.add_objects(t, small, prompt_masks)
+            self._ids.update(prompt_masks)
+            for oid in prompt_masks:
+                self._release_prompt_frame(oid)
+                self._prompt_frame_of[oid] = t
+        timings["prompt"] = time.perf_counter() - clock
+
+        coarse: Masks = {**tracked, **prompt_masks}
+        final: Masks = dict(coarse)
+        refined: Dict[int, bool] = {}
+        score: Dict[int, float] = {}
+        mode = self.config.refine_mode
+        to_refine = [i for i in sorted(tracked) if tracked[i].sum() >= max(1, self.config.min_refine_area)]
+        clock = time.perf_counter()
+        features_ready = False
+        if mode != "off" and to_refine:
+            if not refiner_ready:
+                self.refiner.set_image(small)
+            boxes = np.array([_box_of(coarse[i]) for i in to_refine], dtype=np.float64)
+            props, pscores = self.refiner.propose(boxes)
+            timings["refine"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            if mode == "always":
+                for k, oid in enumerate(to_refine):
+                    final[oid] = props[k, int(np.argmax(pscores[k]))]
+                    refined[oid] = True
+            else:
+                self.features.set_image(small)
+                features_ready = True
+                n, c = props.shape[:2]
+                stack = np.concatenate([np.stack([coarse[i] for i in to_refine]), props.reshape(n * c, *props.shape[2:])])
+                emb = self.features.embed(stack)
+                chosen, accept, cos = select_proposals(emb[:n], emb[n:].reshape(n, c, -1), self.config.tau_verify)
+                for k, oid in enumerate(to_refine):
+                    score[oid] = float(cos[k])
+                    if accept[k]:
+                        final[oid] = props[k, chosen[k]]
+                        refined[oid] = True
+            timings["verify"] = time.perf_counter() - clock
+        else:
+            timings["refine"] = timings["verify"] = 0.0
+
+        clock = time.perf_counter()
+        committed = final if self.config.use_teacher_forcing else coarse
+        self.tracker.commit(t, small, committed)
+        self._update_memory(t, stamp, small, committed, bool(prompt_masks), features_ready)
+        timings["memory"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        result = self._build_result(t, stamp, final, refined, score, (H, W))
+        timings["output"] = time.perf_counter() - clock
+        timings["total"] = time.perf_counter() - t_start
+        result.timings = timings
+        self._frame += 1
+        if stamp is not None:
+            self._last_stamp = stamp
+        return result
+
+    def _to_work_box(self, box, shape) -> Tuple[float, float, float, float]:
+        h, w = shape
+        x0, y0, x1, y1 = np.clip(np.asarray(box, dtype=np.float64), 0, [w, h, w, h])
+        sx, sy = self._work_wh[0] / w, self._work_wh[1] / h
+        return x0 * sx, y0 * sy, x1 * sx, y1 * sy
+
+    # -- memory policy ------------------------------------------------------------------------
+    def _is_candidate(self, t: int, stamp: Optional[float]) -> bool:
+        c = self.config
+        if c.memory_interval_s is not None and stamp is not None:
+            due = self._last_candidate_stamp is None or stamp - self._last_candidate_stamp >= c.memory_interval_s
+        else:
+            due = self._last_candidate_frame is None or t - self._last_candidate_frame >= c.candidate_interval()
+        if due:
+            self._last_candidate_frame, self._last_candidate_stamp = t, stamp
+        return due
+
+    def _update_memory(self, t, stamp, small, committed: Masks, prompt_frame: bool, features_ready: bool) -> None:
+        candidate = self._is_candidate(t, stamp)
+        if not (candidate or prompt_frame):
+            return
+        if self.memory is None:  # the base tracker's own rule: every candidate frame is appended
+            self.tracker.store_memory(t)
+            return
+        visible = [m for m in committed.values() if m.any()]
+        if not visible:
+            return  # nothing to remember: an empty frame would only dilute the memory
+        if not features_ready:
+            self.features.set_image(small)
+        emb = self.features.embed(np.stack(visible))
+        z = emb.mean(axis=0)
+        if prompt_frame:
+            while len(self.memory) >= self.memory.capacity and len(self.memory.pinned_frames) >= self.memory.capacity:
+                self.memory.unpin(self.memory.pinned_frames[0])  # too many prompt frames: oldest becomes evictable
+            removed = self.memory.add(t, z, pinned=True)
+        else:
+            removed = self.memory.update(t, z)
+        if removed is not None and removed != t:
+            self.tracker.drop_memory(removed)
+        if t in self.memory:
+            self.tracker.store_memory(t)
+
+    def _release_prompt_frame(self, oid: int) -> None:
+        frame = self._prompt_frame_of.pop(oid, None)
+        if frame is not None and self.memory is not None and frame not in self._prompt_frame_of.values():
+            self.memory.unpin(frame)
+
+    # -- output -------------------------------------------------------------------------------
+    def _build_result(self, t, stamp, final: Masks, refined, score, shape) -> FrameResult:
+        H, W = shape
+        full = {oid: _resize_mask(m, (W, H)) for oid, m in final.items()}
+        # Disjoint output: larger objects are painted first so small ones on top stay visible.
+        order = sorted(full, key=lambda i: -int(full[i].sum()))
+        label = np.zeros((H, W), np.uint16)
+        for oid in order:
+            label[full[oid]] = oid
+        masks: Masks = {}
+        objects: List[TrackedObject] = []
+        for oid in sorted(full):
+            box = _box_of(full[oid])
+            if box is None:
+                m = np.zeros((H, W), bool)
+            else:
+                x0, y0, x1, y1 = box
+                m = np.zeros((H, W), bool)
+                m[y0:y1, x0:x1] = label[y0:y1, x0:x1] == oid
+                box = _box_of(m)
+            masks[oid] = m
+            if box is None:
+                objects.append(TrackedObject(oid, (0, 0, 0, 0), 0.0, False, False, 0, (float("nan"), float("nan"))))
+                continue
+            x0, y0, x1, y1 = box
+            ys, xs = np.nonzero(m[y0:y1, x0:x1])
+            objects.append(TrackedObject(
+                oid, box, score.get(oid, 1.0), True, bool(refined.get(oid, False)), int(xs.size),
+                (float(xs.mean() + x0), float(ys.mean() + y0))))
+        return FrameResult(t, stamp, (H, W), masks, objects, {}, self.tracker.memory_frames(), label)

@@ -1,0 +1,43 @@
+"""Model registry: a config's `type` name -> the class that implements it.
+
+Entries are "module:Class" strings so that importing the core never imports torch; a model's
+module is imported only when a config asks for it. Every class is built through
+`Cls.from_config(params: dict, device: str, precision: str)`.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Dict
+
+from .config import ConfigError
+
+TRACKERS: Dict[str, str] = {
+    "flow": "hqsmem_ros.models.flow_tracker:FlowTracker",
+}
+REFINERS: Dict[str, str] = {
+    "color": "hqsmem_ros.models.color_refiner:ColorBoxRefiner",
+}
+FEATURES: Dict[str, str] = {
+    "histogram": "hqsmem_ros.models.histogram_features:HistogramFeatures",
+}
+_KINDS = {"tracker": TRACKERS, "refiner": REFINERS, "features": FEATURES}
+
+
+def build(kind: str, spec: Dict[str, Any], device: str = "auto", precision: str = "fp32"):
+    table = _KINDS[kind]
+    params = dict(spec)
+    name = params.pop("type")
+    if name not in table:
+        raise ConfigError(f"unknown {kind} type {name!r}; available: {', '.join(sorted(table))}")
+    module_name, cls_name = table[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"{kind} {name!r} needs a package that is not installed ({exc}); "
+            "install the project with its 'models' extra: pip install -e .[models]") from exc
+    cls = getattr(module, cls_name)
+    try:
+        return cls.from_config(params, device=device, precision=precision)
+    except TypeError as exc:
+        raise ConfigError(f"{kind} {name!r}: bad parameters {params}: {exc}") from exc

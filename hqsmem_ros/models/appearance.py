@@ -1,0 +1,46 @@
+"""Colour quantisation and histogram helpers shared by the weight-free models.
+
+Colours are binned in YCrCb: luminance coarsely (lighting changes), chroma finely (what tells
+an object from its background).
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+Y_BINS, C_BINS = 4, 16
+N_COLOR_BINS = Y_BINS * C_BINS * C_BINS
+
+
+def color_index(rgb: np.ndarray) -> np.ndarray:
+    """HxW int32 colour-bin index of every pixel of an RGB uint8 image."""
+    ycc = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb)
+    y = ycc[..., 0].astype(np.int32) >> 6
+    cr = ycc[..., 1].astype(np.int32) >> 4
+    cb = ycc[..., 2].astype(np.int32) >> 4
+    return (y * C_BINS + cr) * C_BINS + cb
+
+
+def histogram(index: np.ndarray, mask: np.ndarray, bins: int = N_COLOR_BINS) -> np.ndarray:
+    """Normalised histogram (sums to 1, zeros if the mask is empty) of `index` under `mask`."""
+    vals = index[mask]
+    if vals.size == 0:
+        return np.zeros(bins, np.float32)
+    h = np.bincount(vals, minlength=bins).astype(np.float32)
+    return h / vals.size
+
+
+def mask_box(mask: np.ndarray):
+    """Tight (x0, y0, x1, y1) box of a bool mask, exclusive ends; None if empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def expand_box(box, margin: float, min_margin: int, width: int, height: int):
+    x0, y0, x1, y1 = box
+    mx = max(min_margin, int(round((x1 - x0) * margin)))
+    my = max(min_margin, int(round((y1 - y0) * margin)))
+    return max(0, x0 - mx), max(0, y0 - my), min(width, x1 + mx), min(height, y1 + my)

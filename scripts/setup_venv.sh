@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates (or tops up) the project's virtual environment at .venv in the repo root.
+# Idempotent: a second run with nothing changed only checks a stamp file.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+py="${PYTHON:-python3}"
+stamp="$venv/.hqsmem-setup"
+want="$(cat "$root/setup.py" "$root/scripts/setup_venv.sh" | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+"${pip[@]}" install --upgrade pip setuptools wheel >/dev/null
+# torch is deliberately unpinned (Jetson users bring NVIDIA's wheels); torchvision must match it.
+"${pip[@]}" install -e "$root[test,models]"
+echo "$want" > "$stamp"
