@@ -20,11 +20,9 @@ def _pin_one_core() -> Optional[int]:
     import cv2
 
     cv2.setNumThreads(1)
-    try:
-        import torch  # noqa: F401  (only if already importable; models may use it)
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
+    import sys
+    if "torch" in sys.modules:  # only when a configured model brought it in
+        sys.modules["torch"].set_num_threads(1)
     if hasattr(os, "sched_setaffinity"):
         core = min(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {core})

@@ -4,6 +4,7 @@
   hqsmem eval PRED_DIR GT_DIR [--json]
   hqsmem synth OUT_DIR --seed N
   hqsmem bench [--size WxH --objects N --frames F --json]
+  hqsmem ablate DATA_DIR [--rows ...] [--json]
   hqsmem node [--config FILE] [--ros-args ...]     (needs rclpy)
 """
 from __future__ import annotations
@@ -35,9 +36,9 @@ def _size(text: str):
 def cmd_track(args) -> int:
     import numpy as np
 
-    from .core.config import ConfigError, load_config
-    from .core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt, PromptError
-    from .eval.davis_io import DataError, list_frames, read_frame, read_label, write_label
+    from .core.config import load_config
+    from .core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt
+    from .eval.davis_io import list_frames, read_frame, read_label, write_label
 
     frames = list_frames(args.frames_dir)
     init = read_label(args.init_mask)
@@ -118,6 +119,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from .ablation import format_ablation, run_ablation
+
+    result = run_ablation(args.data_dir, rows=args.rows, config=args.config)
+    print(json.dumps(result) if args.json else format_ablation(result))
+    return 0
+
+
 def cmd_node(argv: List[str]) -> int:
     try:
         from .ros.main import main as node_main
@@ -163,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-cores", action="store_true", help="do not pin the process to one CPU core")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("ablate", help="the paper's 5 ablation rows (J&F, VOTS Q, ...) on a folder of sequences")
+    p.add_argument("data_dir", help="DAVIS layout, or a folder of <seq>/JPEGImages + <seq>/Annotations")
+    p.add_argument("--rows", nargs="+", choices=["base", "base_sam", "base_smem", "base_hqtf", "full"])
+    p.add_argument("--config")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ablate)
 
     sub.add_parser("node", help="run the ROS 2 node (arguments after 'node' go to it)", add_help=False)
     return ap

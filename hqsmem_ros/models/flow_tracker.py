@@ -48,7 +48,7 @@ class _Pending:
 class FlowTracker(BaseTracker):
     name = "flow"
 
-    def __init__(self, flow_preset: str = "fast", flow_weight: float = 3.0,
+    def __init__(self, flow_preset: str = "fast", flow_weight: float = 2.0,
                  appearance_weight: float = 1.0, search_margin: float = 0.3,
                  min_area: int = 12, redetect_every: int = 2, redetect_min_lr: float = 1.5,
                  redetect_area_range=(0.3, 3.0), recent_bg_weight: float = 0.5):

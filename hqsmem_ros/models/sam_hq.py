@@ -1,0 +1,195 @@
+"""SAM-HQ box refiner (the paper's HQ proposals), on the `segment-anything-hq` package.
+
+Per frame, `set_image` runs the image encoder once through the package's own `SamPredictor`
+(its ResizeLongestSide to 1024, pixel normalisation and padding), and also computes the HQ
+feature map that the HQ decoder derives from the image alone (early ViT features + embedding).
+
+`propose(boxes)` prompts the decoder with every object's box in ONE batched call of
+`mask_decoder.predict_masks`, which returns the low-resolution logits of all five output
+tokens (0: single-mask token, 1-3: multimask tokens, 4: HQ token) and the IoU head's
+predictions for tokens 0-3. The package's predictor returns only one of these (with
+multimask_output=True: the multimask token of highest predicted IoU, plus the HQ token); we keep
+all three. How the three proposals of an object are formed:
+
+- ``multimask=True`` (default; the paper's "multimask output"): proposal c (c = 0, 1, 2) comes
+  from multimask token c+1, its logits being that token's logits + the HQ token's logits, the
+  fusion the package applies to its single output when ``hq_token_only=False``. With
+  ``hq_token_only=True`` the proposal of the token with the highest predicted IoU is the HQ
+  token's logits alone (exactly what the package returns in that mode), and the other two keep
+  the fused form, so the verifier still sees three distinct candidates.
+- ``multimask=False``: all three slots hold the package's single-mask output (token 0 + HQ, or
+  HQ alone with ``hq_token_only``), i.e. gating only decides accept/reject.
+
+Score of proposal c = the IoU head's prediction for its token. So the proposal with the highest
+score is always, bit for bit, the mask `SamPredictor.predict(box=..., multimask_output=multimask,
+hq_token_only=hq_token_only)` returns. Logits are upsampled with the model's `postprocess_masks`
+to the image size and thresholded at `model.mask_threshold`.
+
+Boxes are [x0, y0, x1, y1] pixels; they are clipped to the image, and a box with no area
+inside the image is a ValueError naming it.
+
+Checkpoints: the official ``sam_hq_vit_{tiny,b,l,h}.pth`` files (plain state_dicts of the whole
+model) load through `checkpoints.load_state_dict` (never unpickling code) and a strict key check.
+The package's own builder would use an unrestricted ``torch.load`` and ``strict=False``, so it is
+always called with ``checkpoint=None``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..core.config import ConfigError
+from ..core.interfaces import Refiner
+from .checkpoints import apply_state_dict, autocast_context, check_precision, load_state_dict, resolve_device
+
+with warnings.catch_warnings():
+    # The package imports deprecated timm paths and re-registers timm's tiny_vit names.
+    warnings.simplefilter("ignore")
+    from segment_anything_hq import SamPredictor, sam_model_registry
+
+MODEL_TYPES = ("vit_tiny", "vit_b", "vit_l", "vit_h")
+# TinyViT's classifier head exists in the module but SAM never runs it; a checkpoint may omit it.
+_OPTIONAL_KEYS = (r"image_encoder\.norm_head\..*", r"image_encoder\.head\..*")
+
+
+def guess_model_type(sd) -> str:
+    """A hint naming the SAM variant a state_dict looks like ('' if it cannot tell)."""
+    keys = list(sd)
+    if any(k.startswith("image_encoder.layers.") for k in keys):
+        kind = "vit_tiny"
+    else:
+        blocks = {k.split(".")[2] for k in keys if k.startswith("image_encoder.blocks.")}
+        kind = {12: "vit_b", 24: "vit_l", 32: "vit_h"}.get(len(blocks), "")
+    if kind and not any(k.startswith("mask_decoder.hf_token") for k in keys):
+        return f"It looks like an original SAM {kind} checkpoint without the HQ decoder: use sam_hq_{kind}.pth."
+    return f"It looks like a SAM-HQ {kind} checkpoint." if kind else ""
+
+
+class SamHQRefiner(Refiner):
+    name = "sam_hq"
+
+    def __init__(self, model, device="cpu", precision: str = "fp32", hq_token_only: bool = False,
+                 multimask: bool = True):
+        self.device = torch.device(device)
+        self.precision = check_precision(self.device, precision)
+        # eval() after loading weights matters: TinyViT caches its attention biases in eval mode.
+        self.model = model.to(self.device).eval()
+        self.predictor = SamPredictor(self.model)
+        self.hq_token_only = bool(hq_token_only)
+        self.multimask = bool(multimask)
+        self._hq_features: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_config(cls, params, device: str = "auto", precision: str = "fp32") -> "SamHQRefiner":
+        params = dict(params)
+        model_type = params.pop("model_type", "vit_tiny")
+        checkpoint = params.pop("checkpoint", None)
+        sha256 = params.pop("sha256", None)
+        random_weights = params.pop("random_weights", False)
+        hq_token_only = params.pop("hq_token_only", False)
+        multimask = params.pop("multimask", True)
+        seed = int(params.pop("seed", 0))
+        if params:
+            raise ConfigError(f"refiner sam_hq: unknown parameters {sorted(params)}; known: model_type, "
+                              "checkpoint, sha256, random_weights, hq_token_only, multimask, seed")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"refiner sam_hq: model_type must be one of {', '.join(MODEL_TYPES)}, "
+                              f"got {model_type!r}")
+        for key, value in (("random_weights", random_weights), ("hq_token_only", hq_token_only),
+                           ("multimask", multimask)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"refiner sam_hq: {key} must be true or false, got {value!r}")
+        dev = resolve_device(device)
+        check_precision(dev, precision)
+        model_name = f"SAM-HQ {model_type}"
+        if checkpoint:
+            sd = load_state_dict(checkpoint, model_name, sha256)  # checked before building anything
+            model = sam_model_registry[model_type](checkpoint=None)
+            apply_state_dict(model, sd, checkpoint, model_name, optional_missing=_OPTIONAL_KEYS,
+                             hint=guess_model_type(sd))
+        elif random_weights:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = sam_model_registry[model_type](checkpoint=None)
+        else:
+            raise ConfigError(f"refiner sam_hq: no checkpoint given for {model_type}; set refiner.checkpoint "
+                              f"to the sam_hq_{model_type}.pth file, or random_weights: true for speed "
+                              "benchmarks only (the masks are then meaningless)")
+        return cls(model, dev, precision, hq_token_only=hq_token_only, multimask=multimask)
+
+    # -- per frame ------------------------------------------------------------------------------
+
+    def set_image(self, image: np.ndarray) -> None:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
+        with torch.inference_mode(), autocast_context(self.device, self.precision):
+            self.predictor.set_image(image, image_format="RGB")
+            dec = self.model.mask_decoder
+            # The HQ decoder's image-only branch: the same for every box, so once per frame.
+            vit_features = self.predictor.interm_features[0].permute(0, 3, 1, 2)
+            self._hq_features = dec.embedding_encoder(self.predictor.features) + dec.compress_vit_feat(vit_features)
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        if not self.predictor.is_image_set:
+            raise RuntimeError("set_image() must be called before propose()")
+        return tuple(self.predictor.original_size)
+
+    def _boxes_tensor(self, boxes) -> torch.Tensor:
+        h, w = self.image_size
+        b = np.array(boxes, dtype=np.float64, copy=True)
+        if b.ndim != 2 or b.shape[1] != 4:
+            raise ValueError(f"boxes must be an (N,4) array of [x0, y0, x1, y1], got shape {b.shape}")
+        for i, row in enumerate(b):
+            if not np.all(np.isfinite(row)):
+                raise ValueError(f"box {i} {row.tolist()} has a non-finite coordinate")
+        clipped = np.clip(b, 0.0, [w, h, w, h])
+        for i, (row, c) in enumerate(zip(b, clipped)):
+            if c[2] <= c[0] or c[3] <= c[1]:
+                raise ValueError(f"box {i} {row.tolist()} has no area inside the {w}x{h} image "
+                                 f"(clipped: {c.tolist()})")
+        # The predictor's own coordinate transform, so boxes map exactly as in SamPredictor.predict.
+        scaled = self.predictor.transform.apply_boxes(clipped, (h, w))
+        return torch.as_tensor(scaled, dtype=torch.float, device=self.device)
+
+    def propose_torch(self, boxes) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Like `propose`, but returns (masks (N,3,H,W) bool, scores (N,3) float32) on the device."""
+        h, w = self.image_size
+        box_t = self._boxes_tensor(boxes)
+        n = box_t.shape[0]
+        if n == 0:
+            return (torch.zeros((0, 3, h, w), dtype=torch.bool, device=self.device),
+                    torch.zeros((0, 3), dtype=torch.float32, device=self.device))
+        model, dec = self.model, self.model.mask_decoder
+        with torch.inference_mode(), autocast_context(self.device, self.precision):
+            sparse, dense = model.prompt_encoder(points=None, boxes=box_t, masks=None)
+            logits, iou = dec.predict_masks(
+                image_embeddings=self.predictor.features,
+                image_pe=model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                hq_features=self._hq_features,
+            )
+            hq_index = dec.num_mask_tokens - 1
+            hq = logits[:, hq_index:hq_index + 1]
+            if self.multimask:
+                scores = iou[:, 1:hq_index]
+                proposals = logits[:, 1:hq_index] + hq
+                if self.hq_token_only:
+                    best = torch.max(scores, dim=1).indices  # the package's own choice rule
+                    proposals[torch.arange(n, device=proposals.device), best] = hq[:, 0]
+            else:
+                scores = iou[:, 0:1].expand(n, 3)
+                single = hq if self.hq_token_only else logits[:, 0:1] + hq
+                proposals = single.expand(n, 3, *single.shape[2:])
+            masks = model.postprocess_masks(proposals.float(), self.predictor.input_size, (h, w))
+            masks = masks > model.mask_threshold
+        return masks, scores.float()
+
+    def propose(self, boxes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        masks, scores = self.propose_torch(boxes)
+        return masks.cpu().numpy(), scores.cpu().numpy()
