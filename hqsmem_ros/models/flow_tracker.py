@@ -1,9 +1,12 @@
 """Weight-free base tracker: dense optical flow propagation re-anchored by an appearance model.
 
 Per frame: DIS optical flow (current -> previous) warps every object's prior mask (the committed
-mask of t-1, i.e. the HQ mask under teacher forcing) into frame t; a per-object colour
-likelihood ratio, learnt from the object's entries in long-term memory, then decides the pixels
-near the warped boundary. Long-term memory holds, per stored frame, each object's foreground and
+mask of t-1, i.e. the HQ mask under teacher forcing) into frame t. Dense flow loses small objects
+that move far between frames, so each object is also matched as a whole (masked template
+matching of its previous appearance in a search window) and the prior shifted by that motion;
+of the two predictions the one whose pixels fit the object's colour model better is kept. A
+per-object colour likelihood ratio, learnt from the object's entries in long-term memory, then
+decides the pixels near the predicted boundary. Long-term memory holds, per stored frame, each object's foreground and
 surrounding-background colour histograms; which frames it holds is decided from outside (smart
 memory or the fixed-gap rule), exactly like the long-term memory of an AOT-family tracker.
 
@@ -51,7 +54,8 @@ class FlowTracker(BaseTracker):
     def __init__(self, flow_preset: str = "fast", flow_weight: float = 2.0,
                  appearance_weight: float = 1.0, search_margin: float = 0.3,
                  min_area: int = 12, redetect_every: int = 2, redetect_min_lr: float = 1.5,
-                 redetect_area_range=(0.3, 3.0), recent_bg_weight: float = 0.5):
+                 redetect_area_range=(0.3, 3.0), recent_bg_weight: float = 0.5,
+                 match_search: float = 1.0, match_size: int = 32):
         if flow_preset not in _PRESETS:
             raise ValueError(f"flow_preset must be one of {', '.join(_PRESETS)}, got {flow_preset!r}")
         self.flow_preset = flow_preset
@@ -63,6 +67,8 @@ class FlowTracker(BaseTracker):
         self.redetect_min_lr = float(redetect_min_lr)
         self.redetect_area_range = tuple(redetect_area_range)
         self.recent_bg_weight = float(recent_bg_weight)
+        self.match_search = float(match_search)
+        self.match_size = int(match_size)
         self._flow = cv2.DISOpticalFlow_create(_PRESETS[flow_preset])
         self.reset()
 
@@ -76,6 +82,7 @@ class FlowTracker(BaseTracker):
         self._prior: Masks = {}
         self._memory: Dict[int, Dict[int, tuple]] = {}  # frame -> id -> (fg_hist, bg_hist)
         self._prev_gray: Optional[np.ndarray] = None
+        self._prev_rgb: Optional[np.ndarray] = None
         self._cache_frame: Optional[int] = None
         self._cache = None
         self._pending: Optional[_Pending] = None
@@ -125,6 +132,11 @@ class FlowTracker(BaseTracker):
             warped = {i: out[..., k] for k, i in enumerate(ids)}
         elif ids:
             warped = {i: self._prior[i].astype(np.float32) for i in ids}
+        if self._prev_rgb is not None and self._prev_rgb.shape == image.shape and self.match_search > 0:
+            for oid in ids:
+                shifted = self._match_shift(oid, image)
+                if shifted is not None and self._fit(oid, shifted, index) > self._fit(oid, warped[oid], index):
+                    warped[oid] = shifted
 
         best = np.zeros((h, w), np.float32)  # winning logit (> 0) per pixel
         label = np.zeros((h, w), np.int32)
@@ -170,6 +182,48 @@ class FlowTracker(BaseTracker):
         best[sl][win] = logit[win]
         label[sl][win] = oid
 
+    def _match_shift(self, oid, image) -> Optional[np.ndarray]:
+        """The prior moved by the object's best whole-object match in a window around it."""
+        prior = self._prior[oid]
+        box = mask_box(prior)
+        if box is None:
+            return None
+        h, w = prior.shape
+        x0, y0, x1, y1 = box
+        sx0, sy0, sx1, sy1 = expand_box(box, self.match_search, 16, w, h)
+        window = image[sy0:sy1, sx0:sx1]
+        template = self._prev_rgb[y0:y1, x0:x1]
+        weight = prior[y0:y1, x0:x1].astype(np.uint8)
+        if window.shape[0] <= template.shape[0] or window.shape[1] <= template.shape[1]:
+            return None
+        # Matching cost grows with template area x window area: match large objects at a
+        # coarser scale (the colour model then settles the last pixels).
+        f = min(1.0, self.match_size / max(template.shape[:2]))
+        if f < 1.0:
+            window = cv2.resize(window, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
+            th, tw = max(1, int(template.shape[0] * f)), max(1, int(template.shape[1] * f))
+            template = cv2.resize(template, (tw, th), interpolation=cv2.INTER_AREA)
+            weight = cv2.resize(weight, (tw, th), interpolation=cv2.INTER_NEAREST)
+            if window.shape[0] <= th or window.shape[1] <= tw or not weight.any():
+                return None
+        score = cv2.matchTemplate(window, template, cv2.TM_SQDIFF, mask=weight)
+        _, _, best, _ = cv2.minMaxLoc(score)
+        dx = int(round(sx0 + best[0] / f - x0))
+        dy = int(round(sy0 + best[1] / f - y0))
+        if dx == 0 and dy == 0:
+            return None
+        move = np.float32([[1, 0, dx], [0, 1, dy]])
+        return cv2.warpAffine(prior.astype(np.float32), move, (w, h), flags=cv2.INTER_NEAREST)
+
+    def _fit(self, oid, soft: np.ndarray, index) -> float:
+        """Mean colour log-likelihood ratio of the object under a predicted mask."""
+        m = soft > 0.5
+        box = mask_box(m)
+        if box is None:
+            return -np.inf
+        x0, y0, x1, y1 = box
+        return float(self._lut(oid)[index[y0:y1, x0:x1][m[y0:y1, x0:x1]]].mean())
+
     def _redetect(self, oid, index, label) -> Optional[np.ndarray]:
         obj = self._objects[oid]
         if obj.last_area <= 0 or not any(oid in e for e in self._memory.values()):
@@ -208,6 +262,7 @@ class FlowTracker(BaseTracker):
     def commit(self, frame: int, image: np.ndarray, masks: Masks) -> None:
         gray, index = self._frame_data(frame, image)
         self._prev_gray = gray
+        self._prev_rgb = image
         committed = {oid: np.asarray(masks.get(oid, np.zeros_like(gray, bool)), bool) for oid in self._objects}
         self._prior = committed
         union = np.zeros(gray.shape, bool)

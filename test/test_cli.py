@@ -1,0 +1,107 @@
+"""The `hqsmem` command line as a user runs it: synth -> track -> eval, and its errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hqsmem_ros.data.synth import write_sequence
+from hqsmem_ros.eval.davis_io import read_label, write_label
+
+HQSMEM = [sys.executable, "-m", "hqsmem_ros.cli"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*HQSMEM, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def seq(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    write_sequence(root, "translate_scale", seed=4, size=(256, 192), frames=60, n_objects=3)
+    return root / "JPEGImages" / "translate_scale", root / "Annotations" / "translate_scale"
+
+
+def test_track_then_eval(seq, tmp_path):
+    frames, annotations = seq
+    out = tmp_path / "pred"
+    r = run("track", frames, "--init-mask", annotations / "00000.png", "--out", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(p.stem + ".png" for p in frames.iterdir())
+    first = read_label(out / "00000.png")
+    assert set(np.unique(first)) == set(np.unique(read_label(annotations / "00000.png")))
+    r = run("eval", out, annotations, "--json")
+    assert r.returncode == 0, r.stderr
+    scores = json.loads(r.stdout)
+    assert set(scores) == {"J", "F", "JF", "Q", "Acc", "Rob", "NRE", "DRE", "ADQ"}
+    assert scores["JF"] > 0.7
+    r = run("eval", out, annotations)
+    assert r.returncode == 0 and "J" in r.stdout
+
+
+def _assert_clean_failure(r, out: Path, needle: str):
+    assert r.returncode != 0
+    assert needle in r.stderr, r.stderr
+    if out.exists():
+        visible = [p for p in out.iterdir() if not p.name.startswith(".")]
+        assert visible == [], "a failed run must not leave output that looks complete"
+        assert list(out.iterdir()) == []
+
+
+def test_track_errors_name_the_file(seq, tmp_path):
+    frames, annotations = seq
+    mask = annotations / "00000.png"
+    out = tmp_path / "o1"
+    _assert_clean_failure(run("track", tmp_path / "nope", "--init-mask", mask, "--out", out), out, "nope")
+
+    small = tmp_path / "small.png"
+    write_label(small, np.ones((10, 10), np.uint8))
+    _assert_clean_failure(run("track", frames, "--init-mask", small, "--out", out), out, "small.png")
+
+    empty = tmp_path / "empty.png"
+    write_label(empty, np.zeros((192, 256), np.uint8))
+    _assert_clean_failure(run("track", frames, "--init-mask", empty, "--out", out), out, "empty")
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for p in sorted(frames.iterdir())[:3]:
+        (mixed / p.name).write_bytes(p.read_bytes())
+    (mixed / "notes.txt").write_text("not an image")
+    _assert_clean_failure(run("track", mixed, "--init-mask", mask, "--out", out), out, "notes.txt")
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in sorted(frames.iterdir())[:4]:
+        (broken / p.name).write_bytes(p.read_bytes())
+    (broken / "00002.jpg").write_bytes(b"\xff\xd8 truncated")
+    _assert_clean_failure(run("track", broken, "--init-mask", mask, "--out", out), out, "00002.jpg")
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    r = run("track", frames, "--init-mask", mask, "--out", blocker / "sub")
+    assert r.returncode != 0 and "cannot write" in r.stderr
+
+
+def test_synth_and_bad_config(tmp_path):
+    r = run("synth", tmp_path / "s", "--seed", "1", "--size", "128x96")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "s" / "Annotations").iterdir())) == 5
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tau_verify: 7\n")
+    frames = tmp_path / "s" / "JPEGImages" / "split"
+    r = run("track", frames, "--init-mask", tmp_path / "s" / "Annotations" / "split" / "00000.png",
+            "--out", tmp_path / "o", "--config", cfg)
+    assert r.returncode == 2 and "tau_verify" in r.stderr and "c.yaml" in r.stderr
+
+
+def test_bench_json_reports_fps_and_bounded_memory():
+    r = run("bench", "--size", "160x120", "--objects", "2", "--frames", "40", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["fps"] > 0 and rep["base_fps"] > 0
+    assert rep["full"]["memory_bank_max"] <= rep["config"]["memory_capacity"]
+    assert set(rep["full"]["stage_ms"]) >= {"track", "refine", "verify", "memory", "total"}

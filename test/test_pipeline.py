@@ -1,0 +1,227 @@
+"""The HQ-SMem loop on synthetic sequences: quality floor, ablation switches, objects, bad input."""
+import numpy as np
+import pytest
+
+from hqsmem_ros.ablation import run_sequence
+from hqsmem_ros.core.config import ConfigError, load_config
+from hqsmem_ros.core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt, PromptError
+from hqsmem_ros.data.synth import make_sequence
+from hqsmem_ros.eval.metrics import evaluate_sequence_arrays
+from hqsmem_ros.models.flow_tracker import FlowTracker
+
+SIZE = (320, 240)
+
+
+@pytest.fixture(scope="module")
+def translate():
+    return make_sequence("translate_scale", 0, size=SIZE, frames=60, n_objects=3)
+
+
+@pytest.fixture(scope="module")
+def reenter():
+    return make_sequence("leave_reenter", 0, size=(640, 480), frames=70, n_objects=2)
+
+
+def _first_prompts(label):
+    return [ObjectPrompt(int(i), mask=label == i) for i in np.unique(label) if i]
+
+
+class RecordingTracker(FlowTracker):
+    """The real flow tracker, recording what the pipeline commits (teacher forcing check)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.committed = []
+        self.tracked = []
+
+    def track(self, frame, image):
+        out = super().track(frame, image)
+        self.tracked.append({k: v.copy() for k, v in out.items()})
+        return out
+
+    def commit(self, frame, image, masks):
+        self.committed.append({k: v.copy() for k, v in masks.items()})
+        super().commit(frame, image, masks)
+
+
+def test_full_pipeline_tracks_synthetic_objects(translate):
+    frames, labels = translate
+    preds, _ = run_sequence(load_config(None), frames, labels)
+    res = evaluate_sequence_arrays(preds, labels)
+    assert res["n_objects"] == 3
+    assert res["J"] > 0.8 and res["Q"] > 0.8, res
+
+
+def test_copying_the_first_mask_scores_lower(translate):
+    # Guards the quality floor above: the objects really move, so a do-nothing tracker fails it.
+    frames, labels = translate
+    res = evaluate_sequence_arrays([labels[0]] * len(labels), labels)
+    assert res["J"] < 0.5
+
+
+def test_object_leaves_is_reported_absent_and_is_found_again(reenter):
+    frames, labels = reenter
+    preds, _ = run_sequence(load_config(None), frames, labels)
+    gone = [k for k, g in enumerate(labels) if 1 not in g]
+    assert gone, "the scenario must make object 1 leave"
+    back = [k for k in range(gone[-1] + 1, len(labels)) if 1 in labels[k]]
+    absent_hits = np.mean([1 not in preds[k] for k in gone])
+    assert absent_hits > 0.8  # reported absent while out of view
+    assert back and np.mean([1 in preds[k] for k in back]) > 0.5  # picked up again when back
+    res = evaluate_sequence_arrays(preds, labels)
+    assert res["Q"] > 0.6
+
+
+def test_twenty_objects_at_once():
+    frames, labels = make_sequence("many_objects", 2, size=(480, 360), frames=12, n_objects=20)
+    ids = set(np.unique(labels[0])) - {0}
+    assert len(ids) == 20
+    p = HQSMemPipeline(None)
+    results = [p.process(frames[0], prompts=_first_prompts(labels[0]))]
+    for f in frames[1:]:
+        results.append(p.process(f))
+    assert p.object_ids == sorted(ids)
+    last = results[-1]
+    assert {o.id for o in last.objects} == ids
+    assert set(np.unique(last.label_map())) - {0} <= ids
+    res = evaluate_sequence_arrays([r.label_map() for r in results], labels)
+    assert res["J"] > 0.6, res["J"]
+
+
+@pytest.mark.parametrize("row", ["base", "base_sam", "base_smem", "base_hqtf", "full"])
+def test_ablation_switches_do_what_they_say(row, translate):
+    frames, labels = translate
+    cfg = load_config({"ablation": row, "memory_capacity": 3, "memory_interval": 2})
+    tracker = RecordingTracker()
+    p = HQSMemPipeline(cfg, tracker=tracker)
+    results = [p.process(frames[0], prompts=_first_prompts(labels[0]))]
+    for f in frames[1:20]:
+        results.append(p.process(f))
+    refined = sum(o.refined for r in results[1:] for o in r.objects)
+    mem_sizes = [len(r.memory_frames) for r in results]
+    if row in ("base", "base_smem"):
+        assert refined == 0
+    if row == "base_sam":  # SAM always: every visible object takes the refiner's mask
+        assert refined == sum(o.visible for r in results[1:] for o in r.objects if o.area >= 16) > 0
+    if row in ("base_hqtf", "full"):
+        assert refined > 0
+        assert all(o.score <= 1.0 for r in results for o in r.objects)
+    # Teacher forcing: the tracker is given the output (refined) masks, else its own coarse masks.
+    for k in range(1, 20):
+        committed, coarse = tracker.committed[k], tracker.tracked[k - 1]
+        out = results[k]
+        same_as_coarse = all(np.array_equal(committed[i], coarse[i]) for i in coarse)
+        any_refined = any(o.refined for o in out.objects)
+        if row in ("base_hqtf", "full") and any_refined:
+            assert not same_as_coarse
+        if row in ("base", "base_sam", "base_smem"):
+            assert same_as_coarse
+    if row in ("base_smem", "full"):
+        assert max(mem_sizes) <= 3
+        assert 0 in results[-1].memory_frames  # the prompt frame stays pinned
+    else:  # the base's own rule: every 2nd frame appended, unbounded
+        assert results[-1].memory_frames == list(range(0, 20, 2))
+
+
+def test_adding_and_removing_objects_midstream_leaves_others_alone(translate):
+    frames, labels = translate
+    only_one = HQSMemPipeline(None)
+    both = HQSMemPipeline(None)
+    m1, m2 = labels[0] == 1, labels[0] == 2
+    a = [only_one.process(frames[0], prompts=[ObjectPrompt(1, mask=m1)])]
+    b = [both.process(frames[0], prompts=[ObjectPrompt(1, mask=m1)])]
+    for k in range(1, 12):
+        a.append(only_one.process(frames[k]))
+        prompts = [ObjectPrompt(2, mask=labels[5] == 2)] if k == 5 else None
+        remove = [2] if k == 10 else None
+        b.append(both.process(frames[k], prompts=prompts, remove=remove))
+    assert both.object_ids == [1]
+    assert 2 in b[6].masks and b[6].masks[2].any()
+    assert 2 not in b[10].masks
+    # Object 1 is tracked the same, pixel for pixel, where object 2 does not overlap it.
+    for k in range(12):
+        other = b[k].masks.get(2, np.zeros_like(m1))
+        assert np.array_equal(a[k].masks[1] & ~other, b[k].masks[1] & ~other)
+    with pytest.raises(PromptError, match="never reused"):
+        both.process(frames[12], prompts=[ObjectPrompt(2, mask=m2)])
+
+
+def test_box_prompt_starts_an_object(translate):
+    frames, labels = translate
+    ys, xs = np.nonzero(labels[0] == 1)
+    p = HQSMemPipeline(None)
+    r = p.process(frames[0], prompts=[ObjectPrompt(7, box=(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))])
+    m = r.masks[7]
+    gt = labels[0] == 1
+    assert (m & gt).sum() / (m | gt).sum() > 0.5
+    assert r.objects[0].id == 7 and r.objects[0].visible
+
+
+def test_bad_requests_leave_the_pipeline_untouched(translate):
+    frames, labels = translate
+    p = HQSMemPipeline(None)
+    p.process(frames[0], prompts=[ObjectPrompt(1, mask=labels[0] == 1)])
+    h, w = labels[0].shape
+    bad = [
+        ([ObjectPrompt(2, mask=np.zeros((h, w), bool))], None, "empty"),
+        ([ObjectPrompt(2, mask=np.ones((h + 1, w), bool))], None, "frame is"),
+        ([ObjectPrompt(2, box=(w + 5, 0, w + 50, 20))], None, "outside"),
+        ([ObjectPrompt(2, box=(5, 5, 5, 30))], None, "empty"),
+        ([ObjectPrompt(2)], None, "neither"),
+        ([ObjectPrompt(0, box=(0, 0, 10, 10))], None, "1..65535"),
+        ([ObjectPrompt(3, box=(0, 0, 10, 10)), ObjectPrompt(3, box=(0, 0, 10, 10))], None, "twice"),
+        (None, [9], "not tracked"),
+    ]
+    for prompts, remove, msg in bad:
+        with pytest.raises(PromptError, match=msg):
+            p.process(frames[1], prompts=prompts, remove=remove)
+    assert p.frames_processed == 1 and p.object_ids == [1]
+    r = p.process(frames[1])
+    assert r.frame == 1 and r.masks[1].any()
+
+
+def test_bad_frames_and_time_jumps(translate):
+    frames, labels = translate
+    p = HQSMemPipeline(None)
+    p.process(frames[0], stamp=10.0, prompts=[ObjectPrompt(1, mask=labels[0] == 1)])
+    with pytest.raises(FrameError, match="size changed"):
+        p.process(frames[1][:100])
+    with pytest.raises(FrameError, match="uint8"):
+        p.process(frames[1].astype(np.float32))
+    with pytest.raises(FrameError, match="HxWx3"):
+        p.process(frames[1][..., 0])
+    with pytest.raises(FrameError, match="backwards"):
+        p.process(frames[1], stamp=9.0)
+    assert p.process(frames[1], stamp=10.1).frame == 1
+    p.reset()
+    assert p.process(frames[2][:100], stamp=1.0).frame == 0
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="ablation"):
+        load_config({"ablation": "nope"})
+    with pytest.raises(ConfigError, match="tau_verify"):
+        load_config({"tau_verify": 3})
+    with pytest.raises(ConfigError, match="memory_capacity"):
+        load_config({"memory_capacity": 0})
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config({"tau": 0.5})
+    with pytest.raises(ConfigError, match="unknown tracker type"):
+        HQSMemPipeline({"tracker": {"type": "nope"}})
+    with pytest.raises(ConfigError, match="device"):
+        load_config({"device": "gpu"})
+    cfg = load_config({"ablation": "base_hqtf"})
+    assert (cfg.refine_mode, cfg.use_teacher_forcing, cfg.use_smart_memory) == ("gated", True, False)
+    assert load_config({"sequence_length": 300}).candidate_interval() == 10
+
+
+def test_memory_bounded_on_a_long_stream():
+    from hqsmem_ros.data.synth import iter_frames
+
+    p = HQSMemPipeline({"memory_capacity": 4, "memory_interval": 1})
+    sizes = []
+    for k, (f, lab) in enumerate(iter_frames(3, size=(160, 120), frames=300, n_objects=2)):
+        prompts = _first_prompts(lab) if k == 0 else None
+        sizes.append(len(p.process(f, prompts=prompts).memory_frames))
+    assert max(sizes) == 4
+    assert p.memory.pinned_frames == [0]
