@@ -15,4 +15,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --upgrade pip setuptools wheel >/dev/null
 # torch is deliberately unpinned (Jetson users bring NVIDIA's wheels); torchvision must match it.
 "${pip[@]}" install -e "$root[test,models]"
+# DeAOT's official code (deaotpy, BSD-3) without its declared spatial-correlation-sampler
+# dependency: a CUDA extension built from source that the engine only uses, when present, for speed.
+"${pip[@]}" install --no-deps "deaotpy>=1.11"
 echo "$want" > "$stamp"

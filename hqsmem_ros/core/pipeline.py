@@ -282,7 +282,10 @@ class HQSMemPipeline:
             if not refiner_ready:
                 self.refiner.set_image(small)
             boxes = np.array([_box_of(coarse[i]) for i in to_refine], dtype=np.float64)
-            props, pscores = self.refiner.propose(boxes)
+            if getattr(self.refiner, "accepts_mask_hint", False):
+                props, pscores = self.refiner.propose(boxes, masks=np.stack([coarse[i] for i in to_refine]))
+            else:
+                props, pscores = self.refiner.propose(boxes)
             timings["refine"] = time.perf_counter() - clock
             clock = time.perf_counter()
             if mode == "always":

@@ -13,12 +13,15 @@ from .config import ConfigError
 
 TRACKERS: Dict[str, str] = {
     "flow": "hqsmem_ros.models.flow_tracker:FlowTracker",
+    "deaot": "hqsmem_ros.models.deaot:DeAOTTracker",
 }
 REFINERS: Dict[str, str] = {
     "color": "hqsmem_ros.models.color_refiner:ColorBoxRefiner",
+    "sam_hq": "hqsmem_ros.models.sam_hq:SamHQRefiner",
 }
 FEATURES: Dict[str, str] = {
     "histogram": "hqsmem_ros.models.histogram_features:HistogramFeatures",
+    "dino": "hqsmem_ros.models.dino:DinoFeatureExtractor",
 }
 _KINDS = {"tracker": TRACKERS, "refiner": REFINERS, "features": FEATURES}
 

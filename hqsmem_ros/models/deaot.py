@@ -23,7 +23,7 @@ How the engine keeps memory, and what this wrapper does with it:
 - Removing an object frees its slot. A stored frame's ID_V is a function of the frame's label,
   so each stored frame keeps its label (at the engine's input size) and the ID branch's input;
   the frames that held the slot are re-fused with it as background, so the slot carries no trace
-  of the old object and can take a new one (about 15% more memory per frame for R50-DeAOT-L).
+  of the old object and can take a new one (about 16% more memory per frame for R50-DeAOT-L).
   Other objects' entries change only on the tokens that touched the removed object.
 
 DMAOT's VOTS weights (`r50_dm_deaotl`, `swinb_dm_deaotl`) have DeAOT's architecture and load
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ..core.config import ConfigError
 from ..core.interfaces import BaseTracker, Masks
+from .checkpoints import apply_state_dict, check_precision, load_state_dict, resolve_device
 
 try:
     from aot.configs.default import DefaultEngineConfig
@@ -85,31 +86,6 @@ _STD = (0.229, 0.224, 0.225)
 _STRIDE = 16
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, refusing a CUDA device that is absent."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} was asked for but this torch sees no CUDA device "
-                              "(torch.cuda.is_available() is False); use device: cpu or auto")
-        dev = torch.device(device)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-        return dev
-    raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-
-
-def resolve_precision(precision: str) -> Optional[torch.dtype]:
-    """fp32 -> None (no autocast); fp16 / bf16 -> the autocast dtype."""
-    table = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision not in table:
-        raise ConfigError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
-    return table[precision]
-
-
 def input_size(h: int, w: int, max_short_edge: Optional[float], max_long_edge: Optional[float],
                align_corners: bool) -> Tuple[int, int]:
     """The engine's input size for an h x w image: the official evaluation resize rule (short /
@@ -144,62 +120,6 @@ def build_model(model: str, seed: int = 0):
     if "spatial_correlation_sampler" in notices.getvalue():
         log.info("spatial-correlation-sampler is not installed: DeAOT uses its unfold-based local attention")
     return net.eval(), cfg
-
-
-def unwrap_checkpoint(obj: Any, path: str) -> Dict[str, torch.Tensor]:
-    """The official checkpoint layouts: {'state_dict': sd} (training saves, optionally with an
-    'optimizer' entry), {'model': sd}, or sd itself; keys may carry DDP's 'module.' prefix."""
-    if not isinstance(obj, dict):
-        raise ConfigError(f"checkpoint {path}: expected a dict of tensors, found {type(obj).__name__}")
-    for key in ("state_dict", "model"):
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    sd = {}
-    for k, v in obj.items():
-        if not isinstance(v, torch.Tensor):
-            raise ConfigError(f"checkpoint {path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-        sd[k[7:] if k.startswith("module.") else k] = v
-    return sd
-
-
-def _load_weights(net, path: str, model: str, sha256: Optional[str]) -> None:
-    try:
-        from .checkpoints import apply_state_dict, load_state_dict
-    except ImportError:
-        apply_state_dict = load_state_dict = None
-    if load_state_dict is not None:
-        sd = unwrap_checkpoint(load_state_dict(path, expected_model=model, sha256=sha256), path)
-        apply_state_dict(net, sd, path, model)
-        return
-    from pathlib import Path
-    import hashlib
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"checkpoint {path} for model {model!r} does not exist")
-    if sha256:
-        digest = hashlib.sha256(p.read_bytes()).hexdigest()
-        if digest.lower() != str(sha256).lower():
-            raise ConfigError(f"checkpoint {path} for model {model!r}: sha256 {digest} does not match "
-                              f"the configured {sha256}")
-    try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"checkpoint {path} for model {model!r} cannot be read safely: {exc}") from exc
-    sd = unwrap_checkpoint(obj, path)
-    own = net.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        def few(keys):
-            return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8})" if len(keys) > 8 else "")
-        raise ConfigError(
-            f"checkpoint {path} does not fit model {model!r}: "
-            f"{len(missing)} missing keys [{few(missing)}]; {len(unexpected)} unexpected keys "
-            f"[{few(unexpected)}]; {len(shapes)} shape mismatches [{few(shapes)}]")
-    net.load_state_dict(sd, strict=True)
 
 
 @dataclass
@@ -302,10 +222,13 @@ class DeAOTTracker(BaseTracker):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"tracker 'deaot': seed must be an integer, got {seed!r}")
         dev = resolve_device(device)
-        amp = resolve_precision(precision)
+        amp = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[check_precision(dev, precision)]
         net, cfg = build_model(model, seed)
         if checkpoint:
-            _load_weights(net, str(checkpoint), model, p.get("sha256"))
+            # The official files: {'state_dict': sd} (training saves, maybe with 'optimizer'),
+            # {'model': sd} or sd, keys maybe prefixed 'module.'; load_state_dict unwraps them.
+            sd = load_state_dict(checkpoint, expected_model=f"deaot {model}", sha256=p.get("sha256"))
+            apply_state_dict(net, sd, checkpoint, f"deaot {model}")
         else:
             log.warning("tracker 'deaot' runs %s with RANDOM weights (seed %d): masks are meaningless", model, seed)
         return cls(net, cfg, model, dev, amp, max_objects=max_objects, max_long_edge=p.get("max_long_edge"),
@@ -420,11 +343,14 @@ class DeAOTTracker(BaseTracker):
                     self._forget_slot(g, slot)
 
     def _forget_slot(self, g: _SlotGroup, slot: int) -> None:
-        """Re-fuse every stored frame that holds `slot` with that slot as background."""
+        """Re-fuse every stored frame that holds `slot` (and the committed frame, which a later
+        store_memory writes) with that slot as background."""
         eng = g.engine
         hw = eng.enc_hw
-        pending = [g.committed.stored] if g.committed is not None else []
-        for sf in g.frames + pending:
+        todo = list(g.frames)
+        if g.committed is not None and all(sf is not g.committed.stored for sf in todo):
+            todo.append(g.committed.stored)
+        for sf in todo:
             hit = sf.label == slot
             if not bool(hit.any()):
                 continue
@@ -432,14 +358,21 @@ class DeAOTTracker(BaseTracker):
             id_emb = eng.assign_identity(one_hot_mask(sf.label.float(), eng.max_obj_num))
             fused = [layer.fuse_key_value_id(None, sf.id_inputs[k], id_emb)[1]
                      for k, layer in enumerate(eng.AOT.LSTT.layers)]
-            if any(sf is x for x in g.frames):
-                i = next(k for k, x in enumerate(g.frames) if x is sf)
+            i = next((k for k, x in enumerate(g.frames) if x is sf), None)
+            if i is not None:
                 for k, mem in enumerate(eng.long_term_memories):
                     old = mem[3]
                     mem[3] = torch.cat([old[:i * hw], fused[k].to(old.dtype), old[(i + 1) * hw:]], dim=0)
-            else:
+            if g.committed is not None and g.committed.stored is sf:
                 for k, mem in enumerate(g.committed.memories):
                     mem[3] = fused[k]
+
+    @staticmethod
+    def _release_read_memory(g: _SlotGroup) -> None:
+        # The engine keeps the long-term tensors it just read in curr_lstt_output[2] and never
+        # uses them again; without this a dropped frame would stay allocated until the next frame.
+        out = g.engine.curr_lstt_output
+        g.engine.curr_lstt_output = (out[0], out[1], None, out[3])
 
     # -- per frame ----------------------------------------------------------------------------
     def track(self, frame: int, image: np.ndarray) -> Masks:
@@ -453,6 +386,7 @@ class DeAOTTracker(BaseTracker):
             logits = []
             for g in active:
                 g.engine.match_propogate_one_frame(img_embs=enc)
+                self._release_read_memory(g)
                 g.tracked_frame = frame
                 lg = g.engine.decode_current_logits((h, w))
                 unused = [s for s in range(1, g.engine.obj_nums[0] + 1) if s not in g.slots]
@@ -466,7 +400,7 @@ class DeAOTTracker(BaseTracker):
                 bg = torch.prod(torch.cat([p[:, :1] for p in probs], dim=1), dim=1, keepdim=True)
                 fg = [p[:, 1:1 + self.slots_per_bank] for p in probs]
                 merged = torch.logit(torch.cat([bg] + fg, dim=1).clamp(1e-5, 1 - 1e-5))
-            label = torch.argmax(torch.softmax(merged, dim=1), dim=1)[0].cpu().numpy()
+            label = torch.argmax(torch.softmax(merged.float(), dim=1), dim=1)[0].cpu().numpy()
         out: Masks = {}
         for oid, (g, slot) in self._slot_of.items():
             if g.started:
@@ -509,6 +443,7 @@ class DeAOTTracker(BaseTracker):
                 if g.prompted or not g.started:
                     # A reference frame; the engine writes it into long-term memory now.
                     eng.add_reference_frame(x, local, obj_nums=[max(g.slots)], img_embs=enc)
+                    self._release_read_memory(g)
                     ids_in = [mem[3] for mem in eng.curr_lstt_output[1]]
                     g.frames.insert(0, _StoredFrame(frame, local_u8, ids_in))
                     g.committed = None

@@ -55,7 +55,7 @@ class FlowTracker(BaseTracker):
                  appearance_weight: float = 1.0, search_margin: float = 0.3,
                  min_area: int = 12, redetect_every: int = 2, redetect_min_lr: float = 1.5,
                  redetect_area_range=(0.3, 3.0), recent_bg_weight: float = 0.5,
-                 match_search: float = 1.0, match_size: int = 32):
+                 match_search: float = 1.0, match_size: int = 32, smooth: int = 5):
         if flow_preset not in _PRESETS:
             raise ValueError(f"flow_preset must be one of {', '.join(_PRESETS)}, got {flow_preset!r}")
         self.flow_preset = flow_preset
@@ -69,6 +69,7 @@ class FlowTracker(BaseTracker):
         self.recent_bg_weight = float(recent_bg_weight)
         self.match_search = float(match_search)
         self.match_size = int(match_size)
+        self.smooth = int(smooth) | 1
         self._flow = cv2.DISOpticalFlow_create(_PRESETS[flow_preset])
         self.reset()
 
@@ -170,7 +171,7 @@ class FlowTracker(BaseTracker):
         sl = (slice(y0, y1), slice(x0, x1))
         lr = self._lut(oid)[index[sl]]
         logit = self.flow_weight * (2.0 * warped[sl] - 1.0) + self.appearance_weight * lr
-        logit = cv2.GaussianBlur(logit, (5, 5), 0)
+        logit = cv2.GaussianBlur(logit, (self.smooth, self.smooth), 0)
         fg = (logit > 0).astype(np.uint8)
         n, comp = cv2.connectedComponents(fg, connectivity=8)
         if n > 2:  # keep only pieces connected to where the object was warped to

@@ -1,0 +1,1 @@
+"""Data generation for tests and benchmarks (synthetic scenes with exact ground truth)."""
