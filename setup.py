@@ -24,7 +24,7 @@ setup(
     ],
     extras_require={
         # The paper's neural models. torch is not pinned: Jetsons bring NVIDIA's own wheels.
-        "models": ["torch>=2.1", "torchvision", "timm>=0.9", "segment-anything-hq>=0.3"],
+        "models": ["torch>=2.1", "torchvision", "timm>=0.9", "segment-anything-hq>=0.3", "safetensors"],
         "bag": ["rosbags>=0.10"],
         "plots": ["matplotlib>=3.6"],
         "test": ["pytest>=7", "rosbags>=0.10", "matplotlib>=3.6"],

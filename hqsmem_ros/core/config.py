@@ -134,7 +134,7 @@ class PipelineConfig:
             _int_at_least("sequence_length", self.sequence_length, 1)
         _number_in("memory_lambda", self.memory_lambda, 0.0, math.inf)
         _number_in("tau_memory", self.tau_memory, -1.0, 1.0)
-        _number_in("tau_verify", self.tau_verify, -1.0, 1.0)
+        _number_in("tau_verify", self.tau_verify, 0.0, 1.0)  # < 0 would accept empty proposals (cos 0)
         if self.memory_interval_s is not None:
             _number_in("memory_interval_s", self.memory_interval_s, 0.0, math.inf)
             if self.memory_interval_s <= 0:

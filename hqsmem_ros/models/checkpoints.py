@@ -107,13 +107,14 @@ def _load_torch(path: Path, what: str):
 
 
 def _refusal_reason(text: str) -> str:
-    """The line of torch's weights_only error that names the refused object (not its advice)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    reasons = [ln for ln in lines if "GLOBAL" in ln or "WeightsUnpickler error" in ln or "Unsupported" in ln]
-    if reasons:
-        return reasons[0][reasons[0].find("WeightsUnpickler error"):] if "WeightsUnpickler error" in reasons[0] \
-            else reasons[0]
-    return "unsupported object in the pickle"
+    """The part of torch's weights_only error that names the refused object (not its advice)."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(advice)]
+    tail = text.split("WeightsUnpickler error:", 1)
+    if len(tail) == 2:
+        lines = [ln.strip() for ln in tail[1].splitlines()
+                 if ln.strip() and not ln.strip().startswith(advice)]
+    return " ".join(lines) or "unsupported content in the pickle"
 
 
 def _unwrap(obj, what: str) -> Dict[str, torch.Tensor]:

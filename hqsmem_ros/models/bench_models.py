@@ -1,0 +1,127 @@
+"""Per-stage latency of the neural refiner and verifier (random weights: speed needs no weights).
+
+`bench_neural` times, per frame: the SAM-HQ image encoder (`set_image`), the batched decoder
+for all objects' boxes (`propose_torch`: 3 proposals per object, upsampled and thresholded on
+the device), the DINO forward pass (`set_image`) and the batched masked pooling of the
+N x 3 proposals plus the N coarse masks (`embed_torch`). On CUDA every stage is bracketed by
+`torch.cuda.synchronize()` so that the times are the GPU's, and the peak allocated GPU memory
+is reported. Medians over `iters` frames after `warmup` frames.
+
+    python -m hqsmem_ros.models.bench_models --size 854x480 --objects 5 --device cuda --precision fp16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+
+from .checkpoints import resolve_device
+
+
+def _boxes(n: int, width: int, height: int, rng) -> np.ndarray:
+    w = rng.uniform(0.1, 0.4, n) * width
+    h = rng.uniform(0.1, 0.4, n) * height
+    x0 = rng.uniform(0, width - w)
+    y0 = rng.uniform(0, height - h)
+    return np.stack([x0, y0, x0 + w, y0 + h], axis=1)
+
+
+def bench_neural(size: Tuple[int, int] = (854, 480), n_objects: int = 5, device: str = "auto",
+                 precision: str = "fp32", iters: int = 10, warmup: int = 2, sam_model_type: str = "vit_tiny",
+                 dino_model: str = "dinov2_vits14", dino_input_size: int = 448, seed: int = 0) -> Dict:
+    """Median milliseconds per stage (and peak GPU memory on CUDA) for one frame of `size` (W, H)."""
+    from .dino import DinoFeatureExtractor
+    from .sam_hq import SamHQRefiner
+
+    width, height = int(size[0]), int(size[1])
+    if n_objects < 1 or iters < 1 or warmup < 0:
+        raise ValueError("n_objects and iters must be >= 1, warmup >= 0")
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    refiner = SamHQRefiner.from_config({"model_type": sam_model_type, "random_weights": True, "seed": seed},
+                                       device=str(dev), precision=precision)
+    features = DinoFeatureExtractor.from_config(
+        {"model_name": dino_model, "random_weights": True, "input_size": dino_input_size, "seed": seed},
+        device=str(dev), precision=precision)
+    rng = np.random.default_rng(seed)
+    frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(2)]
+    boxes = _boxes(n_objects, width, height, rng)
+    coarse = np.zeros((n_objects, height, width), bool)
+    for k, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
+        coarse[k, y0:y1, x0:x1] = True
+    coarse_t = torch.from_numpy(coarse).to(dev)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    stages = ("sam_encoder", "sam_decoder", "dino_forward", "dino_embed")
+    times: Dict[str, list] = {s: [] for s in stages}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    for i in range(warmup + iters):
+        image = frames[i % 2]
+        lap = {}
+        sync()
+        t = time.perf_counter()
+        refiner.set_image(image)
+        sync()
+        lap["sam_encoder"] = time.perf_counter() - t
+        t = time.perf_counter()
+        props, _scores = refiner.propose_torch(boxes)
+        sync()
+        lap["sam_decoder"] = time.perf_counter() - t
+        t = time.perf_counter()
+        features.set_image(image)
+        sync()
+        lap["dino_forward"] = time.perf_counter() - t
+        t = time.perf_counter()
+        features.embed_torch(torch.cat([coarse_t, props.flatten(0, 1)]))
+        sync()
+        lap["dino_embed"] = time.perf_counter() - t
+        if i >= warmup:
+            for s in stages:
+                times[s].append(lap[s])
+    result = {
+        "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
+        "precision": precision,
+        "size": f"{width}x{height}",
+        "objects": n_objects,
+        "iters": iters,
+        "sam_model_type": sam_model_type,
+        "dino_model": dino_model,
+        "dino_input_size": dino_input_size,
+        "dino_grid": list(features.token_map.shape[:2]),
+        "torch": torch.__version__,
+    }
+    for s in stages:
+        result[f"{s}_ms"] = round(1000 * statistics.median(times[s]), 2)
+    result["total_ms"] = round(sum(result[f"{s}_ms"] for s in stages), 2)
+    result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if cuda else None
+    return result
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="854x480", help="WxH")
+    ap.add_argument("--objects", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--sam", default="vit_tiny", choices=("vit_tiny", "vit_b", "vit_l", "vit_h"))
+    ap.add_argument("--dino", default="dinov2_vits14")
+    ap.add_argument("--dino-input", type=int, default=448)
+    a = ap.parse_args(argv)
+    w, h = (int(v) for v in a.size.lower().split("x"))
+    print(json.dumps(bench_neural((w, h), a.objects, a.device, a.precision, a.iters, a.warmup,
+                                  a.sam, a.dino, a.dino_input)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""DINO / DINOv2 appearance features phi(x, m) for verification (Eq. 8-9) and smart memory.
+
+The backbone is a timm VisionTransformer built with ``pretrained=False`` (nothing is ever
+downloaded) and ``dynamic_img_size=True``, so one forward pass per frame handles any aspect ratio:
+the frame is resized so that its short side is ``input_size`` (rounded to a multiple of the
+patch size; the long side keeps the aspect ratio, rounded the same way), normalised with the
+model's mean/std, and ``forward_features`` gives the final-norm tokens. The patch tokens are kept
+as an (h, w, C) map.
+
+`embed(masks)` pools that map under every mask in one batched operation: each mask is resized to
+the patch grid by area averaging (the fraction of each patch's pixels inside the mask is that
+patch's weight), the weighted mean of the patch tokens is taken, and the result is L2-normalised.
+An empty mask gives an all-zero row.
+
+Models: any timm VisionTransformer name, plus the official hub names as aliases
+(``dino_vits16`` -> ``vit_small_patch16_224.dino``, ``dinov2_vits14`` ->
+``vit_small_patch14_dinov2.lvd142m``, ...; see `ALIASES`).
+
+Checkpoint layouts accepted (after `checkpoints.load_state_dict`'s unwrapping):
+- timm's own layout (``model.state_dict()`` of the timm model);
+- the official facebookresearch layouts: DINO's released backbone weights
+  (``dino_deitsmall16_pretrain.pth`` ...) already use timm's key names; DINOv2's
+  (``dinov2_vits14_pretrain.pth`` ...) carry ``mask_token``, ``register_tokens`` and, for ViT-g,
+  SwiGLU ``w12``/``w3`` names, which timm's ``checkpoint_filter_fn`` remaps (it also resamples a
+  position embedding trained at another resolution).
+DINO's full training checkpoints (``teacher``/``student`` with ``backbone.`` prefixes) are not
+accepted: extract the teacher backbone first.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.config import ConfigError
+from ..core.interfaces import FeatureExtractor
+from .checkpoints import apply_state_dict, autocast_context, check_precision, load_state_dict, resolve_device
+
+ALIASES = {
+    "dino_vits16": "vit_small_patch16_224.dino",
+    "dino_vits8": "vit_small_patch8_224.dino",
+    "dino_vitb16": "vit_base_patch16_224.dino",
+    "dino_vitb8": "vit_base_patch8_224.dino",
+    "dinov2_vits14": "vit_small_patch14_dinov2.lvd142m",
+    "dinov2_vitb14": "vit_base_patch14_dinov2.lvd142m",
+    "dinov2_vitl14": "vit_large_patch14_dinov2.lvd142m",
+    "dinov2_vitg14": "vit_giant_patch14_dinov2.lvd142m",
+    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2.lvd142m",
+    "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2.lvd142m",
+}
+
+
+def build_backbone(model_name: str):
+    """The timm ViT for `model_name` (an alias or a timm name), random weights, no download."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    name = ALIASES.get(model_name, model_name)
+    if not timm.is_model(name):
+        raise ConfigError(f"features dino: unknown model_name {model_name!r}; use one of "
+                          f"{', '.join(ALIASES)} or a timm VisionTransformer name")
+    try:
+        model = timm.create_model(name, pretrained=False, dynamic_img_size=True, num_classes=0)
+    except TypeError as exc:  # other architectures do not take dynamic_img_size
+        raise ConfigError(f"features dino: {model_name!r} is not a timm VisionTransformer ({exc})") from exc
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(f"features dino: {model_name!r} is not a timm VisionTransformer")
+    return model.eval()
+
+
+def grid_size(height: int, width: int, input_size: int, patch: int) -> Tuple[int, int]:
+    """Patch grid (rows, cols) for a frame: short side -> input_size, both rounded to patches."""
+    scale = input_size / min(height, width)
+    return max(1, round(height * scale / patch)), max(1, round(width * scale / patch))
+
+
+class DinoFeatureExtractor(FeatureExtractor):
+    name = "dino"
+
+    def __init__(self, model, input_size: int = 448, device="cpu", precision: str = "fp32",
+                 model_name: str = "dino"):
+        self.device = torch.device(device)
+        self.precision = check_precision(self.device, precision)
+        self.model = model.to(self.device).eval()
+        self.model_name = model_name
+        self.input_size = int(input_size)
+        self.patch = int(self.model.patch_embed.patch_size[0])
+        cfg = self.model.pretrained_cfg
+        self._mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
+        self._interp = cfg.get("interpolation", "bicubic")
+        self._tokens = None
+        self._shape = None
+
+    @classmethod
+    def from_config(cls, params, device: str = "auto", precision: str = "fp32") -> "DinoFeatureExtractor":
+        params = dict(params)
+        model_name = params.pop("model_name", "dinov2_vits14")
+        checkpoint = params.pop("checkpoint", None)
+        sha256 = params.pop("sha256", None)
+        random_weights = params.pop("random_weights", False)
+        input_size = params.pop("input_size", 448)
+        seed = int(params.pop("seed", 0))
+        if params:
+            raise ConfigError(f"features dino: unknown parameters {sorted(params)}; known: model_name, "
+                              "checkpoint, sha256, random_weights, input_size, seed")
+        if not isinstance(random_weights, bool):
+            raise ConfigError(f"features dino: random_weights must be true or false, got {random_weights!r}")
+        if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 14:
+            raise ConfigError(f"features dino: input_size must be an integer >= 14, got {input_size!r}")
+        dev = resolve_device(device)
+        check_precision(dev, precision)
+        if checkpoint:
+            sd = load_state_dict(checkpoint, model_name, sha256)  # checked before building anything
+            model = build_backbone(model_name)
+            from timm.models.vision_transformer import checkpoint_filter_fn
+            try:
+                sd = checkpoint_filter_fn(sd, model)
+            except Exception as exc:  # remapping failed: the layout is not one timm knows
+                raise ConfigError(f"features dino: checkpoint {str(checkpoint)!r} for {model_name} could not be "
+                                  f"mapped to timm's layout ({type(exc).__name__}: {exc})") from exc
+            apply_state_dict(model, sd, checkpoint, model_name)
+        elif random_weights:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = build_backbone(model_name)
+        else:
+            raise ConfigError(f"features dino: no checkpoint given for {model_name}; set features.checkpoint, "
+                              "or random_weights: true for speed benchmarks only (features are then meaningless)")
+        return cls(model, input_size=input_size, device=dev, precision=precision, model_name=model_name)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.embed_dim)
+
+    @property
+    def token_map(self) -> torch.Tensor:
+        """(h, w, C) float32 patch tokens of the current frame."""
+        if self._tokens is None:
+            raise RuntimeError("set_image() must be called before embed()")
+        return self._tokens
+
+    def set_image(self, image: np.ndarray) -> None:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
+        h, w = image.shape[:2]
+        gh, gw = grid_size(h, w, self.input_size, self.patch)
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+            x = x.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+            size = (gh * self.patch, gw * self.patch)
+            if (h, w) != size:
+                x = F.interpolate(x, size=size, mode=self._interp, align_corners=False, antialias=True)
+            x = (x - self._mean) / self._std
+            with autocast_context(self.device, self.precision):
+                tokens = self.model.forward_features(x)
+            patches = tokens[0, self.model.num_prefix_tokens:].float()
+            self._tokens = patches.reshape(gh, gw, -1)
+        self._shape = (h, w)
+
+    def pool_weights(self, masks) -> torch.Tensor:
+        """(M,H,W) masks -> (M, h*w) patch weights: each patch's fraction of pixels in the mask."""
+        if self._tokens is None:
+            raise RuntimeError("set_image() must be called before embed()")
+        m = masks if isinstance(masks, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(masks, dtype=bool))
+        if m.ndim != 3 or tuple(m.shape[1:]) != self._shape:
+            raise ValueError(f"masks must be (M,{self._shape[0]},{self._shape[1]}), got {tuple(m.shape)}")
+        gh, gw = self._tokens.shape[:2]
+        m = m.to(self.device, non_blocking=True).float().unsqueeze(1)
+        return F.adaptive_avg_pool2d(m, (gh, gw)).flatten(1)
+
+    def embed_torch(self, masks) -> torch.Tensor:
+        """Like `embed`, on the device: (M, D) float32."""
+        tokens = self.token_map
+        with torch.inference_mode():
+            weights = self.pool_weights(masks)
+            if weights.shape[0] == 0:
+                return torch.zeros((0, tokens.shape[-1]), dtype=torch.float32, device=self.device)
+            total = weights.sum(dim=1, keepdim=True)
+            pooled = (weights @ tokens.reshape(-1, tokens.shape[-1])) / total.clamp_min(1e-12)
+            norm = pooled.norm(dim=1, keepdim=True)
+            return torch.where((total > 0) & (norm > 0), pooled / norm.clamp_min(1e-12), torch.zeros_like(pooled))
+
+    def embed(self, masks: np.ndarray) -> np.ndarray:
+        return self.embed_torch(masks).cpu().numpy().astype(np.float32, copy=False)
