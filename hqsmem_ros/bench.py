@@ -69,12 +69,30 @@ def _run(cfg, frames_iter, n_frames: int, checkpoints=(1000, 10000)) -> Dict:
     }
 
 
+NEURAL_TYPES = {"deaot", "sam2", "sam_hq", "dino"}
+
+
+def with_random_weights(cfg):
+    """The config with every neural component switched to random weights (speed needs none)."""
+    d = cfg.to_dict()
+    for key in ("tracker", "refiner", "features"):
+        if d[key]["type"] in NEURAL_TYPES:
+            d[key] = {k: v for k, v in d[key].items() if k not in ("checkpoint", "sha256")}
+            d[key]["random_weights"] = True
+    return load_config(d)
+
+
 def run_bench(size=(640, 480), objects: int = 3, frames: int = 300, config=None,
-              one_core: bool = True, seed: int = 0) -> Dict:
+              one_core: bool = True, seed: int = 0, random_weights: bool = False,
+              device: Optional[str] = None, precision: Optional[str] = None) -> Dict:
     from .data.synth import iter_frames
 
     core = _pin_one_core() if one_core else None
     cfg = load_config(config)
+    if device or precision:
+        cfg = cfg.replace(**{k: v for k, v in (("device", device), ("precision", precision)) if v})
+    if random_weights:
+        cfg = with_random_weights(cfg)
     base_cfg = cfg.replace(ablation="base", refine=None, teacher_forcing=None, smart_memory=None)
 
     def stream():
@@ -82,8 +100,16 @@ def run_bench(size=(640, 480), objects: int = 3, frames: int = 300, config=None,
 
     base = _run(base_cfg, stream(), frames)
     full = _run(cfg, stream(), frames)
+    gpu = {}
+    import sys
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        torch = sys.modules["torch"]
+        gpu = {"device": torch.cuda.get_device_name(0),
+               "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
     return {
         "size": f"{size[0]}x{size[1]}",
+        "random_weights": random_weights,
+        "gpu": gpu,
         "objects": objects,
         "frames": frames,
         "pinned_core": core,

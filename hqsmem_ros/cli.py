@@ -110,7 +110,8 @@ def cmd_bench(args) -> int:
     from .bench import run_bench
 
     report = run_bench(size=args.size, objects=args.objects, frames=args.frames, config=args.config,
-                       one_core=not args.all_cores, seed=args.seed)
+                       one_core=not args.all_cores, seed=args.seed, random_weights=args.random_weights,
+                       device=args.device, precision=args.precision)
     if args.json:
         print(json.dumps(report))
     else:
@@ -170,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--all-cores", action="store_true", help="do not pin the process to one CPU core")
+    p.add_argument("--device", help="override the config's device (cpu, cuda, cuda:N, auto)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="override the config's precision")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build neural models with random weights (timing only; masks are meaningless)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

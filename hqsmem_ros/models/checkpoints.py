@@ -25,15 +25,17 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
 
+from ..core.config import ConfigError
+
 WRAPPER_KEYS = ("model", "state_dict", "model_state")
 _MAX_LISTED = 5
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint that cannot be used; the message names the file and the model."""
 
 
-class DeviceError(ValueError):
+class DeviceError(ConfigError):
     """A device or precision that this machine cannot provide."""
 
 

@@ -1,0 +1,290 @@
+"""sensor_msgs/Image and CompressedImage <-> numpy, without ROS.
+
+The node uses this module for every image it receives and publishes. It needs only numpy and
+OpenCV, so it is tested (and usable) where ROS is not installed. The conversions use the same
+OpenCV colour conversion codes as ROS's cv_bridge, so results match it; where cv_bridge is
+installed it is used only for encodings this module does not know (see ``image_to_rgb``).
+
+All decoders return HxWx3 uint8 RGB arrays, the pipeline's input format.
+Bad input raises ``ImageDecodeError`` (a ValueError) whose message says what is wrong.
+"""
+from __future__ import annotations
+
+import array
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import cv2
+import numpy as np
+
+
+class ImageDecodeError(ValueError):
+    """An image message that cannot be turned into pixels (encoding, size, data)."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    channels: int
+    dtype: np.dtype
+    # OpenCV conversion of the raw (h, w[, c]) array to RGB; None = handled in code below.
+    to_rgb: Optional[int]
+
+
+_U8 = np.dtype(np.uint8)
+_U16 = np.dtype(np.uint16)
+
+# ROS encoding name -> memory layout. Bayer codes: OpenCV names a Bayer pattern by the 2x2
+# block starting at the second row and column, so ROS's bayer_rggb8 is OpenCV's BayerBG
+# (the same mapping cv_bridge uses).
+_LAYOUTS: Dict[str, _Layout] = {
+    "rgb8": _Layout(3, _U8, None),
+    "bgr8": _Layout(3, _U8, cv2.COLOR_BGR2RGB),
+    "rgba8": _Layout(4, _U8, cv2.COLOR_RGBA2RGB),
+    "bgra8": _Layout(4, _U8, cv2.COLOR_BGRA2RGB),
+    "mono8": _Layout(1, _U8, cv2.COLOR_GRAY2RGB),
+    "8UC1": _Layout(1, _U8, cv2.COLOR_GRAY2RGB),
+    "mono16": _Layout(1, _U16, None),
+    "16UC1": _Layout(1, _U16, None),
+    "yuv422": _Layout(2, _U8, cv2.COLOR_YUV2RGB_UYVY),  # U0 Y0 V0 Y1
+    "uyvy": _Layout(2, _U8, cv2.COLOR_YUV2RGB_UYVY),
+    "yuv422_yuy2": _Layout(2, _U8, cv2.COLOR_YUV2RGB_YUY2),  # Y0 U0 Y1 V0
+    "yuyv": _Layout(2, _U8, cv2.COLOR_YUV2RGB_YUY2),
+    "bayer_rggb8": _Layout(1, _U8, cv2.COLOR_BayerBG2RGB),
+    "bayer_bggr8": _Layout(1, _U8, cv2.COLOR_BayerRG2RGB),
+    "bayer_gbrg8": _Layout(1, _U8, cv2.COLOR_BayerGR2RGB),
+    "bayer_grbg8": _Layout(1, _U8, cv2.COLOR_BayerGB2RGB),
+}
+
+SUPPORTED_ENCODINGS: Tuple[str, ...] = tuple(_LAYOUTS)
+MASK_ENCODINGS: Tuple[str, ...] = ("mono8", "8UC1", "mono16", "16UC1")
+
+_HOST_BIG_ENDIAN = sys.byteorder == "big"
+
+
+def _unsupported(encoding: str) -> ImageDecodeError:
+    return ImageDecodeError(
+        f"unsupported image encoding {encoding!r}; supported: {', '.join(SUPPORTED_ENCODINGS)}"
+        + (" (more with cv_bridge installed)" if _cv_bridge() is None else ""))
+
+
+def _byte_array(data: Any) -> np.ndarray:
+    """A message's data (bytes, array('B'), memoryview, or a list of ints) as a uint8 view."""
+    if data is None or len(data) == 0:
+        return np.empty(0, np.uint8)
+    try:
+        return np.frombuffer(data, dtype=np.uint8)
+    except TypeError:
+        return np.asarray(data, dtype=np.uint8).ravel()
+
+
+def raw_pixels(encoding: str, height: int, width: int, step: int, is_bigendian: bool,
+               data: Any, allowed: Optional[Tuple[str, ...]] = None) -> np.ndarray:
+    """The message's pixels as an (h, w) or (h, w, c) array in the encoding's own layout.
+
+    Checks the size fields against each other and against the data; never copies more than
+    needed (a view of ``data`` when rows are not padded and no byte swap is needed).
+    """
+    allowed = allowed or SUPPORTED_ENCODINGS
+    layout = _LAYOUTS.get(encoding)
+    if layout is None or encoding not in allowed:
+        if allowed is SUPPORTED_ENCODINGS:
+            raise _unsupported(encoding)
+        raise ImageDecodeError(
+            f"unsupported encoding {encoding!r} here; expected one of: {', '.join(allowed)}")
+    height, width, step = int(height), int(width), int(step)
+    if height <= 0 or width <= 0:
+        raise ImageDecodeError(f"empty {encoding} image: {width}x{height} pixels")
+    if layout.to_rgb in (cv2.COLOR_YUV2RGB_UYVY, cv2.COLOR_YUV2RGB_YUY2) and width % 2:
+        raise ImageDecodeError(f"{encoding} needs an even width (two pixels share U and V), got {width}")
+    if encoding.startswith("bayer_") and (width < 2 or height < 2):
+        raise ImageDecodeError(f"{encoding} image too small to demosaic: {width}x{height}")
+    row_bytes = width * layout.channels * layout.dtype.itemsize
+    if step < row_bytes:
+        raise ImageDecodeError(
+            f"step {step} is smaller than width*bytes_per_pixel = {width}*"
+            f"{layout.channels * layout.dtype.itemsize} = {row_bytes} for {encoding}")
+    if step % layout.dtype.itemsize:
+        raise ImageDecodeError(f"step {step} is not a multiple of {layout.dtype.itemsize} for {encoding}")
+    buf = _byte_array(data)
+    expected = step * height
+    if buf.size < expected:
+        raise ImageDecodeError(
+            f"truncated {encoding} image: {buf.size} bytes of data, step*height = "
+            f"{step}*{height} = {expected} expected")
+    if buf.size > expected:
+        raise ImageDecodeError(
+            f"size mismatch in {encoding} image: {buf.size} bytes of data, step*height = "
+            f"{step}*{height} = {expected} expected")
+    rows = buf.reshape(height, step)[:, :row_bytes]
+    dtype = layout.dtype
+    if dtype.itemsize > 1:
+        dtype = dtype.newbyteorder(">" if is_bigendian else "<")
+    pixels = rows.view(dtype) if rows.flags.c_contiguous else np.ascontiguousarray(rows).view(dtype)
+    shape = (height, width) if layout.channels == 1 else (height, width, layout.channels)
+    pixels = pixels.reshape(shape)
+    if dtype.itemsize > 1 and not dtype.isnative:
+        pixels = pixels.astype(dtype.newbyteorder("="))
+    return pixels
+
+
+def decode_image(encoding: str, height: int, width: int, step: int, is_bigendian: bool,
+                 data: Any) -> np.ndarray:
+    """sensor_msgs/Image fields -> HxWx3 uint8 RGB (16-bit images keep their top 8 bits)."""
+    pixels = raw_pixels(encoding, height, width, step, is_bigendian, data)
+    layout = _LAYOUTS[encoding]
+    if layout.dtype == _U16:
+        pixels = (pixels >> 8).astype(np.uint8)
+        return cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
+    if layout.to_rgb is None:  # rgb8
+        return np.ascontiguousarray(pixels)
+    if layout.channels > 1 and not pixels.flags.c_contiguous:
+        pixels = np.ascontiguousarray(pixels)
+    return cv2.cvtColor(pixels, layout.to_rgb)
+
+
+def decode_mask(encoding: str, height: int, width: int, step: int, is_bigendian: bool,
+                data: Any) -> np.ndarray:
+    """A mask or label image (mono8/8UC1/mono16/16UC1) -> HxW uint8 or uint16 array."""
+    return np.ascontiguousarray(
+        raw_pixels(encoding, height, width, step, is_bigendian, data, allowed=MASK_ENCODINGS))
+
+
+_COMPRESSED_KINDS = ("jpeg", "jpg", "png")
+
+
+def decode_compressed(fmt: str, data: Any) -> np.ndarray:
+    """sensor_msgs/CompressedImage (format, data) -> HxWx3 uint8 RGB.
+
+    ``format`` is as image_transport writes it: "jpeg", "png", or "bgr8; jpeg compressed bgr8".
+    """
+    fmt_l = (fmt or "").lower()
+    if "compresseddepth" in fmt_l:
+        raise ImageDecodeError(
+            f"compressed depth images ({fmt!r}) are not camera images; subscribe to the colour image")
+    if fmt_l and not any(kind in fmt_l for kind in _COMPRESSED_KINDS):
+        raise ImageDecodeError(
+            f"unsupported compressed image format {fmt!r}; supported: jpeg, png")
+    buf = _byte_array(data)
+    if buf.size == 0:
+        raise ImageDecodeError(f"empty compressed image (format {fmt!r})")
+    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if bgr is None or bgr.size == 0:
+        raise ImageDecodeError(
+            f"corrupt or undecodable compressed image (format {fmt!r}, {buf.size} bytes)")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def encode_compressed(rgb: np.ndarray, fmt: str = "jpeg", quality: int = 90) -> bytes:
+    """HxWx3 uint8 RGB -> jpeg/png bytes (for publishers of sensor_msgs/CompressedImage)."""
+    _check_rgb(rgb)
+    ext = {"jpeg": ".jpg", "jpg": ".jpg", "png": ".png"}.get(fmt.lower())
+    if ext is None:
+        raise ValueError(f"unsupported compressed format {fmt!r}; supported: jpeg, png")
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if ext == ".jpg" else []
+    ok, out = cv2.imencode(ext, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {rgb.shape} image as {fmt}")
+    return out.tobytes()
+
+
+def _check_rgb(rgb: np.ndarray) -> None:
+    if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3
+            and rgb.shape[2] == 3):
+        raise ValueError(f"expected an HxWx3 uint8 RGB array, got "
+                         f"{getattr(rgb, 'dtype', type(rgb))} {getattr(rgb, 'shape', '')}")
+
+
+def encode_image(pixels: np.ndarray, encoding: str) -> Dict[str, Any]:
+    """numpy -> sensor_msgs/Image fields (dict: encoding, height, width, step, is_bigendian, data).
+
+    ``pixels`` must already be in the encoding's layout (HxWx3 uint8 for rgb8/bgr8, HxW uint16
+    for mono16, ...); 16-bit data is written in the host's byte order, as cv_bridge does.
+    """
+    layout = _LAYOUTS.get(encoding)
+    if layout is None:
+        raise ValueError(f"cannot encode {encoding!r}; supported: {', '.join(SUPPORTED_ENCODINGS)}")
+    shape = pixels.shape
+    want_ndim = 2 if layout.channels == 1 else 3
+    if (pixels.dtype != layout.dtype or pixels.ndim != want_ndim
+            or (want_ndim == 3 and shape[2] != layout.channels)):
+        raise ValueError(f"{encoding} needs a {'HxW' if want_ndim == 2 else f'HxWx{layout.channels}'} "
+                         f"{layout.dtype} array, got {pixels.dtype} {shape}")
+    pixels = np.ascontiguousarray(pixels)
+    height, width = shape[:2]
+    return {
+        "encoding": encoding,
+        "height": int(height),
+        "width": int(width),
+        "step": int(width * layout.channels * layout.dtype.itemsize),
+        "is_bigendian": bool(_HOST_BIG_ENDIAN and layout.dtype.itemsize > 1),
+        "data": pixels.tobytes(),
+    }
+
+
+def label_map_to_fields(label_map: np.ndarray) -> Dict[str, Any]:
+    """uint16 label image (pixel = object id, 0 = background) -> mono16 Image fields."""
+    return encode_image(label_map, "mono16")
+
+
+def rgb_to_fields(rgb: np.ndarray) -> Dict[str, Any]:
+    """HxWx3 uint8 RGB -> rgb8 Image fields."""
+    _check_rgb(rgb)
+    return encode_image(rgb, "rgb8")
+
+
+# ---- message-level helpers (duck-typed: any object with sensor_msgs/Image's fields) --------
+
+def image_to_rgb(msg: Any) -> np.ndarray:
+    """sensor_msgs/Image -> HxWx3 uint8 RGB.
+
+    Encodings in SUPPORTED_ENCODINGS are converted here (identical with or without ROS).
+    Others go to cv_bridge when it is installed (e.g. 32FC1, nv21 on a robot); without it they
+    raise ImageDecodeError naming the supported encodings.
+    """
+    if msg.encoding in _LAYOUTS:
+        return decode_image(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian, msg.data)
+    bridge = _cv_bridge()
+    if bridge is None:
+        raise _unsupported(msg.encoding)
+    try:
+        return np.ascontiguousarray(bridge.imgmsg_to_cv2(msg, desired_encoding="rgb8"))
+    except Exception as exc:  # cv_bridge raises CvBridgeError, cv2.error, TypeError...
+        raise ImageDecodeError(f"cv_bridge cannot convert {msg.encoding!r} to rgb8: {exc}") from exc
+
+
+def mask_from_msg(msg: Any) -> np.ndarray:
+    """A mask/label sensor_msgs/Image -> HxW uint8/uint16 array."""
+    return decode_mask(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian, msg.data)
+
+
+def compressed_to_rgb(msg: Any) -> np.ndarray:
+    """sensor_msgs/CompressedImage -> HxWx3 uint8 RGB."""
+    return decode_compressed(msg.format, msg.data)
+
+
+def fill_image_msg(msg: Any, fields: Dict[str, Any]) -> Any:
+    """Copy encode_image()'s fields into a sensor_msgs/Image (header left to the caller)."""
+    msg.encoding = fields["encoding"]
+    msg.height = fields["height"]
+    msg.width = fields["width"]
+    msg.step = fields["step"]
+    msg.is_bigendian = fields["is_bigendian"]
+    # rosidl's uint8[] setter takes array('B') without a per-element check; bytes -> array is
+    # one memcpy.
+    msg.data = array.array("B", fields["data"])
+    return msg
+
+
+_BRIDGE: Any = False  # False: not looked up yet; None: not installed
+
+
+def _cv_bridge() -> Any:
+    global _BRIDGE
+    if _BRIDGE is False:
+        try:
+            from cv_bridge import CvBridge  # ROS 2's cv_bridge (apt), absent from PyPI
+            _BRIDGE = CvBridge()
+        except Exception:  # ImportError, or the ROS 1 PyPI package failing on import
+            _BRIDGE = None
+    return _BRIDGE

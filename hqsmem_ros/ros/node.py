@@ -1,0 +1,828 @@
+"""The HQ-SMem tracking node: a thin ROS 2 adapter over hqsmem_ros.core.pipeline.HQSMemPipeline.
+
+Topics (relative names, so a namespace and remappings apply):
+  in   image (sensor_msgs/Image) or image/compressed (sensor_msgs/CompressedImage),
+       camera_info (optional), ~/prompts (hqsmem_ros/ObjectPromptArray)
+  out  ~/masks (mono16 label image, pixel = object id), ~/objects (TrackedObjectArray),
+       ~/overlay (rgb8, optional), /diagnostics
+Services: ~/add_objects, ~/remove_objects, ~/reset.
+
+Threading: the image callback only puts the message in a one-slot buffer; a worker thread takes
+the newest frame, runs the pipeline and publishes. A frame replaced in the buffer before the
+worker got to it is counted as dropped ("replaced"), as is every frame that cannot be processed
+(with its reason), so frames received = results published + frames dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
+                                ParameterType, SetParametersResult)
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.node import Node
+from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+
+from hqsmem_ros.core.config import ConfigError, PipelineConfig
+from hqsmem_ros.core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt, PromptError
+from hqsmem_ros.msg import ObjectPromptArray, TrackedObject, TrackedObjectArray
+from hqsmem_ros.ros import image_codec
+from hqsmem_ros.ros.image_codec import ImageDecodeError
+from hqsmem_ros.ros.overlay import render_overlay
+from hqsmem_ros.srv import AddObjects, RemoveObjects, Reset
+
+MAX_ID = 65535  # ids are pixel values of a mono16 image
+
+
+@dataclasses.dataclass
+class _NodeParam:
+    default: Any
+    description: str
+    runtime: bool  # may change while running
+    choices: Tuple[str, ...] = ()
+    int_range: Optional[Tuple[int, int]] = None
+    float_range: Optional[Tuple[float, float]] = None
+
+
+NODE_PARAMS: Dict[str, _NodeParam] = {
+    "input_type": _NodeParam("raw", "Subscribe to 'image' (raw) or 'image/compressed' (compressed)",
+                             False, choices=("raw", "compressed")),
+    "qos_reliability": _NodeParam("best_effort", "Reliability of the image subscription "
+                                  "(best_effort matches camera drivers' sensor-data QoS)", False,
+                                  choices=("best_effort", "reliable")),
+    "qos_depth": _NodeParam(5, "History depth of the image subscription", False, int_range=(1, 100)),
+    "publish_overlay": _NodeParam(True, "Publish ~/overlay (only computed while someone subscribes)", True),
+    "overlay_alpha": _NodeParam(0.5, "Mask opacity in ~/overlay", True, float_range=(0.0, 1.0)),
+    "initial_mask": _NodeParam("", "Label PNG (pixel value = object id) that seeds the objects "
+                               "on the first frame; empty = start with no objects", False),
+    "use_camera_info": _NodeParam(False, "Subscribe to camera_info and check its size against the images", False),
+    "diagnostics_period": _NodeParam(1.0, "Seconds between /diagnostics messages", False,
+                                     float_range=(0.1, 60.0)),
+    "reset_on_time_jump": _NodeParam(True, "Reset the tracker when image stamps or the clock go "
+                                     "back (a looping bag); otherwise such frames are dropped", True),
+    "service_timeout": _NodeParam(5.0, "Seconds ~/add_objects and ~/remove_objects wait for a "
+                                  "frame to apply the request to", True, float_range=(0.1, 600.0)),
+}
+
+# Pipeline keys (parameters "pipeline.<key>") that are safe to change between two frames.
+RUNTIME_PIPELINE_KEYS = {"refine", "teacher_forcing", "tau_verify", "tau_memory", "memory_lambda",
+                         "memory_interval", "memory_interval_s", "min_refine_area", "sequence_length"}
+COMPONENT_KEYS = ("tracker", "refiner", "features")
+
+
+def stamp_seconds(stamp) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+@dataclasses.dataclass
+class _Request:
+    """A prompt/removal request waiting for the next frame (from the topic or a service)."""
+    source: str
+    prompts: List[Any]  # hqsmem_ros/ObjectPrompt messages
+    remove: List[int]
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    taken: bool = False
+    cancelled: bool = False
+    success: bool = False
+    message: str = ""
+    ids: List[int] = dataclasses.field(default_factory=list)
+
+
+class HQSMemNode(Node):
+    def __init__(self, node_name: str = "hqsmem_node", **kwargs):
+        super().__init__(node_name, **kwargs)
+        self._declare_parameters()
+        self.config = self._pipeline_config_from_parameters()
+        self.pipeline = HQSMemPipeline(self.config)
+
+        # Ids ever given out in this run (never reused) and free-text labels per id.
+        self._used_ids: set = set()
+        self._live_ids: Tuple[int, ...] = ()  # snapshot for the callbacks, updated by the worker
+        self._frame_shape: Optional[Tuple[int, int]] = None
+        self._busy = False
+        self._labels: Dict[int, str] = {}
+        self._initial_labels = self._load_initial_mask(self.get_parameter("initial_mask").value)
+        self._seed_pending = self._initial_labels is not None
+
+        # One-slot frame buffer and request queue, shared by the callbacks and the worker.
+        self._cond = threading.Condition()
+        self._slot: Optional[Any] = None
+        self._requests: deque = deque()
+        self._pending_config: Optional[PipelineConfig] = None
+        self._reset_requested: Optional[str] = None
+        self._pipe_lock = threading.Lock()
+        self._stop = False
+
+        # Counters (frames_received == frames_processed + sum(dropped.values()) at rest).
+        self._stats_lock = threading.Lock()
+        self.frames_received = 0
+        self.frames_processed = 0
+        self.dropped: Counter = Counter()
+        self.bad_requests: Counter = Counter()
+        self.messages_lost = 0
+        self.resets = 0
+        self._frame_index = 0
+        self._last_stamp: Optional[float] = None
+        self._last_error: Optional[str] = None
+        self._last_error_time = 0.0
+        self._stage_sums: Counter = Counter()
+        self._stage_frames = 0
+        self._last_result_stamp: Optional[float] = None
+        self._camera_info: Optional[CameraInfo] = None
+        self._diag_window_start = time.monotonic()
+        self._diag_processed_at_start = 0
+
+        # Publishers.
+        self.masks_pub = self.create_publisher(Image, "~/masks", 10)
+        self.objects_pub = self.create_publisher(TrackedObjectArray, "~/objects", 10)
+        self.overlay_pub = self.create_publisher(Image, "~/overlay", 2)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+
+        # Subscriptions: images in their own group so a waiting service never delays them.
+        reliability = (ReliabilityPolicy.RELIABLE if self.get_parameter("qos_reliability").value == "reliable"
+                       else ReliabilityPolicy.BEST_EFFORT)
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=self.get_parameter("qos_depth").value,
+                         reliability=reliability, durability=qos_profile_sensor_data.durability)
+        image_group = MutuallyExclusiveCallbackGroup()
+        msg_type, topic = ((CompressedImage, "image/compressed")
+                           if self.get_parameter("input_type").value == "compressed" else (Image, "image"))
+        try:  # count messages the middleware reports lost (not every RMW supports the event)
+            self.image_sub = self.create_subscription(
+                msg_type, topic, self._on_image, qos, callback_group=image_group,
+                event_callbacks=self._event_callbacks())
+        except Exception:
+            self.image_sub = self.create_subscription(msg_type, topic, self._on_image, qos,
+                                                      callback_group=image_group)
+        if self.get_parameter("use_camera_info").value:
+            self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos,
+                                     callback_group=image_group)
+        service_group = ReentrantCallbackGroup()
+        self.create_subscription(ObjectPromptArray, "~/prompts", self._on_prompts, 10,
+                                 callback_group=service_group)
+        self.create_service(AddObjects, "~/add_objects", self._on_add_objects, callback_group=service_group)
+        self.create_service(RemoveObjects, "~/remove_objects", self._on_remove_objects,
+                            callback_group=service_group)
+        self.create_service(Reset, "~/reset", self._on_reset, callback_group=service_group)
+        self.create_timer(self.get_parameter("diagnostics_period").value, self._publish_diagnostics,
+                          callback_group=service_group)
+        self._install_clock_jump_handler()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+        self._worker = threading.Thread(target=self._work, name="hqsmem_worker", daemon=True)
+        self._worker.start()
+        stats = self.pipeline.stats()
+        self.get_logger().info(
+            f"tracking {self.image_sub.topic_name} ({self.get_parameter('input_type').value}, "
+            f"{self.get_parameter('qos_reliability').value}) with tracker={stats['tracker']} "
+            f"refiner={stats['refiner']} features={stats['features']} ablation={stats['ablation']} "
+            f"device={self._device()}")
+
+    # ---------------------------------------------------------------- parameters
+    def _declare_parameters(self) -> None:
+        self._declared: List[str] = []
+        for name, p in NODE_PARAMS.items():
+            desc = ParameterDescriptor(description=p.description, read_only=not p.runtime)
+            if p.choices:
+                desc.additional_constraints = "one of: " + ", ".join(p.choices)
+            if p.int_range:
+                desc.integer_range = [IntegerRange(from_value=p.int_range[0], to_value=p.int_range[1], step=1)]
+            if p.float_range:
+                desc.floating_point_range = [FloatingPointRange(
+                    from_value=p.float_range[0], to_value=p.float_range[1], step=0.0)]
+            self._declare(name, p.default, desc)
+            self._check_node_param(name, self.get_parameter(name).value, startup=True)
+
+        defaults = PipelineConfig()
+        overrides = getattr(self, "_parameter_overrides", {}) or {}
+        for f in dataclasses.fields(PipelineConfig):
+            name = f"pipeline.{f.name}"
+            runtime = f.name in RUNTIME_PIPELINE_KEYS
+            why = "" if runtime else " (fixed while running: restart the node to change it)"
+            if f.name in COMPONENT_KEYS:
+                default = getattr(defaults, f.name)
+                self._declare(f"{name}.type", default["type"], ParameterDescriptor(
+                    description=f"Registered {f.name} model name{why}", read_only=True))
+                # The component's own constructor parameters: whatever the parameter file gives.
+                for key in sorted(k for k in overrides if k.startswith(f"{name}.") and k != f"{name}.type"):
+                    self._declare(key, overrides[key].value, ParameterDescriptor(
+                        description=f"{f.name} model parameter{why}", read_only=True, dynamic_typing=True))
+                for key, value in default.items():  # defaults of the default component
+                    if key != "type" and not self.has_parameter(f"{name}.{key}"):
+                        self._declare(f"{name}.{key}", value, ParameterDescriptor(
+                            description=f"{f.name} model parameter{why}", read_only=True, dynamic_typing=True))
+                continue
+            value = getattr(defaults, f.name)
+            desc = ParameterDescriptor(description=f"Pipeline setting '{f.name}'{why}; see "
+                                       "hqsmem_ros/core/config.py", read_only=not runtime)
+            if value is None:
+                desc.dynamic_typing = True  # optional: unset = the ablation preset / off
+            self._declare(name, value, desc)
+
+    def _declare(self, name: str, default: Any, desc: ParameterDescriptor) -> None:
+        self._declared.append(name)
+        try:
+            self.declare_parameter(name, default, desc)
+        except Exception as exc:  # wrong type in the parameter file, e.g. 1 for a float
+            raise ConfigError(f"parameter {name!r}: {exc}") from exc
+
+    @staticmethod
+    def _plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "array":
+            return [HQSMemNode._plain(v) for v in value]
+        return value
+
+    def _pipeline_dict(self, changes: Dict[str, Any] = None) -> Dict[str, Any]:
+        params = {name: self._plain(self.get_parameter(name).value) for name in self._declared}
+        params.update(changes or {})
+        out: Dict[str, Any] = {}
+        for f in dataclasses.fields(PipelineConfig):
+            if f.name in COMPONENT_KEYS:
+                prefix = f"pipeline.{f.name}."
+                out[f.name] = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+                continue
+            value = params.get(f"pipeline.{f.name}")
+            if value == "" and f.name in ("refine", "memory_interval_s", "sequence_length",
+                                          "teacher_forcing", "smart_memory", "process_max_side"):
+                value = None
+            if isinstance(value, int) and not isinstance(value, bool) and isinstance(
+                    getattr(PipelineConfig(), f.name), float):
+                value = float(value)  # "tau_verify: 1" in YAML is an integer
+            out[f.name] = value
+        return out
+
+    def _pipeline_config_from_parameters(self) -> PipelineConfig:
+        try:
+            return PipelineConfig.from_dict(self._pipeline_dict())
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"invalid pipeline parameters: {exc}") from exc
+
+    def _check_node_param(self, name: str, value: Any, startup: bool = False) -> Optional[str]:
+        p = NODE_PARAMS[name]
+        reason = None
+        if p.choices and value not in p.choices:
+            reason = f"{name} must be one of {', '.join(p.choices)}, got {value!r}"
+        if name == "initial_mask" and value and not Path(value).is_file():
+            reason = f"initial_mask: file not found: {value}"
+        if reason and startup:
+            raise ConfigError(reason)
+        return reason
+
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        changes: Dict[str, Any] = {}
+        for p in params:
+            if p.name in NODE_PARAMS:
+                reason = self._check_node_param(p.name, p.value)
+                if reason:
+                    return self._refuse_parameter(reason)
+            elif p.name.startswith("pipeline."):
+                key = p.name.split(".")[1]
+                if key not in RUNTIME_PIPELINE_KEYS:
+                    return self._refuse_parameter(
+                        f"{p.name} cannot change while the node runs (models and memory are built "
+                        "from it at start); restart the node with the new value")
+                changes[p.name] = self._plain(p.value)
+        if changes:
+            try:
+                new_cfg = PipelineConfig.from_dict(self._pipeline_dict(changes))
+            except (ConfigError, TypeError) as exc:
+                return self._refuse_parameter(f"invalid value: {exc}")
+            with self._cond:
+                self._pending_config = new_cfg
+        return SetParametersResult(successful=True)
+
+    def _refuse_parameter(self, reason: str) -> SetParametersResult:
+        self._note_error(f"parameter change refused: {reason}")
+        return SetParametersResult(successful=False, reason=reason)
+
+    def _apply_config(self, cfg: PipelineConfig) -> None:
+        """Between two frames: thresholds and switches the pipeline reads on every frame."""
+        self.pipeline.config = cfg
+        self.config = cfg
+        if self.pipeline.memory is not None:
+            self.pipeline.memory.lam = float(cfg.memory_lambda)
+            self.pipeline.memory.tau = float(cfg.tau_memory)
+        self.get_logger().info("pipeline parameters updated")
+
+    # ---------------------------------------------------------------- initial mask
+    def _load_initial_mask(self, path: str) -> Optional[np.ndarray]:
+        if not path:
+            return None
+        from PIL import Image as PILImage
+        try:
+            with PILImage.open(path) as im:
+                if im.mode not in ("P", "L", "I;16", "I;16B", "I;16L", "I"):
+                    raise ConfigError(f"initial_mask {path}: a label PNG must be single-channel or "
+                                      f"palette (pixel = object id), got mode {im.mode}")
+                labels = np.array(im)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"initial_mask {path}: cannot read it as an image: {exc}") from exc
+        if labels.max() > MAX_ID or labels.min() < 0:
+            raise ConfigError(f"initial_mask {path}: ids must be in 0..{MAX_ID}")
+        if not labels.any():
+            raise ConfigError(f"initial_mask {path}: no object (every pixel is 0)")
+        return labels.astype(np.uint16)
+
+    def _seed_prompts(self, shape) -> List[ObjectPrompt]:
+        labels = self._initial_labels
+        if labels.shape != tuple(shape):
+            raise PromptError(f"initial_mask is {labels.shape[1]}x{labels.shape[0]} but the camera "
+                              f"image is {shape[1]}x{shape[0]}")
+        prompts = []
+        for value in (int(v) for v in np.unique(labels) if v):
+            oid = value if value not in self._used_ids else self._fresh_id(prompts)
+            prompts.append(ObjectPrompt(id=oid, mask=labels == value))
+        return prompts
+
+    # ---------------------------------------------------------------- callbacks
+    def _event_callbacks(self):
+        try:
+            from rclpy.event_handler import SubscriptionEventCallbacks
+        except ImportError:  # Humble
+            from rclpy.qos_event import SubscriptionEventCallbacks
+
+        def on_lost(event):
+            with self._stats_lock:
+                self.messages_lost = int(event.total_count)
+        try:
+            return SubscriptionEventCallbacks(message_lost=on_lost)
+        except TypeError:
+            return None
+
+    def _on_image(self, msg) -> None:
+        with self._cond:
+            self.frames_received += 1
+            if self._slot is not None:
+                self.dropped["replaced"] += 1  # the worker was busy: only the newest frame counts
+            self._slot = msg
+            self._cond.notify_all()
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        self._camera_info = msg
+
+    def _on_prompts(self, msg: ObjectPromptArray) -> None:
+        if not msg.prompts:
+            return
+        req = _Request("~/prompts", list(msg.prompts), [])
+        reason = self._precheck(req)
+        if reason:
+            self._request_failed(req, reason)
+            return
+        with self._cond:
+            self._requests.append(req)
+            self._cond.notify_all()
+
+    def _on_add_objects(self, request, response):
+        req = _Request("~/add_objects", list(request.prompts), [])
+        if not req.prompts:
+            response.success, response.message = False, "no prompts given"
+            return response
+        self._submit_and_wait(req)
+        response.success, response.message, response.ids = req.success, req.message, req.ids
+        return response
+
+    def _on_remove_objects(self, request, response):
+        req = _Request("~/remove_objects", [], [int(i) for i in request.ids])
+        if not req.remove:
+            response.success, response.message = False, "no ids given"
+            return response
+        self._submit_and_wait(req)
+        response.success, response.message = req.success, req.message
+        response.removed_ids = req.remove if req.success else []
+        return response
+
+    def _on_reset(self, request, response):
+        with self._pipe_lock:
+            cleared = self._reset_tracker("reset requested on ~/reset")
+        response.success = True
+        response.message = f"tracker reset; retired ids {cleared}" if cleared else "tracker reset"
+        response.cleared_ids = cleared
+        return response
+
+    def _submit_and_wait(self, req: _Request) -> None:
+        reason = self._precheck(req)
+        if reason:
+            self._request_failed(req, reason)
+            return
+        with self._cond:
+            self._requests.append(req)
+            self._cond.notify_all()
+        timeout = float(self.get_parameter("service_timeout").value)
+        if not req.done.wait(timeout):
+            with self._cond:
+                if not req.taken:  # no frame came: withdraw it, nothing was applied
+                    req.cancelled = True
+                    self._requests.remove(req)
+                    self._request_failed(req, f"no camera frame arrived within {timeout:g} s "
+                                              f"(service_timeout); nothing was applied")
+                    return
+            req.done.wait()  # a frame is being processed with it right now
+
+    def _precheck(self, req: _Request) -> Optional[str]:
+        """Checks that need no frame: ids, duplicates, box shape, mask encoding."""
+        seen = set()
+        for k, p in enumerate(req.prompts):
+            oid = int(p.id)
+            if oid > MAX_ID:
+                return f"prompt {k}: id {oid} is above {MAX_ID} (ids are mono16 pixel values)"
+            if oid:
+                if oid in seen:
+                    return f"prompt {k}: id {oid} appears twice in one request"
+                seen.add(oid)
+                if oid in self._used_ids and oid not in self._live_ids:
+                    return (f"prompt {k}: id {oid} was used before by another object and ids are "
+                            f"never reused; send id 0 to get a fresh one")
+            has_mask = p.mask.width > 0 and p.mask.height > 0
+            if p.has_box:
+                x0, y0, x1, y1 = p.x_min, p.y_min, p.x_max, p.y_max
+                if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+                    return f"prompt {k}: box ({x0}, {y0}, {x1}, {y1}) is not finite"
+                if x1 <= x0 or y1 <= y0:
+                    return f"prompt {k}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty (need x_max > x_min, y_max > y_min)"
+            if has_mask and p.mask.encoding not in image_codec.MASK_ENCODINGS:
+                return (f"prompt {k}: mask encoding {p.mask.encoding!r} is not one of "
+                        f"{', '.join(image_codec.MASK_ENCODINGS)}")
+            if has_mask and p.mask.encoding in ("mono16", "16UC1") and oid == 0:
+                return f"prompt {k}: a mono16 label mask needs the prompt's id (pixels == id)"
+            if (p.positive_points or p.negative_points) and not _pipeline_takes_points():
+                return (f"prompt {k}: point prompts are not supported by this pipeline yet; "
+                        "give a box or a mask")
+            if not p.has_box and not has_mask and not p.positive_points:
+                return f"prompt {k}: has neither a box (has_box=false) nor a mask"
+        seen_remove = set()
+        live = set(self._live_ids)
+        for oid in req.remove:
+            if oid in seen_remove:
+                return f"id {oid} appears twice"
+            seen_remove.add(oid)
+            if oid not in live:
+                return f"cannot remove id {oid}: not tracked (tracked: {sorted(live)})"
+        return None
+
+    def _request_failed(self, req: _Request, reason: str) -> None:
+        req.success, req.message = False, reason
+        with self._stats_lock:
+            self.bad_requests[req.source] += 1
+        self._note_error(f"{req.source}: refused: {reason}")
+        req.done.set()
+
+    # ---------------------------------------------------------------- worker
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while self._slot is None and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                msg, self._slot = self._slot, None
+                req = self._requests.popleft() if self._requests else None
+                if req is not None:
+                    req.taken = True
+                cfg, self._pending_config = self._pending_config, None
+                jump, self._reset_requested = self._reset_requested, None
+            self._busy = True
+            try:
+                with self._pipe_lock:
+                    if cfg is not None:
+                        self._apply_config(cfg)
+                    if jump:
+                        self._reset_tracker(jump)
+                    self._process(msg, req)
+            except Exception as exc:  # never let the worker die: report and go on
+                self._drop("internal_error", f"frame dropped: unexpected {type(exc).__name__}: {exc}")
+                if req is not None and not req.done.is_set():
+                    self._request_failed(req, f"internal error: {exc}")
+            finally:
+                self._busy = False
+
+    def _process(self, msg, req: Optional[_Request]) -> None:
+        stamp = stamp_seconds(msg.header.stamp)
+        t0 = time.perf_counter()
+        try:
+            rgb = (image_codec.compressed_to_rgb(msg) if isinstance(msg, CompressedImage)
+                   else image_codec.image_to_rgb(msg))
+        except ImageDecodeError as exc:
+            self._drop("bad_image", f"frame at {stamp:.6f} dropped: {exc}")
+            if req is not None:
+                self._requeue(req)
+            return
+        t_decode = time.perf_counter() - t0
+        info = self._camera_info
+        if info is not None and (info.width, info.height) != (rgb.shape[1], rgb.shape[0]) and info.width:
+            self._note_error(f"camera_info is {info.width}x{info.height} but the image is "
+                             f"{rgb.shape[1]}x{rgb.shape[0]} (wrong camera_info topic?)")
+
+        if self._last_stamp is not None and stamp < self._last_stamp:
+            if self.get_parameter("reset_on_time_jump").value:
+                self._reset_tracker(f"image stamps went back from {self._last_stamp:.6f} to "
+                                    f"{stamp:.6f} (looping bag?)")
+            else:
+                self._drop("stamp_backwards", f"frame at {stamp:.6f} dropped: stamp older than "
+                           f"the previous frame's {self._last_stamp:.6f}")
+                if req is not None:
+                    self._requeue(req)
+                return
+        if self._frame_shape is not None and rgb.shape[:2] != self._frame_shape:
+            h0, w0 = self._frame_shape
+            self._reset_tracker(f"image size changed from {w0}x{h0} to {rgb.shape[1]}x{rgb.shape[0]}")
+
+        seeds: List[ObjectPrompt] = []
+        if self._seed_pending:
+            self._seed_pending = False
+            try:
+                seeds = self._seed_prompts(rgb.shape[:2])
+            except PromptError as exc:
+                self._note_error(f"initial_mask not used: {exc}")
+        extra: List[ObjectPrompt] = []
+        labels: Dict[int, str] = {}
+        if req is not None:
+            try:
+                extra, labels = self._to_pipeline_prompts(req, rgb.shape[:2], seeds)
+            except (PromptError, ImageDecodeError) as exc:
+                self._request_failed(req, str(exc))
+                req = None
+        # A bad request must not cost the frame nor the seeds: retry without what was refused.
+        attempts = []
+        if req is not None:
+            attempts.append((seeds + extra, list(req.remove), req))
+        if seeds:
+            attempts.append((seeds, [], None))
+        attempts.append(([], [], None))
+        result = None
+        for prompts, remove, with_req in attempts:
+            try:
+                result = self.pipeline.process(rgb, stamp, prompts=prompts, remove=remove)
+                break
+            except PromptError as exc:
+                if with_req is not None:
+                    self._request_failed(with_req, str(exc))
+                    req = None
+                elif prompts:
+                    self._note_error(f"initial_mask not used: {exc}")
+            except FrameError as exc:
+                self._drop("bad_frame", f"frame at {stamp:.6f} dropped: {exc}")
+                if req is not None:
+                    self._requeue(req)
+                return
+        if result is None:  # cannot happen: the last attempt has no prompts
+            self._drop("bad_frame", f"frame at {stamp:.6f} dropped: no attempt succeeded")
+            return
+        if seeds and prompts:
+            self.get_logger().info(f"initial_mask seeded objects {[p.id for p in seeds]}")
+        if req is None:
+            labels = {}
+        self._frame_shape = rgb.shape[:2]
+        self._live_ids = tuple(self.pipeline.object_ids)
+
+        self._used_ids.update(p.id for p in prompts)
+        self._labels.update(labels)
+        if req is not None:
+            req.success = True
+            what = []
+            if req.ids:
+                what.append(f"objects {req.ids} started")
+            if req.remove:
+                what.append(f"objects {req.remove} removed (ids retired)")
+                for oid in req.remove:
+                    self._labels.pop(oid, None)
+            req.message = f"{' and '.join(what)} on frame {self._frame_index} (stamp {stamp:.6f})"
+            self.get_logger().info(f"{req.source}: {req.message}")
+            req.done.set()
+
+        t1 = time.perf_counter()
+        self._publish(msg.header, rgb, result)
+        t_publish = time.perf_counter() - t1
+        self._last_stamp = stamp
+        with self._stats_lock:
+            self.frames_processed += 1
+            self._frame_index += 1
+            self._last_result_stamp = stamp
+            for stage, seconds in result.timings.items():
+                self._stage_sums[stage] += seconds
+            self._stage_sums["decode"] += t_decode
+            self._stage_sums["publish"] += t_publish
+            self._stage_sums["node_total"] += time.perf_counter() - t0
+            self._stage_frames += 1
+
+    def _requeue(self, req: _Request) -> None:
+        """The frame could not be used: the request waits for the next one."""
+        with self._cond:
+            req.taken = False
+            self._requests.appendleft(req)
+
+    def _fresh_id(self, pending: Sequence[ObjectPrompt] = ()) -> int:
+        taken = self._used_ids | set(self.pipeline.object_ids) | {p.id for p in pending}
+        oid = max(taken) + 1 if taken else 1
+        if oid > MAX_ID:
+            raise PromptError(f"all {MAX_ID} object ids of this run are used; restart the node")
+        return oid
+
+    def _to_pipeline_prompts(self, req: _Request, shape, pending: Sequence[ObjectPrompt]):
+        """hqsmem_ros/ObjectPrompt messages -> pipeline prompts, fresh ids for id 0."""
+        h, w = shape
+        out: List[ObjectPrompt] = []
+        labels: Dict[int, str] = {}
+        for k, p in enumerate(req.prompts):
+            oid = int(p.id) or self._fresh_id(list(pending) + out)
+            if int(p.id) and oid in self._used_ids and oid not in self.pipeline.object_ids:
+                raise PromptError(f"prompt {k}: id {oid} was used before; ids are never reused")
+            mask = None
+            if p.mask.width > 0 and p.mask.height > 0:
+                raw = image_codec.mask_from_msg(p.mask)
+                if raw.shape != (h, w):
+                    raise PromptError(f"prompt {k}: mask is {raw.shape[1]}x{raw.shape[0]}, the camera "
+                                      f"image is {w}x{h}")
+                mask = raw == oid if raw.dtype == np.uint16 else raw > 0
+                if not mask.any():
+                    raise PromptError(f"prompt {k}: mask has no pixel of the object")
+            box = None
+            if p.has_box:
+                x0, y0, x1, y1 = p.x_min, p.y_min, p.x_max, p.y_max
+                if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+                    raise PromptError(f"prompt {k}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is outside "
+                                      f"the {w}x{h} image")
+                box = (x0, y0, x1, y1)
+            kwargs = {}
+            if p.positive_points or p.negative_points:
+                kwargs["points"] = ([(q.x, q.y, 1) for q in p.positive_points]
+                                    + [(q.x, q.y, 0) for q in p.negative_points])
+            out.append(ObjectPrompt(id=oid, mask=mask, box=box, **kwargs))
+            if p.label:
+                labels[oid] = p.label
+        req.ids = [q.id for q in out]
+        return out, labels
+
+    def _reset_tracker(self, why: str) -> List[int]:
+        """Forget all objects and memory (caller holds _pipe_lock). Returns the retired ids."""
+        cleared = list(self.pipeline.object_ids)
+        self._used_ids.update(cleared)
+        self.pipeline.reset()
+        self._live_ids = ()
+        self._frame_shape = None
+        self._last_stamp = None
+        self._labels.clear()
+        self._seed_pending = self._initial_labels is not None
+        with self._stats_lock:
+            self.resets += 1
+        self.get_logger().warning(f"tracker reset: {why}; retired ids {cleared}"
+                                  + ("; initial_mask seeds again on the next frame" if self._seed_pending else ""))
+        return cleared
+
+    def _install_clock_jump_handler(self) -> None:
+        """With use_sim_time, a bag that loops makes /clock jump back: reset before the next frame."""
+        try:
+            from rclpy.clock import JumpThreshold
+            from rclpy.duration import Duration
+            threshold = JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-1),
+                                      on_clock_change=False)
+            self._jump_handle = self.get_clock().create_jump_handler(threshold, post_callback=self._on_jump)
+        except Exception as exc:  # a clock type without jump callbacks
+            self.get_logger().debug(f"no clock jump handler: {exc}")
+
+    def _on_jump(self, jump) -> None:
+        if not self.get_parameter("reset_on_time_jump").value:
+            return
+        with self._cond:
+            self._reset_requested = "the ROS clock jumped back (looping bag with use_sim_time?)"
+
+    # ---------------------------------------------------------------- output
+    def _publish(self, header, rgb: np.ndarray, result) -> None:
+        label = result.label_map()
+        masks = image_codec.fill_image_msg(Image(), image_codec.label_map_to_fields(label))
+        masks.header = header
+        self.masks_pub.publish(masks)
+
+        arr = TrackedObjectArray()
+        arr.header = header
+        arr.frame_index = self._frame_index
+        arr.height, arr.width = int(label.shape[0]), int(label.shape[1])
+        nan = float("nan")
+        for o in result.objects:
+            t = TrackedObject()
+            t.id = int(o.id)
+            t.label = self._labels.get(o.id, "")
+            t.x_min, t.y_min, t.x_max, t.y_max = (float(v) for v in o.box)
+            t.score = float(o.score)
+            t.visible = bool(o.visible)
+            t.refined = bool(o.refined)
+            t.area = int(o.area)
+            t.centroid_x, t.centroid_y = (float(o.centroid[0]), float(o.centroid[1])) if o.visible else (nan, nan)
+            arr.objects.append(t)
+        self.objects_pub.publish(arr)
+
+        if self.get_parameter("publish_overlay").value and self.overlay_pub.get_subscription_count() > 0:
+            over = render_overlay(rgb, label, result.objects, self.get_parameter("overlay_alpha").value,
+                                  self._labels)
+            msg = image_codec.fill_image_msg(Image(), image_codec.rgb_to_fields(over))
+            msg.header = header
+            self.overlay_pub.publish(msg)
+
+    def _drop(self, reason: str, message: str) -> None:
+        with self._stats_lock:
+            self.dropped[reason] += 1
+        self._note_error(message)
+
+    def _note_error(self, message: str) -> None:
+        self._last_error, self._last_error_time = message, time.monotonic()
+        self.get_logger().error(message)
+
+    def _device(self) -> str:
+        for part in (self.pipeline.tracker, self.pipeline.refiner, self.pipeline.features):
+            dev = getattr(part, "device", None)
+            if dev is not None:
+                return str(dev)
+        return "cpu" if self.config.device == "auto" else self.config.device
+
+    def counters(self) -> Dict[str, Any]:
+        """Frame accounting (also in /diagnostics): received == processed + dropped + pending."""
+        with self._cond, self._stats_lock:
+            return {"received": self.frames_received, "processed": self.frames_processed,
+                    "dropped": dict(self.dropped), "pending": int(self._slot is not None),
+                    "in_progress": int(self._busy),
+                    "lost_in_transport": self.messages_lost, "resets": self.resets,
+                    "bad_requests": dict(self.bad_requests)}
+
+    def _publish_diagnostics(self) -> None:
+        now = time.monotonic()
+        with self._stats_lock:
+            n = max(1, self._stage_frames)
+            latency = {k: v / n * 1000.0 for k, v in self._stage_sums.items()}
+            window_frames = self._stage_frames
+            self._stage_sums.clear()
+            self._stage_frames = 0
+        elapsed = max(1e-6, now - self._diag_window_start)
+        self._diag_window_start = now
+        c = self.counters()
+        stats = self.pipeline.stats()
+        dropped_total = sum(c["dropped"].values())
+        recent_error = self._last_error and now - self._last_error_time < 2 * self.get_parameter(
+            "diagnostics_period").value + 1.0
+        status = DiagnosticStatus()
+        status.name = f"{self.get_fully_qualified_name()}: tracking"
+        status.hardware_id = self._device()
+        if recent_error:
+            status.level, status.message = DiagnosticStatus.WARN, self._last_error[:500]
+        elif c["received"] == 0:
+            status.level, status.message = DiagnosticStatus.WARN, f"no image received on {self.image_sub.topic_name}"
+        else:
+            status.level = DiagnosticStatus.OK
+            status.message = (f"{stats['objects']} objects, {window_frames / elapsed:.1f} frames/s, "
+                              f"{dropped_total} dropped of {c['received']}")
+        values = {
+            "frames_received": c["received"], "frames_processed": c["processed"],
+            "frames_dropped": dropped_total, "frames_pending": c["pending"],
+            "messages_lost_in_transport": c["lost_in_transport"],
+            "rate_hz": round(window_frames / elapsed, 3), "objects": stats["objects"],
+            "object_ids": list(self.pipeline.object_ids), "resets": c["resets"],
+            "memory_size": stats["memory_size"], "memory_capacity": stats["memory_capacity"],
+            "memory_bytes": stats["memory_bytes"], "device": self._device(),
+            "tracker": stats["tracker"], "refiner": stats["refiner"], "features": stats["features"],
+            "ablation": stats["ablation"], "refine_mode": stats["refine_mode"],
+            "last_error": self._last_error or "",
+        }
+        for reason, count in sorted(c["dropped"].items()):
+            values[f"dropped.{reason}"] = count
+        for source, count in sorted(c["bad_requests"].items()):
+            values[f"refused_requests.{source}"] = count
+        for stage, ms in sorted(latency.items()):
+            values[f"latency_ms.{stage}"] = round(ms, 3)
+        status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
+        arr = DiagnosticArray()
+        arr.header.stamp = self.get_clock().now().to_msg()
+        arr.status = [status]
+        self.diag_pub.publish(arr)
+
+    # ---------------------------------------------------------------- shutdown
+    def stop(self) -> None:
+        """Stop the worker; a frame still waiting in the buffer is counted as dropped."""
+        if not hasattr(self, "_worker"):  # the constructor failed before starting it
+            return
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._worker.join(timeout=30)
+        with self._cond:
+            if self._slot is not None:
+                self._slot = None
+                self.dropped["shutdown"] += 1
+            for req in self._requests:
+                self._request_failed(req, "node shutting down")
+            self._requests.clear()
+
+    def destroy_node(self) -> None:
+        self.stop()
+        super().destroy_node()
+
+
+def _pipeline_takes_points() -> bool:
+    return "points" in {f.name for f in dataclasses.fields(ObjectPrompt)}

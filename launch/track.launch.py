@@ -1,0 +1,53 @@
+"""Launch the HQ-SMem tracking node.
+
+  ros2 launch hqsmem_ros track.launch.py image_topic:=/camera/color/image_raw \
+      config:=$(ros2 pkg prefix hqsmem_ros)/share/hqsmem_ros/config/jetson_orin.yaml device:=cuda
+"""
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+
+def _node(context, *args, **kwargs):
+    image_topic = LaunchConfiguration("image_topic").perform(context)
+    config = LaunchConfiguration("config").perform(context)
+    device = LaunchConfiguration("device").perform(context)
+    use_sim_time = LaunchConfiguration("use_sim_time").perform(context).lower() in ("true", "1", "yes")
+    overrides = {"use_sim_time": use_sim_time}
+    if device:  # empty: keep the config file's device
+        overrides["pipeline.device"] = device
+    compressed = image_topic.rstrip("/").endswith("/compressed")
+    if compressed:
+        overrides["input_type"] = "compressed"
+    return [Node(
+        package="hqsmem_ros",
+        executable="hqsmem_node",
+        name="hqsmem_node",
+        namespace=LaunchConfiguration("namespace").perform(context),
+        parameters=[config, overrides],
+        remappings=[("image/compressed" if compressed else "image", image_topic)],
+        output="screen",
+        emulate_tty=True,
+    )]
+
+
+def generate_launch_description():
+    default_config = os.path.join(get_package_share_directory("hqsmem_ros"), "config", "track.yaml")
+    return LaunchDescription([
+        DeclareLaunchArgument("image_topic", default_value="image",
+                              description="camera image topic (sensor_msgs/Image); a topic ending "
+                                          "in /compressed subscribes sensor_msgs/CompressedImage"),
+        DeclareLaunchArgument("config", default_value=default_config,
+                              description="parameter file (see config/track.yaml)"),
+        DeclareLaunchArgument("namespace", default_value="",
+                              description="namespace of the node and its topics"),
+        DeclareLaunchArgument("device", default_value="",
+                              description="override pipeline.device: cpu, cuda, cuda:N (empty: from config)"),
+        DeclareLaunchArgument("use_sim_time", default_value="false",
+                              description="use /clock (bag replay with --clock)"),
+        OpaqueFunction(function=_node),
+    ])

@@ -1,0 +1,200 @@
+"""sensor_msgs image encodings <-> numpy, without ROS (hqsmem_ros.ros.image_codec).
+
+Each encoding is built here from a known RGB image by the encoding's own definition (byte
+order, chroma subsampling, Bayer pattern) and decoded back.
+"""
+import numpy as np
+import pytest
+
+from hqsmem_ros.ros import image_codec as ic
+from hqsmem_ros.ros.image_codec import ImageDecodeError
+
+
+def _known_rgb(h=48, w=64):
+    """A smooth colour image (demosaicing and chroma subsampling are exact enough on it)."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    rgb = np.stack([40 + 3 * x, 30 + 4 * y, 200 - 2 * x - y], axis=-1)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def _decode(encoding, pixels, step=None, bigendian=False, pad_value=0xAB):
+    """Pack `pixels` rows (any dtype) into a message buffer with optional row padding."""
+    h, w = pixels.shape[:2]
+    row = pixels.reshape(h, -1).view(np.uint8).reshape(h, -1)
+    step = step or row.shape[1]
+    buf = np.full((h, step), pad_value, np.uint8)
+    buf[:, :row.shape[1]] = row
+    return ic.decode_image(encoding, h, w, step, bigendian, buf.tobytes())
+
+
+def test_rgb8_bgr8_rgba8_bgra8_are_exact():
+    rgb = _known_rgb()
+    alpha = np.full(rgb.shape[:2] + (1,), 77, np.uint8)
+    assert np.array_equal(_decode("rgb8", rgb), rgb)
+    assert np.array_equal(_decode("bgr8", rgb[..., ::-1].copy()), rgb)
+    assert np.array_equal(_decode("rgba8", np.concatenate([rgb, alpha], -1)), rgb)
+    assert np.array_equal(_decode("bgra8", np.concatenate([rgb[..., ::-1], alpha], -1)), rgb)
+
+
+def test_padded_rows_are_skipped():
+    rgb = _known_rgb()
+    out = _decode("bgr8", rgb[..., ::-1].copy(), step=rgb.shape[1] * 3 + 13)
+    assert np.array_equal(out, rgb)
+
+
+def test_mono8_and_mono16_both_byte_orders():
+    gray = _known_rgb()[..., 1]
+    want = np.repeat(gray[..., None], 3, axis=2)
+    assert np.array_equal(_decode("mono8", gray), want)
+    assert np.array_equal(_decode("8UC1", gray), want)
+    wide = gray.astype(np.uint16) * 257  # top byte == gray
+    assert np.array_equal(_decode("mono16", wide.astype("<u2")), want)
+    assert np.array_equal(_decode("16UC1", wide.astype(">u2"), bigendian=True), want)
+    # the same bytes read with the wrong byte order are a different image
+    assert not np.array_equal(_decode("mono16", (wide + 3).astype(">u2"), bigendian=False), want)
+
+
+def _yuv422(rgb, order):
+    """Pack RGB as 4:2:2 YUV (BT.601 video range, as cameras send it) in the given byte order."""
+    r, g, b = (rgb[..., i].astype(np.float32) for i in range(3))
+    y = 16 + 0.257 * r + 0.504 * g + 0.098 * b
+    u_full = 128 - 0.148 * r - 0.291 * g + 0.439 * b
+    v_full = 128 + 0.439 * r - 0.368 * g - 0.071 * b
+    u = (u_full[:, 0::2] + u_full[:, 1::2]) / 2
+    v = (v_full[:, 0::2] + v_full[:, 1::2]) / 2
+    h, w = y.shape
+    out = np.zeros((h, w // 2, 4), np.float32)
+    parts = {"Y0": y[:, 0::2], "Y1": y[:, 1::2], "U": u, "V": v}
+    for i, name in enumerate(order):
+        out[..., i] = parts[name]
+    return np.clip(np.round(out), 0, 255).astype(np.uint8).reshape(h, w, 2)
+
+
+@pytest.mark.parametrize("encoding,order", [
+    ("yuv422", ("U", "Y0", "V", "Y1")), ("uyvy", ("U", "Y0", "V", "Y1")),
+    ("yuv422_yuy2", ("Y0", "U", "Y1", "V")), ("yuyv", ("Y0", "U", "Y1", "V")),
+])
+def test_yuv422_variants(encoding, order):
+    rgb = _known_rgb()
+    out = _decode(encoding, _yuv422(rgb, order))
+    err = np.abs(out.astype(int) - rgb.astype(int))
+    assert err.mean() < 3 and err.max() < 20, (err.mean(), err.max())
+
+
+def _bayer(rgb, pattern):
+    """Mosaic: pattern names the colours of the top-left 2x2 block, row by row."""
+    idx = {"R": 0, "G": 1, "B": 2}
+    out = np.zeros(rgb.shape[:2], np.uint8)
+    for k, (dy, dx) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        out[dy::2, dx::2] = rgb[dy::2, dx::2, idx[pattern[k]]]
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "BGGR", "GBRG", "GRBG"])
+def test_bayer_patterns(pattern):
+    rgb = _known_rgb()
+    out = _decode(f"bayer_{pattern.lower()}8", _bayer(rgb, pattern))
+    inner = (slice(2, -2), slice(2, -2))  # demosaicing borders are approximate
+    err = np.abs(out[inner].astype(int) - rgb[inner].astype(int))
+    assert err.mean() < 3, err.mean()
+
+
+def test_unknown_encoding_lists_the_supported_ones():
+    with pytest.raises(ImageDecodeError) as e:
+        ic.decode_image("rgb16", 2, 2, 12, False, bytes(24))
+    msg = str(e.value)
+    assert "'rgb16'" in msg and "bayer_rggb8" in msg and "yuv422" in msg
+
+
+@pytest.mark.parametrize("args,words", [
+    (("rgb8", 4, 4, 11, False, bytes(44)), ["step 11", "4*3 = 12"]),
+    (("rgb8", 4, 4, 12, False, bytes(47)), ["truncated", "47 bytes", "48"]),
+    (("rgb8", 4, 4, 12, False, bytes(49)), ["size mismatch", "49 bytes"]),
+    (("mono16", 4, 4, 9, False, bytes(36)), ["step 9"]),
+    (("yuv422", 2, 3, 6, False, bytes(12)), ["even width"]),
+    (("mono8", 0, 4, 4, False, b""), ["empty"]),
+    (("rgb8", 4, 4, 12, False, b""), ["truncated", "0 bytes"]),
+])
+def test_bad_sizes_are_clear_errors(args, words):
+    with pytest.raises(ImageDecodeError) as e:
+        ic.decode_image(*args)
+    assert isinstance(e.value, ValueError)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_label_map_round_trip_as_mono16():
+    labels = np.zeros((30, 40), np.uint16)
+    labels[5:10, 5:20] = 3
+    labels[20:, 30:] = 1000  # ids above 255 survive
+    f = ic.label_map_to_fields(labels)
+    assert (f["encoding"], f["height"], f["width"], f["step"]) == ("mono16", 30, 40, 80)
+    back = ic.decode_mask(f["encoding"], f["height"], f["width"], f["step"], f["is_bigendian"], f["data"])
+    assert back.dtype == np.uint16 and np.array_equal(back, labels)
+
+
+def test_rgb_round_trip_as_rgb8():
+    rgb = _known_rgb()
+    f = ic.rgb_to_fields(rgb)
+    assert (f["encoding"], f["step"]) == ("rgb8", rgb.shape[1] * 3)
+    assert np.array_equal(
+        ic.decode_image(f["encoding"], f["height"], f["width"], f["step"], f["is_bigendian"], f["data"]), rgb)
+
+
+def test_encode_rejects_wrong_arrays():
+    with pytest.raises(ValueError, match="mono16"):
+        ic.label_map_to_fields(np.zeros((4, 4), np.int32))
+    with pytest.raises(ValueError, match="RGB"):
+        ic.rgb_to_fields(np.zeros((4, 4), np.uint8))
+
+
+def test_mask_rejects_colour_encodings():
+    with pytest.raises(ImageDecodeError, match="mono8"):
+        ic.decode_mask("rgb8", 2, 2, 6, False, bytes(12))
+
+
+def test_compressed_round_trips():
+    rgb = _known_rgb()
+    assert np.array_equal(ic.decode_compressed("png", ic.encode_compressed(rgb, "png")), rgb)
+    jpg = ic.decode_compressed("rgb8; jpeg compressed bgr8", ic.encode_compressed(rgb, "jpeg", 95))
+    assert np.abs(jpg.astype(int) - rgb.astype(int)).mean() < 3
+
+
+@pytest.mark.parametrize("fmt,data,words", [
+    ("jpeg", b"\xff\xd8\xff\xe0 not really a jpeg", ["corrupt", "'jpeg'"]),
+    ("png", b"", ["empty"]),
+    ("16UC1; compressedDepth png", b"\x00" * 20, ["depth"]),
+    ("webp2000", b"\x00" * 20, ["unsupported", "jpeg, png"]),
+])
+def test_bad_compressed_images(fmt, data, words):
+    with pytest.raises(ImageDecodeError) as e:
+        ic.decode_compressed(fmt, data)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_truncated_jpeg_is_refused_or_decoded_to_the_right_size():
+    """OpenCV may decode a cut-off JPEG partially; it must never come back with another size."""
+    rgb = _known_rgb()
+    data = ic.encode_compressed(rgb, "jpeg")
+    try:
+        out = ic.decode_compressed("jpeg", data[: len(data) // 3])
+    except ImageDecodeError:
+        return
+    assert out.shape == rgb.shape
+
+
+def test_message_helpers_accept_array_data():
+    """rclpy gives uint8[] fields as array('B'); the helpers work on any object with the fields."""
+    import array
+
+    class Msg:  # the attributes of sensor_msgs/Image that the helpers read and write
+        pass
+
+    rgb = _known_rgb()
+    msg = ic.fill_image_msg(Msg(), ic.rgb_to_fields(rgb))
+    assert isinstance(msg.data, array.array) and msg.data.typecode == "B"
+    assert np.array_equal(ic.image_to_rgb(msg), rgb)
+    msg.encoding = "32FC1"  # rgb8 data: wrong for it with or without cv_bridge
+    with pytest.raises(ImageDecodeError, match="32FC1"):
+        ic.image_to_rgb(msg)

@@ -1,0 +1,467 @@
+"""The tracking node over real rclpy and Fast DDS: frames in, label images and objects out.
+
+Needs the ROS 2 wheels and the built interfaces (scripts/setup_ros.sh). Each test session uses
+its own DDS domain (from the pid) so parallel runs on one machine do not hear each other.
+"""
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy", reason="ROS 2 not installed: run scripts/setup_ros.sh")
+from rclpy.context import Context  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+
+from hqsmem_ros.msg import ObjectPrompt, ObjectPromptArray, TrackedObjectArray  # noqa: E402
+from hqsmem_ros.ros import image_codec as ic  # noqa: E402
+from hqsmem_ros.ros.node import HQSMemNode  # noqa: E402
+from hqsmem_ros.srv import AddObjects, RemoveObjects, Reset  # noqa: E402
+
+DOMAIN_ID = 1 + os.getpid() % 200  # 1..200, away from the default domain 0
+W, H = 160, 120
+
+
+def _scene(k):
+    """Frame k: textured background, a red square moving right and a blue disc moving down."""
+    yy, xx = np.mgrid[0:H, 0:W]
+    rgb = np.stack([(xx * 7 + yy * 3) % 64 + 60, (xx * 3 + yy * 5) % 64 + 60,
+                    (xx * 5 + yy * 7) % 64 + 60], -1).astype(np.uint8)
+    labels = np.zeros((H, W), np.uint16)
+    x0 = 20 + 2 * k
+    labels[40:80, x0:x0 + 40] = 1
+    disc = (xx - 110) ** 2 + (yy - (30 + k)) ** 2 < 18 ** 2
+    labels[disc] = 2
+    rgb[labels == 1] = (220, 40, 40)
+    rgb[labels == 2] = (40, 60, 230)
+    return rgb, labels
+
+
+class Harness:
+    """One rclpy context on a private domain: the node under test plus a client node."""
+
+    def __init__(self, overrides=(), name="hqsmem_node"):
+        self.ctx = Context()
+        rclpy.init(context=self.ctx, domain_id=DOMAIN_ID)
+        self.node = HQSMemNode(name, context=self.ctx, parameter_overrides=[
+            Parameter(k, value=v) for k, v in dict(overrides).items()])
+        self.client = rclpy.create_node("test_client", context=self.ctx)
+        self.executor = MultiThreadedExecutor(num_threads=4, context=self.ctx)
+        self.executor.add_node(self.node)
+        self.executor.add_node(self.client)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+        self.results, self.masks, self.diags = [], [], []
+        self.cv = threading.Condition()
+        ns = f"/{name}"
+        self.client.create_subscription(TrackedObjectArray, f"{ns}/objects", self._on(self.results), 50)
+        self.client.create_subscription(Image, f"{ns}/masks", self._on(self.masks), 50)
+        self.client.create_subscription(DiagnosticArray, "/diagnostics", self._on(self.diags), 50)
+        qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        self.image_pub = self.client.create_publisher(Image, "image", qos)
+        self.compressed_pub = self.client.create_publisher(CompressedImage, "image/compressed", qos)
+        self.prompt_pub = self.client.create_publisher(ObjectPromptArray, f"{ns}/prompts", 10)
+        self.add = self.client.create_client(AddObjects, f"{ns}/add_objects")
+        self.remove = self.client.create_client(RemoveObjects, f"{ns}/remove_objects")
+        self.reset = self.client.create_client(Reset, f"{ns}/reset")
+        self.param_client = self.client.create_client(
+            __import__("rcl_interfaces.srv", fromlist=["SetParameters"]).SetParameters,
+            f"{ns}/set_parameters")
+        for c in (self.add, self.remove, self.reset, self.param_client):
+            assert c.wait_for_service(timeout_sec=10), c.srv_name
+        self.wait_for(lambda: self.image_pub.get_subscription_count() > 0
+                      or self.compressed_pub.get_subscription_count() > 0, "discovery")
+        self.wait_for(lambda: self.node.count_publishers(f"{ns}/objects") and
+                      self.objects_matched(), "objects subscription match")
+
+    def objects_matched(self):
+        return self.node.objects_pub.get_subscription_count() > 0 and self.node.masks_pub.get_subscription_count() > 0
+
+    def _on(self, store):
+        def cb(msg):
+            with self.cv:
+                store.append(msg)
+                self.cv.notify_all()
+        return cb
+
+    def wait_for(self, predicate, what, timeout=20.0):
+        end = time.monotonic() + timeout
+        with self.cv:
+            while not predicate():
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting for {what}")
+                self.cv.wait(min(left, 0.05))
+
+    def image_msg(self, rgb, stamp, encoding="rgb8"):
+        if encoding == "rgb8":
+            fields = ic.rgb_to_fields(rgb)
+        else:
+            fields = ic.encode_image(rgb[..., ::-1].copy(), "bgr8")
+        msg = ic.fill_image_msg(Image(), fields)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = int(stamp), int(round((stamp % 1) * 1e9))
+        msg.header.frame_id = "camera"
+        return msg
+
+    def send(self, msg, wait=True):
+        """Publish one frame; with wait, until the node has accounted for it."""
+        before = self.node.counters()
+        done_before = before["processed"] + sum(before["dropped"].values())
+        (self.compressed_pub if isinstance(msg, CompressedImage) else self.image_pub).publish(msg)
+        if wait:
+            self.wait_for(lambda: self._accounted() > done_before, "the frame to be processed or dropped")
+            if self.node.counters()["processed"] > before["processed"]:
+                stamp = (msg.header.stamp.sec, msg.header.stamp.nanosec)
+                self.wait_for(lambda: any((r.header.stamp.sec, r.header.stamp.nanosec) == stamp
+                                          for r in self.results), "the result to arrive")
+
+    def _accounted(self):
+        c = self.node.counters()
+        return c["processed"] + sum(c["dropped"].values())
+
+    def call(self, client, request, timeout=20.0):
+        future = client.call_async(request)
+        end = time.monotonic() + timeout
+        while not future.done():
+            assert time.monotonic() < end, f"no answer from {client.srv_name}"
+            time.sleep(0.01)
+        return future.result()
+
+    def set_params(self, **values):
+        from rcl_interfaces.srv import SetParameters
+        req = SetParameters.Request()
+        req.parameters = [Parameter(k, value=v).to_parameter_msg() for k, v in values.items()]
+        return self.call(self.param_client, req).results
+
+    def close(self):
+        self.node.stop()
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.client.destroy_node()
+        rclpy.shutdown(context=self.ctx)
+        self.thread.join(timeout=5)
+
+
+def _prompt(oid=0, labels=None, label_value=None, box=None, text=""):
+    p = ObjectPrompt()
+    p.id = oid
+    p.label = text
+    if labels is not None:
+        m = (labels == label_value).astype(np.uint8) * 255
+        ic.fill_image_msg(p.mask, ic.encode_image(m, "mono8"))
+    if box is not None:
+        p.has_box = True
+        p.x_min, p.y_min, p.x_max, p.y_max = (float(v) for v in box)
+    return p
+
+
+@pytest.fixture
+def harness():
+    made = []
+
+    def make(**overrides):
+        h = Harness(overrides)
+        made.append(h)
+        return h
+    yield make
+    for h in made:
+        h.close()
+
+
+def _by_stamp(results, stamp):
+    sec, nsec = int(stamp), int(round((stamp % 1) * 1e9))
+    return [r for r in results if (r.header.stamp.sec, r.header.stamp.nanosec) == (sec, nsec)]
+
+
+def test_frames_in_label_images_and_objects_out(harness):
+    h = harness()
+    rgb0, labels0 = _scene(0)
+    h.prompt_pub.publish(ObjectPromptArray(prompts=[
+        _prompt(0, labels0, 1, text="red box"), _prompt(0, labels0, 2)]))
+    h.wait_for(lambda: len(h.node._requests) == 1, "the topic prompt to be queued")
+    stamps = [100.0 + k / 30 for k in range(6)]
+    for k, stamp in enumerate(stamps):
+        h.send(h.image_msg(_scene(k)[0], stamp, "bgr8" if k % 2 else "rgb8"))
+    h.wait_for(lambda: len(h.masks) >= len(stamps), "all label images")
+    ids = None
+    for k, stamp in enumerate(stamps):
+        (objs,) = _by_stamp(h.results, stamp)
+        (mask,) = _by_stamp(h.masks, stamp)
+        assert mask.header.frame_id == objs.header.frame_id == "camera"
+        assert (mask.encoding, mask.width, mask.height) == ("mono16", W, H)
+        assert (objs.width, objs.height) == (W, H)
+        label = ic.mask_from_msg(mask)
+        got_ids = [o.id for o in objs.objects]
+        ids = ids or got_ids
+        assert got_ids == ids and len(ids) == 2, got_ids  # the same two ids on every frame
+        assert set(np.unique(label)) <= {0, *ids}
+        truth = _scene(k)[1]
+        for o, true_value in zip(objs.objects, (1, 2)):
+            pred = label == o.id
+            iou = (pred & (truth == true_value)).sum() / max(1, (pred | (truth == true_value)).sum())
+            assert iou > 0.7, (k, o.id, iou)
+            assert o.visible and o.area == int(pred.sum())
+            ys, xs = np.nonzero(pred)
+            assert (o.x_min, o.y_min, o.x_max, o.y_max) == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            assert abs(o.centroid_x - xs.mean()) < 0.01 and abs(o.centroid_y - ys.mean()) < 0.01
+    assert ids == [1, 2]  # fresh ids start at 1
+    assert [o.label for o in h.results[-1].objects] == ["red box", ""]
+    frame_indices = [r.frame_index for r in h.results]
+    assert frame_indices == sorted(frame_indices)
+    c = h.node.counters()
+    assert c["received"] == len(stamps) == c["processed"] and not c["dropped"]
+
+
+def test_services_add_remove_reset_and_ids_are_never_reused(harness):
+    h = harness()
+    rgb0, labels0 = _scene(0)
+    h.send(h.image_msg(rgb0, 1.0))  # a frame with no objects yet
+    assert h.results[-1].objects == []
+
+    # add by box with a requested id; the service answers once a frame applied it
+    future = h.add.call_async(AddObjects.Request(prompts=[_prompt(5, box=(20, 40, 60, 80))]))
+    rgb1, _ = _scene(1)
+    h.send(h.image_msg(rgb1, 2.0), wait=False)
+    h.wait_for(future.done, "add_objects answer")
+    res = future.result()
+    assert res.success and list(res.ids) == [5], res.message
+    assert "frame" in res.message
+
+    # id 0 -> a fresh id; a mask prompt
+    future = h.add.call_async(AddObjects.Request(prompts=[_prompt(0, _scene(2)[1], 2)]))
+    h.send(h.image_msg(_scene(2)[0], 3.0), wait=False)
+    h.wait_for(future.done, "add_objects answer")
+    assert future.result().success and list(future.result().ids) == [6]
+    h.wait_for(lambda: _by_stamp(h.results, 3.0), "result of frame 3")
+    assert [o.id for o in _by_stamp(h.results, 3.0)[0].objects] == [5, 6]
+
+    # remove 5: the other object keeps its id and track
+    future = h.remove.call_async(RemoveObjects.Request(ids=[5]))
+    h.send(h.image_msg(_scene(3)[0], 4.0), wait=False)
+    h.wait_for(future.done, "remove_objects answer")
+    assert future.result().success and list(future.result().removed_ids) == [5]
+    h.wait_for(lambda: _by_stamp(h.results, 4.0), "result of frame 4")
+    (after,) = _by_stamp(h.results, 4.0)
+    assert [o.id for o in after.objects] == [6] and after.objects[0].visible
+
+    # a removed id is refused with a reason; unknown ids cannot be removed
+    res = h.call(h.add, AddObjects.Request(prompts=[_prompt(5, box=(20, 40, 60, 80))]))
+    assert not res.success and "never reused" in res.message
+    res = h.call(h.remove, RemoveObjects.Request(ids=[42]))
+    assert not res.success and "42" in res.message and list(res.removed_ids) == []
+    res = h.call(h.add, AddObjects.Request(prompts=[_prompt(9, box=(1, 1, 20, 20)), _prompt(9, box=(30, 30, 50, 50))]))
+    assert not res.success and "twice" in res.message
+
+    # reset retires the tracked ids; the next fresh id is new
+    res = h.call(h.reset, Reset.Request())
+    assert res.success and list(res.cleared_ids) == [6]
+    h.send(h.image_msg(_scene(4)[0], 5.0))
+    assert _by_stamp(h.results, 5.0)[0].objects == []
+    future = h.add.call_async(AddObjects.Request(prompts=[_prompt(0, box=(28, 40, 68, 80))]))
+    h.send(h.image_msg(_scene(4)[0], 6.0), wait=False)
+    h.wait_for(future.done, "add_objects answer")
+    assert list(future.result().ids) == [7]
+    assert h.node.counters()["bad_requests"] == {"~/add_objects": 2, "~/remove_objects": 1}
+
+
+def test_add_objects_without_frames_times_out_cleanly(harness):
+    h = harness(service_timeout=0.3)
+    res = h.call(h.add, AddObjects.Request(prompts=[_prompt(0, box=(1, 1, 30, 30))]))
+    assert not res.success and "no camera frame" in res.message
+    assert not h.node._requests  # withdrawn: a later frame does not apply it
+    h.send(h.image_msg(_scene(0)[0], 1.0))
+    assert h.results[-1].objects == []
+
+
+@pytest.mark.parametrize("make_bad,reason", [
+    (lambda m: setattr(m, "encoding", "rgb16"), "unsupported image encoding 'rgb16'"),
+    (lambda m: setattr(m, "step", m.step - 1), "step"),
+    (lambda m: setattr(m, "data", m.data[:-100]), "truncated"),
+])
+def test_bad_images_are_dropped_with_a_reason_and_the_node_goes_on(harness, make_bad, reason):
+    h = harness()
+    bad = h.image_msg(_scene(0)[0], 1.0)
+    make_bad(bad)
+    h.send(bad)
+    c = h.node.counters()
+    assert c["dropped"] == {"bad_image": 1} and c["processed"] == 0
+    assert reason in h.node._last_error
+    h.send(h.image_msg(_scene(1)[0], 2.0))  # the next good frame is processed
+    assert h.node.counters()["processed"] == 1
+    # diagnostics report the drop with its reason
+    h.wait_for(lambda: any(any(kv.key == "dropped.bad_image" for kv in d.status[0].values) for d in h.diags),
+               "diagnostics with the drop")
+    d = next(d for d in h.diags if any(kv.key == "dropped.bad_image" for kv in d.status[0].values))
+    values = {kv.key: kv.value for kv in d.status[0].values}
+    assert values["dropped.bad_image"] == "1" and values["frames_received"] in ("1", "2")
+    assert "latency_ms.track" in values or values["frames_processed"] == "0"
+    assert {"memory_size", "memory_capacity", "device", "tracker", "refiner", "features"} <= set(values)
+
+
+def test_compressed_input_and_corrupt_data(harness):
+    h = harness(input_type="compressed")
+    rgb, _ = _scene(0)
+    good = CompressedImage(format="png", data=ic.encode_compressed(rgb, "png"))
+    good.header.stamp.sec = 1
+    bad = CompressedImage(format="jpeg", data=b"\xff\xd8\xff\xe0garbage" * 10)
+    bad.header.stamp.sec = 2
+    h.send(bad)
+    assert "corrupt" in h.node._last_error
+    good2 = CompressedImage(format="png", data=good.data)
+    good2.header.stamp.sec = 3
+    h.send(good)
+    h.send(good2)
+    c = h.node.counters()
+    assert c["processed"] == 2 and c["dropped"] == {"bad_image": 1}
+
+
+def test_bad_prompts_are_refused_and_tracking_continues(harness):
+    h = harness()
+    h.send(h.image_msg(_scene(0)[0], 1.0))
+    # out-of-image box (the frame size is known only when applying): refused, frame processed
+    future = h.add.call_async(AddObjects.Request(prompts=[_prompt(0, box=(500, 500, 600, 600))]))
+    h.send(h.image_msg(_scene(1)[0], 2.0), wait=False)
+    h.wait_for(future.done, "add_objects answer")
+    assert not future.result().success and "outside" in future.result().message
+    h.wait_for(lambda: _by_stamp(h.results, 2.0), "frame 2 result despite the bad prompt")
+    # empty box, mask of the wrong size and wrong encoding: refused before any frame
+    for prompt, words in [
+        (_prompt(0, box=(10, 10, 10, 30)), "empty"),
+        (_prompt(3, np.zeros((10, 10), np.uint16) + 3, 3), "10x10"),
+    ]:
+        future = h.add.call_async(AddObjects.Request(prompts=[prompt]))
+        h.send(h.image_msg(_scene(2)[0], 3.0 + len(h.results)), wait=False)
+        h.wait_for(future.done, "answer")
+        assert not future.result().success and words in future.result().message, future.result().message
+    p = _prompt(0, box=(10, 10, 30, 30))
+    ic.fill_image_msg(p.mask, ic.encode_image(np.zeros((H, W, 3), np.uint8), "rgb8"))
+    res = h.call(h.add, AddObjects.Request(prompts=[p]))
+    assert not res.success and "mask encoding 'rgb8'" in res.message
+
+
+def test_parameters_validated_and_unsafe_changes_refused(harness):
+    h = harness()
+    ok, = h.set_params(**{"pipeline.tau_verify": 0.5})
+    assert ok.successful
+    h.send(h.image_msg(_scene(0)[0], 1.0))  # applied between frames
+    assert h.node.pipeline.config.tau_verify == 0.5
+    bad, = h.set_params(**{"pipeline.tau_verify": 2.0})
+    assert not bad.successful and "tau_verify" in bad.reason
+    fixed, = h.set_params(**{"pipeline.tracker.type": "other"})
+    assert not fixed.successful and ("read-only" in fixed.reason.lower() or "restart" in fixed.reason)
+    fixed, = h.set_params(**{"pipeline.memory_capacity": 3})
+    assert not fixed.successful
+    wrong, = h.set_params(overlay_alpha=3.0)
+    assert not wrong.successful
+    assert h.node.get_parameter("overlay_alpha").value == 0.5
+    assert h.node.pipeline.config.memory_capacity == 8
+
+
+def test_invalid_startup_parameters_name_the_parameter():
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    try:
+        for overrides, words in [({"pipeline.tau_verify": 7.0}, "tau_verify"),
+                                 ({"input_type": "mjpeg"}, "input_type"),
+                                 ({"initial_mask": "/nonexistent/m.png"}, "/nonexistent/m.png")]:
+            with pytest.raises(ValueError) as e:
+                HQSMemNode(context=ctx, parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
+            assert words in str(e.value)
+    finally:
+        rclpy.shutdown(context=ctx)
+
+
+def test_drop_accounting_under_a_burst(harness):
+    h = harness(qos_reliability="reliable", qos_depth=100)
+    _, labels0 = _scene(0)
+    h.prompt_pub.publish(ObjectPromptArray(prompts=[_prompt(0, labels0, 1), _prompt(0, labels0, 2)]))
+    h.wait_for(lambda: len(h.node._requests) == 1, "the prompt to be queued")
+    n = 40
+    for k in range(n):  # as fast as possible: the node must keep only the newest frame
+        h.send(h.image_msg(_scene(k % 20)[0], 10.0 + k / 30), wait=False)
+    h.wait_for(lambda: h.node.counters()["received"] == n, "all frames to arrive")
+    h.wait_for(lambda: h._accounted() == n, "every frame to be accounted for")
+    c = h.node.counters()
+    h.wait_for(lambda: len(h.results) == c["processed"], "all results")
+    assert c["processed"] + c["dropped"].get("replaced", 0) == n
+    assert set(c["dropped"]) <= {"replaced"}
+    stamps = [r.header.stamp.sec + r.header.stamp.nanosec * 1e-9 for r in h.results]
+    assert stamps == sorted(stamps)  # newest-first never reorders frames
+    assert abs(stamps[-1] - (10.0 + (n - 1) / 30)) < 1e-6  # the last frame always gets a result
+
+
+def test_stamps_going_back_reset_and_reseed_from_initial_mask(harness, tmp_path):
+    from PIL import Image as PILImage
+    rgb0, labels0 = _scene(0)
+    png = tmp_path / "00000.png"
+    PILImage.fromarray((labels0 * 3).astype(np.uint8)).save(png)  # ids 3 and 6
+    h = harness(initial_mask=str(png))
+    for k, stamp in enumerate([50.0, 50.1, 50.2]):
+        h.send(h.image_msg(_scene(k)[0], stamp))
+    assert [o.id for o in h.results[0].objects] == [3, 6]
+    h.send(h.image_msg(rgb0, 10.0))  # the bag looped
+    c = h.node.counters()
+    assert c["resets"] == 1 and c["processed"] == 4 and not c["dropped"]
+    new_ids = [o.id for o in _by_stamp(h.results, 10.0)[0].objects]
+    assert len(new_ids) == 2 and not set(new_ids) & {3, 6}  # seeded again, with fresh ids
+
+
+def test_hqsmem_node_process_with_config_file_and_ros_args(tmp_path):
+    """The node as its own process (`hqsmem node` / the demo): --config plus -p overrides."""
+    import signal
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hqsmem_ros.ros.main", "--config", os.path.join(root, "config", "track.yaml"),
+         "--ros-args", "-r", "__node:=proc_node", "-p", "qos_reliability:=reliable",
+         "-p", "pipeline.tau_verify:=0.8"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    node = rclpy.create_node("proc_client", context=ctx)
+    got = []
+    node.create_subscription(TrackedObjectArray, "/proc_node/objects", got.append, 10)
+    pub = node.create_publisher(Image, "image", 10)
+    prompts = node.create_publisher(ObjectPromptArray, "/proc_node/prompts", 10)
+    try:
+        end = time.monotonic() + 30
+        while (pub.get_subscription_count() == 0 or node.count_publishers("/proc_node/objects") == 0
+               or prompts.get_subscription_count() == 0):
+            assert time.monotonic() < end and proc.poll() is None, "node process did not come up"
+            time.sleep(0.05)
+        _spin_some(node, ctx, 0.5)  # let the matches settle both ways
+        _, labels0 = _scene(0)
+        prompts.publish(ObjectPromptArray(prompts=[_prompt(0, labels0, 1)]))
+        _spin_some(node, ctx, 0.3)
+        h = Harness.__new__(Harness)  # only for image_msg()
+        sent = 0
+        while len(got) < 3:
+            assert time.monotonic() < end, f"only {len(got)} results from the node process"
+            pub.publish(h.image_msg(_scene(sent % 20)[0], 5.0 + sent))
+            sent += 1
+            _spin_some(node, ctx, 0.3)
+        assert any(o.id == 1 for r in got for o in r.objects)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+    assert proc.returncode == 0, out
+    assert "reliable" in out and "stopped:" in out, out
+
+
+def _spin_some(node, ctx, seconds):
+    from rclpy.executors import SingleThreadedExecutor
+    ex = SingleThreadedExecutor(context=ctx)
+    ex.add_node(node)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        ex.spin_once(timeout_sec=0.05)
+    ex.remove_node(node)
