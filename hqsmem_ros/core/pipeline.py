@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from . import registry
-from .config import PipelineConfig, load_config
+from .config import ConfigError, PipelineConfig, load_config
 from .gating import select_proposals
 from .interfaces import BaseTracker, FeatureExtractor, Masks, Refiner
 from .smart_memory import SmartMemory
@@ -116,6 +116,29 @@ class HQSMemPipeline:
         self._last_candidate_frame: Optional[int] = None
         self._last_candidate_stamp: Optional[float] = None
         self._last_stamp: Optional[float] = None
+
+    # Keys the loop reads afresh on every frame: safe to change between two frames.
+    RUNTIME_KEYS = frozenset({"refine", "teacher_forcing", "tau_verify", "tau_memory", "memory_lambda",
+                              "memory_interval", "memory_interval_s", "min_refine_area", "sequence_length"})
+
+    def update_config(self, config) -> None:
+        """Apply a new config between two frames; only RUNTIME_KEYS may differ.
+
+        Models, device, memory capacity and processing size are fixed for a pipeline's life:
+        changing them needs a new pipeline.
+        """
+        new = load_config(config)
+        old, fresh = self.config.to_dict(), new.to_dict()
+        fixed = sorted(k for k in old if old[k] != fresh[k] and k not in self.RUNTIME_KEYS)
+        if fixed:
+            raise ConfigError(f"cannot change {', '.join(fixed)} while running; only "
+                              f"{', '.join(sorted(self.RUNTIME_KEYS))} can change")
+        if new.use_smart_memory != self.config.use_smart_memory:
+            raise ConfigError("cannot switch smart memory on or off while running")
+        self.config = new
+        if self.memory is not None:
+            self.memory.lam = float(new.memory_lambda)
+            self.memory.tau = float(new.tau_memory)
 
     @property
     def object_ids(self) -> List[int]:

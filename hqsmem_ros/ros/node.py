@@ -74,8 +74,7 @@ NODE_PARAMS: Dict[str, _NodeParam] = {
 }
 
 # Pipeline keys (parameters "pipeline.<key>") that are safe to change between two frames.
-RUNTIME_PIPELINE_KEYS = {"refine", "teacher_forcing", "tau_verify", "tau_memory", "memory_lambda",
-                         "memory_interval", "memory_interval_s", "min_refine_area", "sequence_length"}
+RUNTIME_PIPELINE_KEYS = HQSMemPipeline.RUNTIME_KEYS
 COMPONENT_KEYS = ("tracker", "refiner", "features")
 
 
@@ -305,11 +304,12 @@ class HQSMemNode(Node):
 
     def _apply_config(self, cfg: PipelineConfig) -> None:
         """Between two frames: thresholds and switches the pipeline reads on every frame."""
-        self.pipeline.config = cfg
+        try:
+            self.pipeline.update_config(cfg)
+        except ConfigError as exc:  # validated in the parameter callback; kept as a safety net
+            self._note_error(f"parameter change not applied: {exc}")
+            return
         self.config = cfg
-        if self.pipeline.memory is not None:
-            self.pipeline.memory.lam = float(cfg.memory_lambda)
-            self.pipeline.memory.tau = float(cfg.tau_memory)
         self.get_logger().info("pipeline parameters updated")
 
     # ---------------------------------------------------------------- initial mask
