@@ -225,3 +225,24 @@ def test_memory_bounded_on_a_long_stream():
         sizes.append(len(p.process(f, prompts=prompts).memory_frames))
     assert max(sizes) == 4
     assert p.memory.pinned_frames == [0]
+
+
+def test_runtime_config_changes(translate):
+    frames, labels = translate
+    p = HQSMemPipeline({"tau_verify": 0.95})
+    p.process(frames[0], prompts=_first_prompts(labels[0]))
+    p.update_config(p.config.replace(tau_verify=0.5, memory_interval=3, tau_memory=0.7))
+    assert p.config.tau_verify == 0.5 and p.memory.tau == 0.7
+    for key, value in (("memory_capacity", 3), ("tracker", {"type": "flow", "flow_weight": 1.0}),
+                       ("process_max_side", 128), ("smart_memory", False)):
+        with pytest.raises(ConfigError, match="cannot"):
+            p.update_config(p.config.replace(**{key: value}))
+    assert p.process(frames[1]).frame == 1
+
+
+def test_process_max_side_zero_keeps_the_input_size(translate):
+    frames, labels = translate
+    p = HQSMemPipeline({"process_max_side": 0})
+    r = p.process(frames[0], prompts=_first_prompts(labels[0]))
+    assert p._work_wh == (frames[0].shape[1], frames[0].shape[0])
+    assert np.array_equal(r.label_map(), labels[0])

@@ -59,8 +59,8 @@ class PipelineConfig:
     # Objects whose coarse mask is smaller than this (pixels) are not sent to the refiner.
     min_refine_area: int = 16
     # Processing resolution: frames are downscaled so their longer side is at most this many
-    # pixels before the models see them; masks are scaled back to the input size. None = input
-    # size (neural models do their own resizing).
+    # pixels before the models see them; masks are scaled back to the input size. 0 (or None)
+    # = input size (neural models do their own resizing).
     process_max_side: Optional[int] = 384
 
     # -- construction -----------------------------------------------------------------------
@@ -128,8 +128,10 @@ class PipelineConfig:
         _int_at_least("memory_capacity", self.memory_capacity, 1)
         _int_at_least("memory_interval", self.memory_interval, 1)
         _int_at_least("min_refine_area", self.min_refine_area, 0)
-        if self.process_max_side is not None:
+        if self.process_max_side:
             _int_at_least("process_max_side", self.process_max_side, 32)
+        elif self.process_max_side is not None:
+            _int_at_least("process_max_side", self.process_max_side, 0)
         if self.sequence_length is not None:
             _int_at_least("sequence_length", self.sequence_length, 1)
         _number_in("memory_lambda", self.memory_lambda, 0.0, math.inf)
