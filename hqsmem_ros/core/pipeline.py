@@ -99,6 +99,8 @@ class HQSMemPipeline:
         self.refiner = refiner or registry.build("refiner", c.refiner, c.device, c.precision)
         self.features = features or registry.build("features", c.features, c.device, c.precision)
         self.memory = SmartMemory(c.memory_capacity, c.memory_lambda, c.tau_memory) if c.use_smart_memory else None
+        if hasattr(self.tracker, "set_memory_policy"):  # trackers with an own rule to fall back on (SAM2)
+            self.tracker.set_memory_policy(self.memory is not None, c.memory_capacity)
         self.reset()
 
     # -- state --------------------------------------------------------------------------------

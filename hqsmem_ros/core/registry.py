@@ -14,9 +14,11 @@ from .config import ConfigError
 TRACKERS: Dict[str, str] = {
     "flow": "hqsmem_ros.models.flow_tracker:FlowTracker",
     "deaot": "hqsmem_ros.models.deaot:DeAOTTracker",
+    "sam2": "hqsmem_ros.models.sam2_tracker:SAM2Tracker",
 }
 REFINERS: Dict[str, str] = {
     "color": "hqsmem_ros.models.color_refiner:ColorBoxRefiner",
+    "watershed": "hqsmem_ros.models.watershed_refiner:WatershedRefiner",
     "sam_hq": "hqsmem_ros.models.sam_hq:SamHQRefiner",
 }
 FEATURES: Dict[str, str] = {
