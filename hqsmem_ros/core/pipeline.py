@@ -27,6 +27,7 @@ from . import registry
 from .config import ConfigError, PipelineConfig, load_config
 from .gating import select_proposals
 from .interfaces import BaseTracker, FeatureExtractor, Masks, Refiner
+from .masks import mask_box
 from .smart_memory import SmartMemory
 
 
@@ -78,14 +79,6 @@ def _resize_mask(mask: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
         return mask
     up = cv2.resize(mask.astype(np.uint8) * 255, size_wh, interpolation=cv2.INTER_LINEAR)
     return up > 127
-
-
-def _box_of(mask: np.ndarray):
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 class HQSMemPipeline:
@@ -306,7 +299,7 @@ class HQSMemPipeline:
         if mode != "off" and to_refine:
             if not refiner_ready:
                 self.refiner.set_image(small)
-            boxes = np.array([_box_of(coarse[i]) for i in to_refine], dtype=np.float64)
+            boxes = np.array([mask_box(coarse[i]) for i in to_refine], dtype=np.float64)
             if getattr(self.refiner, "accepts_mask_hint", False):
                 props, pscores = self.refiner.propose(boxes, masks=np.stack([coarse[i] for i in to_refine]))
             else:
@@ -408,14 +401,14 @@ class HQSMemPipeline:
         masks: Masks = {}
         objects: List[TrackedObject] = []
         for oid in sorted(full):
-            box = _box_of(full[oid])
+            box = mask_box(full[oid])
             if box is None:
                 m = np.zeros((H, W), bool)
             else:
                 x0, y0, x1, y1 = box
                 m = np.zeros((H, W), bool)
                 m[y0:y1, x0:x1] = label[y0:y1, x0:x1] == oid
-                box = _box_of(m)
+                box = mask_box(m)
             masks[oid] = m
             if box is None:
                 objects.append(TrackedObject(oid, (0, 0, 0, 0), 0.0, False, False, 0, (float("nan"), float("nan"))))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..core.masks import mask_box  # noqa: F401  (re-exported for the models)
+
 Y_BINS, C_BINS = 4, 16
 N_COLOR_BINS = Y_BINS * C_BINS * C_BINS
 
@@ -28,15 +30,6 @@ def histogram(index: np.ndarray, mask: np.ndarray, bins: int = N_COLOR_BINS) -> 
         return np.zeros(bins, np.float32)
     h = np.bincount(vals, minlength=bins).astype(np.float32)
     return h / vals.size
-
-
-def mask_box(mask: np.ndarray):
-    """Tight (x0, y0, x1, y1) box of a bool mask, exclusive ends; None if empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 def expand_box(box, margin: float, min_margin: int, width: int, height: int):
