@@ -14,6 +14,8 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["hqsmem_ros", "hqsmem_ros.*"]),
     package_data={"hqsmem_ros": ["config/*.yaml"]},
+    # The .msg definitions, for reading/writing bags without a ROS build (hqsmem bag, rosbags).
+    data_files=[("share/hqsmem_ros/msg", sorted(__import__("glob").glob("msg/*.msg")))],
     python_requires=">=3.10",
     install_requires=[
         "numpy>=1.23",
@@ -26,8 +28,8 @@ setup(
         # The paper's neural models. torch is not pinned: Jetsons bring NVIDIA's own wheels.
         "models": ["torch>=2.1", "torchvision", "timm>=0.9", "segment-anything-hq>=0.3", "safetensors"],
         "bag": ["rosbags>=0.10"],
-        "plots": ["matplotlib>=3.6"],
-        "test": ["pytest>=7", "rosbags>=0.10", "matplotlib>=3.6"],
+        "plots": ["matplotlib>=3.7"],
+        "test": ["pytest>=7", "rosbags>=0.10", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["hqsmem=hqsmem_ros.cli:main"]},
 )

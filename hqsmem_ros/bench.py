@@ -6,6 +6,7 @@ so their ratio is meaningful on a noisy machine. Frame generation is outside the
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Dict, Optional
 
@@ -38,6 +39,11 @@ def _run(cfg, frames_iter, n_frames: int, checkpoints=(1000, 10000)) -> Dict:
     memory_sizes = []
     rss_at = {}
     peak_rss = proc.memory_info().rss
+    # Per-frame series for plots (eval/plots.py plot_memory), about 200 samples, outside the timing.
+    series = {"frame": [], "memory_bank": [], "memory_mb": [], "rss_mb": [], "gpu_mb": []}
+    step = max(1, n_frames // 200)
+    torch = sys.modules.get("torch")
+    cuda = torch is not None and torch.cuda.is_available()
     for k, (image, label) in enumerate(frames_iter):
         prompts = None
         if k == 0:
@@ -49,6 +55,13 @@ def _run(cfg, frames_iter, n_frames: int, checkpoints=(1000, 10000)) -> Dict:
             for name, sec in result.timings.items():
                 stages[name] = stages.get(name, 0.0) + sec
         memory_sizes.append(len(result.memory_frames))
+        if k % step == 0 or k + 1 == n_frames:
+            series["frame"].append(k + 1)
+            series["memory_bank"].append(len(result.memory_frames))
+            series["memory_mb"].append(pipeline.tracker.memory_bytes() / 2**20)
+            series["rss_mb"].append(proc.memory_info().rss / 2**20)
+            if cuda:
+                series["gpu_mb"].append(torch.cuda.memory_allocated() / 2**20)
         if (k + 1) % 100 == 0 or k + 1 in checkpoints or k + 1 == n_frames:
             rss = proc.memory_info().rss
             peak_rss = max(peak_rss, rss)
@@ -65,6 +78,7 @@ def _run(cfg, frames_iter, n_frames: int, checkpoints=(1000, 10000)) -> Dict:
         "memory_bank_max": int(max(memory_sizes)),
         "memory_bank_final": int(memory_sizes[-1]),
         "memory_bank_over_frames": memory_sizes[:: max(1, len(memory_sizes) // 50)],
+        "series": {k: v for k, v in series.items() if v},
         "stats": {k: v for k, v in pipeline.stats().items() if k != "memory_frames"},
     }
 
@@ -98,8 +112,10 @@ def run_bench(size=(640, 480), objects: int = 3, frames: int = 300, config=None,
     def stream():
         return iter_frames(seed=seed, size=tuple(size), frames=frames, n_objects=objects)
 
-    base = _run(base_cfg, stream(), frames)
+    # Full first: RSS never shrinks, so the base rule's growth would otherwise hide whether the
+    # full pipeline's memory stays flat.
     full = _run(cfg, stream(), frames)
+    base = _run(base_cfg, stream(), frames)
     gpu = {}
     import sys
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():

@@ -5,6 +5,7 @@
   hqsmem synth OUT_DIR --seed N
   hqsmem bench [--size WxH --objects N --frames F --json]
   hqsmem ablate DATA_DIR [--rows ...] [--json]
+  hqsmem bag IN_BAG OUT_BAG --image-topic TOPIC [--prompts FILE | --prompt-topic TOPIC]
   hqsmem node [--config FILE] [--ros-args ...]     (needs rclpy)
 """
 from __future__ import annotations
@@ -117,6 +118,10 @@ def cmd_bench(args) -> int:
     else:
         from .bench import format_report
         print(format_report(report))
+    if args.plot:
+        from .eval.plots import plot_bench
+        for p in plot_bench(report, args.plot):
+            print(f"wrote {p}", file=sys.stderr)
     return 0
 
 
@@ -125,6 +130,27 @@ def cmd_ablate(args) -> int:
 
     result = run_ablation(args.data_dir, rows=args.rows, config=args.config)
     print(json.dumps(result) if args.json else format_ablation(result))
+    return 0
+
+
+def cmd_bag(args) -> int:
+    try:
+        from .bag import BagError, process_bag
+    except ImportError as exc:
+        raise CliError(f"hqsmem bag needs the rosbags library ({exc}); pip install rosbags")
+    from .prompts_file import PromptsFileError
+
+    try:
+        summary = process_bag(args.in_bag, args.out_bag, args.image_topic, prompts_file=args.prompts,
+                              prompt_topic=args.prompt_topic, config=args.config, overlay=args.overlay,
+                              overlay_alpha=args.overlay_alpha, storage=args.storage, ns=args.ns,
+                              exclude_topics=args.exclude_topic, progress=not args.quiet,
+                              io_threads={"auto": None, "on": True, "off": False}[args.io_threads],
+                              bench=args.bench,
+                              allow_random_weights=args.allow_random_weights)
+    except (BagError, PromptsFileError) as exc:
+        raise CliError(str(exc))
+    print(json.dumps(summary.to_dict()) if args.json else summary.format())
     return 0
 
 
@@ -176,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true",
                    help="build neural models with random weights (timing only; masks are meaningless)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="DIR", help="also write memory/latency plots and report.html to DIR")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("ablate", help="the paper's 5 ablation rows (J&F, VOTS Q, ...) on a folder of sequences")
@@ -184,6 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("bag", help="run the pipeline over a rosbag2 bag (mcap/sqlite3) and write an output bag")
+    p.add_argument("in_bag", help="bag folder, or a single .mcap/.db3 file")
+    p.add_argument("out_bag", help="output bag folder (must not exist)")
+    p.add_argument("--image-topic", required=True, help="sensor_msgs/Image or CompressedImage topic")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--prompts", metavar="PROMPTS.yaml", help="prompts file (docs/prompts.md)")
+    group.add_argument("--prompt-topic", metavar="TOPIC",
+                       help="hqsmem_ros/ObjectPromptArray topic in the bag; applied at their stamps")
+    p.add_argument("--config", help="pipeline YAML (default: built-in weight-free CPU pipeline)")
+    p.add_argument("--overlay", action="store_true", help="also write <ns>/overlay (rgb8)")
+    p.add_argument("--overlay-alpha", type=float, default=0.5)
+    p.add_argument("--storage", choices=["mcap", "sqlite3"], help="output storage (default: as the input)")
+    p.add_argument("--ns", default="/hqsmem_node", help="namespace of the output topics (the node's name)")
+    p.add_argument("--exclude-topic", action="append", default=[], metavar="TOPIC",
+                   help="input topic not to copy to the output (repeatable)")
+    p.add_argument("--bench", action="store_true",
+                   help="first run the pipeline alone over the frames, and report this run against it")
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="run a config whose models have random_weights: true (speed tests only)")
+    p.add_argument("--io-threads", choices=["auto", "on", "off"], default="auto",
+                   help="read/decode and encode/write in threads beside the pipeline (auto: with >= 4 cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_bag)
 
     sub.add_parser("node", help="run the ROS 2 node (arguments after 'node' go to it)", add_help=False)
     return ap

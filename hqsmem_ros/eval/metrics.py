@@ -249,6 +249,7 @@ class _SequenceAccumulator:
         self.gt_ids: set = set()
         self.pred_ids: set = set()
         self.missing: List[str] = []
+        self.names: List[str] = []
 
     def add(self, name: str, pred: Optional[np.ndarray], gt: np.ndarray, davis_frame: bool) -> None:
         gt = np.asarray(gt)
@@ -263,6 +264,7 @@ class _SequenceAccumulator:
         self.gt_ids.update(i for i, r in records.items() if r.present)
         self.pred_ids.update(i for i, r in records.items() if r.predicted)
         self.frames.append((davis_frame, records))
+        self.names.append(name)
 
     def result(self) -> Dict:
         objects = {}
@@ -274,6 +276,9 @@ class _SequenceAccumulator:
             entry = {"J": j_mean, "F": f_mean, "JF": (j_mean + f_mean) / 2, "J_recall": j_recall,
                      "J_decay": j_decay, "F_recall": f_recall, "F_decay": f_decay}
             entry.update(_vots_object(records))
+            # Per-frame values (for plots), one per entry of the sequence's ``frame_names``.
+            entry["iou_series"] = [r.iou for r in records]
+            entry["present_series"] = [r.present for r in records]
             objects[obj] = entry
         result = {key: _nanmean(o[key] for o in objects.values()) for key in DAVIS_KEYS + VOTS_KEYS}
         result["JF"] = (result["J"] + result["F"]) / 2
@@ -284,6 +289,7 @@ class _SequenceAccumulator:
             "n_davis_frames": sum(1 for davis, _ in self.frames if davis),
             "missing_predictions": len(self.missing),
             "missing_frames": list(self.missing),
+            "frame_names": list(self.names),
             "extra_pred_ids": sorted(self.pred_ids - self.gt_ids),
         })
         return result

@@ -1,0 +1,382 @@
+"""`hqsmem bag` on real rosbag2 files written here with `rosbags` (mcap and sqlite3, Image and
+CompressedImage): one masks and one objects message per image, stamps, ids, determinism, prompts
+(file and recorded topic) and bad input."""
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer  # a test dependency (setup.py extras "test")
+
+from hqsmem_ros.bag import make_typestore, read_outputs, verify_outputs
+from hqsmem_ros.cli import main
+from hqsmem_ros.core.pipeline import HQSMemPipeline, ObjectPrompt
+from hqsmem_ros.data.synth import make_sequence
+from hqsmem_ros.data.synth_bag import DEFAULT_START_NS, image_message, prompt_array_message, write_synthetic_bag
+from hqsmem_ros.eval.davis_io import write_label
+from hqsmem_ros.ros import image_codec
+
+SIZE = (160, 120)
+FRAMES = 20
+TOPIC = "/camera/image_raw"
+PERIOD = 33_333_333
+
+
+def hqsmem(capsys, *args):
+    """Run the CLI in this process; returns (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def bag_images(bag):
+    """[(bag time, header stamp ns)] of the image topic."""
+    store = make_typestore()
+    with Reader(bag) as reader:
+        conns = [c for c in reader.connections if c.topic == TOPIC]
+        return [(t, (m := store.deserialize_cdr(raw, c.msgtype)).header.stamp.sec * 10**9 + m.header.stamp.nanosec)
+                for c, t, raw in reader.messages(connections=conns)]
+
+
+def stamp_ns(msg):
+    return msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+
+
+def all_raw(bag):
+    with Reader(bag) as reader:
+        return [(c.topic, t, bytes(raw)) for c, t, raw in reader.messages()]
+
+
+def write_frames_bag(path, frames, storage="mcap", image_format="rgb8", stamps=None, extra=()):
+    """A bag of the given RGB frames (or raw bytes for a corrupt CompressedImage) on TOPIC.
+
+    `stamps`: header stamps (default: 30 Hz); bag time is always 30 Hz from the first stamp.
+    `extra`: [(topic, msgtype, bag time, message)] written too.
+    """
+    store = make_typestore()
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    bag_times = [DEFAULT_START_NS + k * PERIOD for k in range(len(frames))]
+    stamps = stamps or bag_times
+    with Writer(path, version=8, storage_plugin=plugin) as writer:
+        msgtype = "sensor_msgs/msg/CompressedImage" if image_format in ("jpeg", "png") else "sensor_msgs/msg/Image"
+        conn = writer.add_connection(TOPIC, msgtype, typestore=store)
+        others = {}
+        for topic, mtype, _, _ in extra:
+            if topic not in others:
+                others[topic] = writer.add_connection(topic, mtype, typestore=store)
+        pending = sorted(extra, key=lambda e: e[2])
+        for frame, stamp, bag_time in zip(frames, stamps, bag_times):
+            while pending and pending[0][2] <= bag_time:
+                topic, mtype, t, msg = pending.pop(0)
+                writer.write(others[topic], t, store.serialize_cdr(msg, mtype))
+            if isinstance(frame, bytes):  # a corrupt compressed image
+                _, msg = image_message(store, np.zeros((8, 8, 3), np.uint8), stamp, "jpeg")
+                msg.data = np.frombuffer(frame, np.uint8)
+            else:
+                _, msg = image_message(store, frame, stamp, image_format)
+            writer.write(conn, bag_time, store.serialize_cdr(msg, msgtype))
+    return stamps
+
+
+@pytest.fixture(scope="module")
+def scene():
+    frames, labels = make_sequence("bagtest", seed=3, size=SIZE, frames=FRAMES, n_objects=3, scenario="translate_scale")
+    return frames, labels
+
+
+def check_outputs(in_bag, out_bag, expect_ids=None):
+    """Every input image has exactly one masks and one objects message with its stamps; ids agree."""
+    images = bag_images(in_bag)
+    out = read_outputs(out_bag)
+    masks, objects = out["/hqsmem_node/masks"], out["/hqsmem_node/objects"]
+    assert [(t, stamp_ns(m)) for t, m in masks] == images
+    assert [(t, stamp_ns(m)) for t, m in objects] == images
+    for k, ((_, m), (_, o)) in enumerate(zip(masks, objects)):
+        assert m.encoding == "mono16" and m.header.frame_id == "camera" and o.header.frame_id == "camera"
+        label = image_codec.mask_from_msg(m)
+        assert label.shape == (o.height, o.width)
+        visible = {obj.id for obj in o.objects if obj.visible}
+        assert set(np.unique(label).tolist()) - {0} == visible, f"frame {k}"
+        for obj in o.objects:
+            if obj.visible:
+                assert obj.area == int((label == obj.id).sum())
+        assert o.frame_index == k
+        if expect_ids is not None:
+            assert sorted(obj.id for obj in o.objects) == expect_ids
+    return masks, objects
+
+
+@pytest.mark.parametrize("storage,image_format", [("mcap", "rgb8"), ("sqlite3", "jpeg"),
+                                                  ("mcap", "png"), ("sqlite3", "bgr8")])
+def test_every_image_gets_one_mask_and_one_objects_message(tmp_path, capsys, storage, image_format):
+    info = write_synthetic_bag(tmp_path / "in", FRAMES, SIZE, storage, image_format, n_objects=3, seed=1,
+                               scenario="translate_scale")
+    code, out, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out", "--image-topic", TOPIC,
+                            "--prompts", info["prompts_file"], "--overlay", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["frames_in"] == FRAMES and summary["results"] == FRAMES and summary["dropped_total"] == 0
+    assert summary["storage"] == storage
+    assert "frames/s" in err and "ETA" in err  # the progress line
+    masks, objects = check_outputs(tmp_path / "in", tmp_path / "out", expect_ids=[1, 2, 3])
+    assert verify_outputs(tmp_path / "out", TOPIC) == {"images": FRAMES, "masks": FRAMES, "objects": FRAMES,
+                                                      "problems": []}
+    assert [o.label for o in objects[0][1].objects] == ["object1", "object2", "object3"]
+    # Input topics are copied unchanged, the output has the input's storage format.
+    raw_in = all_raw(tmp_path / "in")
+    raw_out = all_raw(tmp_path / "out")
+    assert [r for r in raw_out if not r[0].startswith("/hqsmem_node/")] == raw_in
+    suffix = ".mcap" if storage == "mcap" else ".db3"
+    assert (tmp_path / "out" / f"out{suffix}").is_file()
+    overlay = read_outputs(tmp_path / "out")["/hqsmem_node/overlay"]
+    assert [stamp_ns(m) for _, m in overlay] == [s for _, s in bag_images(tmp_path / "in")]
+    assert overlay[0][1].encoding == "rgb8"
+    # The first frame's masks are the prompts (mask prompts are taken as given).
+    first = image_codec.mask_from_msg(masks[0][1])
+    assert np.array_equal(first, info["labels0"].astype(np.uint16))
+
+
+def test_masks_are_the_pipelines_and_output_is_deterministic(tmp_path, capsys, scene):
+    frames, labels = scene
+    write_frames_bag(tmp_path / "in", frames)
+    write_label(tmp_path / "start.png", labels[0])
+    (tmp_path / "p.yaml").write_text("prompts:\n" + "".join(
+        f"  - {{id: {i}, frame: 0, mask: start.png}}\n" for i in (1, 2, 3)))
+    # Twice the same way, once with the --bench pass first, with and without I/O threads: same bytes.
+    for name, extra in (("a", []), ("b", []), ("c", ["--bench"]), ("d", ["--io-threads", "on"]),
+                        ("e", ["--io-threads", "off"])):
+        code, out, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / name, "--image-topic", TOPIC,
+                                "--prompts", tmp_path / "p.yaml", "--quiet", "--json", *extra)
+        assert code == 0, err
+        timing = json.loads(out)["timing_ms_per_frame"]
+        assert timing["pipeline"] > 0 and timing["wall"] >= timing["pipeline"]
+        assert ("pipeline_alone" in timing) == (name == "c")
+    raw = all_raw(tmp_path / "a")
+    assert len(raw) == 3 * FRAMES
+    for name in "bcde":
+        assert all_raw(tmp_path / name) == raw, name
+    # The same pipeline run directly on the frames gives the same label images.
+    pipeline = HQSMemPipeline(None)
+    masks = read_outputs(tmp_path / "a")["/hqsmem_node/masks"]
+    for k, frame in enumerate(frames):
+        prompts = [ObjectPrompt(i, mask=labels[0] == i) for i in (1, 2, 3)] if k == 0 else None
+        result = pipeline.process(frame, stamp=(DEFAULT_START_NS + k * PERIOD) * 1e-9, prompts=prompts)
+        assert np.array_equal(image_codec.mask_from_msg(masks[k][1]), result.label_map()), f"frame {k}"
+
+
+def test_prompts_file_box_mask_label_and_removal(tmp_path, capsys, scene):
+    frames, labels = scene
+    write_frames_bag(tmp_path / "in", frames, storage="sqlite3", image_format="png")
+    ys, xs = np.nonzero(labels[0] == 1)
+    box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
+    (tmp_path / "masks").mkdir()
+    write_label(tmp_path / "masks" / "f3.png", (labels[3] == 2).astype(np.uint8) * 7)
+    stamp5 = DEFAULT_START_NS + 5 * PERIOD
+    (tmp_path / "p.yaml").write_text(f"""
+prompts:
+  - id: 1
+    frame: 0
+    box: {box}
+    label: box object
+  - id: 2
+    frame: 3
+    mask: masks/f3.png
+    mask_value: 7
+remove:
+  - id: 1
+    stamp: {{sec: {stamp5 // 10**9}, nanosec: {stamp5 % 10**9}}}
+""")
+    code, out, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out", "--image-topic", TOPIC,
+                            "--prompts", tmp_path / "p.yaml", "--quiet")
+    assert code == 0, err
+    assert "prompts applied 3" in out
+    objects = read_outputs(tmp_path / "out")["/hqsmem_node/objects"]
+    ids = [sorted(o.id for o in m.objects) for _, m in objects]
+    assert ids == [[1]] * 3 + [[1, 2]] * 2 + [[2]] * (FRAMES - 5)
+    assert objects[0][1].objects[0].label == "box object"
+    first = objects[0][1].objects[0]
+    # The box prompt was refined into a mask of the object inside it.
+    assert first.visible and box[0] <= first.x_min and first.x_max <= box[2] and first.area > 50
+    masks = read_outputs(tmp_path / "out")["/hqsmem_node/masks"]
+    assert np.array_equal(image_codec.mask_from_msg(masks[3][1]) == 2, labels[3] == 2)
+
+
+def test_prompt_topic_applies_at_its_stamp(tmp_path, capsys, scene):
+    frames, labels = scene
+    store = make_typestore()
+    stamps = [DEFAULT_START_NS + k * PERIOD for k in range(FRAMES)]
+    # Stamped like frame 4 but recorded (bag time) before frame 0: the stamp decides.
+    early = prompt_array_message(store, labels[4].astype(np.uint16), stamps[4])
+    empty = prompt_array_message(store, np.zeros_like(labels[0], np.uint16), stamps[2])  # ignored, as by the node
+    assert len(empty.prompts) == 0
+    bad = prompt_array_message(store, labels[9].astype(np.uint16), stamps[9] - 1000)
+    bad.prompts = bad.prompts[:1]
+    bad.prompts[0].id = 0  # a mono16 label mask needs an id: refused as the node refuses it
+    extra = [("/hqsmem_node/prompts", "hqsmem_ros/msg/ObjectPromptArray", stamps[0] - 10, early),
+             ("/hqsmem_node/prompts", "hqsmem_ros/msg/ObjectPromptArray", stamps[1], empty),
+             ("/hqsmem_node/prompts", "hqsmem_ros/msg/ObjectPromptArray", stamps[9], bad)]
+    write_frames_bag(tmp_path / "in", frames, extra=extra)
+    code, out, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out", "--image-topic", TOPIC,
+                            "--prompt-topic", "/hqsmem_node/prompts", "--quiet", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["prompts_applied"] == 1 and summary["prompts_refused"] == 1
+    assert "mono16 label mask needs the prompt's id" in summary["refused_reasons"][0]
+    objects = read_outputs(tmp_path / "out")["/hqsmem_node/objects"]
+    ids = [sorted(o.id for o in m.objects) for _, m in objects]
+    assert ids == [[]] * 4 + [[1, 2, 3]] * (FRAMES - 4)
+    assert [o.label for o in objects[4][1].objects] == ["object1", "object2", "object3"]
+    check_outputs(tmp_path / "in", tmp_path / "out")
+
+
+def test_undecodable_images_are_counted_and_have_no_mask(tmp_path, capsys, scene):
+    frames, labels = scene
+    frames = list(frames)
+    frames[6] = b"\xff\xd8 not really a jpeg"
+    frames[11] = b""
+    write_frames_bag(tmp_path / "in", frames, image_format="jpeg")
+    write_label(tmp_path / "start.png", labels[0])
+    (tmp_path / "p.yaml").write_text("prompts:\n  - {id: 1, frame: 0, mask: start.png}\n")
+    code, out, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out", "--image-topic", TOPIC,
+                            "--prompts", tmp_path / "p.yaml", "--quiet", "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert (s["frames_in"], s["results"], s["dropped_total"]) == (FRAMES, FRAMES - 2, 2)
+    assert s["dropped"] == {"bad_image": 2}
+    assert "frame 6" in s["dropped_examples"][0] and "undecodable" in s["dropped_examples"][0]
+    assert "dropped 2" in err or "dropped frame 6" in err
+    images = bag_images(tmp_path / "in")
+    masks = read_outputs(tmp_path / "out")["/hqsmem_node/masks"]
+    kept = [im for k, im in enumerate(images) if k not in (6, 11)]
+    assert [(t, stamp_ns(m)) for t, m in masks] == kept
+    problems = verify_outputs(tmp_path / "out", TOPIC)["problems"]
+    assert len(problems) == 2 and "0 masks and 0 objects messages" in problems[0]
+    # The human-readable summary says the same.
+    code, out, _ = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out2", "--image-topic", TOPIC,
+                          "--prompts", tmp_path / "p.yaml", "--quiet")
+    assert f"frames in {FRAMES}, results {FRAMES - 2}, dropped 2 (bad_image 2" in out
+
+
+def test_changing_image_size_resets_the_tracker_and_loses_no_frame(tmp_path, capsys, scene):
+    frames, labels = scene
+    small = [cv2.resize(f, (128, 96), interpolation=cv2.INTER_AREA) for f in frames[10:]]
+    write_frames_bag(tmp_path / "in", list(frames[:10]) + small)
+    write_label(tmp_path / "start.png", labels[0])
+    small_label = cv2.resize(labels[12], (128, 96), interpolation=cv2.INTER_NEAREST)
+    write_label(tmp_path / "small.png", (small_label == 1).astype(np.uint8))
+    (tmp_path / "p.yaml").write_text("prompts:\n  - {id: 1, frame: 0, mask: start.png}\n"
+                                     "  - {id: 5, frame: 12, mask: small.png}\n")
+    code, out, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out", "--image-topic", TOPIC,
+                            "--prompts", tmp_path / "p.yaml", "--quiet", "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert (s["frames_in"], s["results"], s["resets"]) == (FRAMES, FRAMES, 1)
+    assert "size changed from 160x120 to 128x96 at frame 10" in s["reset_reasons"][0]
+    assert "tracker reset" in err
+    masks, objects = check_outputs(tmp_path / "in", tmp_path / "out")
+    ids = [sorted(o.id for o in m.objects) for _, m in objects]
+    assert ids == [[1]] * 10 + [[]] * 2 + [[5]] * (FRAMES - 12)
+    assert (masks[10][1].width, masks[10][1].height) == (128, 96)
+    # Object 1 was retired by the reset: a prompt that reuses its id is an error naming the entry.
+    (tmp_path / "reuse.yaml").write_text("prompts:\n  - {id: 1, frame: 0, mask: start.png}\n"
+                                         "  - {id: 1, frame: 12, mask: small.png}\n")
+    code, _, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out2", "--image-topic", TOPIC,
+                          "--prompts", tmp_path / "reuse.yaml", "--quiet")
+    assert code == 2 and "reuse.yaml: prompts[1] (id 1)" in err and "never reused" in err
+    assert not (tmp_path / "out2").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_stamps_going_back_reset_the_tracker_like_the_node(tmp_path, capsys, scene):
+    frames, labels = scene
+    stamps = [DEFAULT_START_NS + (k % 12) * PERIOD for k in range(FRAMES)]  # a bag looping at frame 12
+    write_frames_bag(tmp_path / "in", frames, stamps=stamps)
+    write_label(tmp_path / "start.png", labels[0])
+    (tmp_path / "p.yaml").write_text("prompts:\n  - {id: 1, frame: 0, mask: start.png}\n")
+    code, out, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out", "--image-topic", TOPIC,
+                            "--prompts", tmp_path / "p.yaml", "--quiet", "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert (s["frames_in"], s["results"], s["resets"]) == (FRAMES, FRAMES, 1)
+    assert "stamps went back" in s["reset_reasons"][0] and "at frame 12" in s["reset_reasons"][0]
+    masks, objects = check_outputs(tmp_path / "in", tmp_path / "out")
+    assert [len(m.objects) for _, m in objects] == [1] * 12 + [0] * (FRAMES - 12)
+
+
+def test_missing_topic_lists_the_topics(tmp_path, capsys):
+    write_synthetic_bag(tmp_path / "in", 3, SIZE, prompts=None)
+    code, _, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out", "--image-topic", "/cam/rgb")
+    assert code == 2
+    assert "no topic '/cam/rgb'" in err and str(tmp_path / "in") in err
+    assert "/camera/image_raw (sensor_msgs/msg/Image, 3 messages)" in err
+    assert "/camera/camera_info (sensor_msgs/msg/CameraInfo, 3 messages)" in err
+    assert not (tmp_path / "out").exists()
+    code, _, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out", "--image-topic", "/camera/camera_info")
+    assert code == 2 and "expected sensor_msgs/msg/Image or sensor_msgs/msg/CompressedImage" in err
+
+
+@pytest.mark.parametrize("storage,suffix", [("mcap", ".mcap"), ("sqlite3", ".db3")])
+def test_truncated_bag_is_an_error_naming_it(tmp_path, capsys, storage, suffix):
+    write_synthetic_bag(tmp_path / "in", 10, SIZE, storage, prompts=None)
+    data = tmp_path / "in" / f"in{suffix}"
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    code, out, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out", "--image-topic", TOPIC)
+    assert code == 2 and out == ""
+    assert f"cannot read bag {tmp_path / 'in'}" in err and "truncated or corrupt" in err
+    assert not (tmp_path / "out").exists()
+    # The storage file given directly is named too.
+    code, _, err = hqsmem(capsys, "bag", data, tmp_path / "out", "--image-topic", TOPIC)
+    assert code == 2 and str(data) in err
+
+
+def test_bad_requests_are_clear_errors(tmp_path, capsys, scene):
+    frames, labels = scene
+    write_frames_bag(tmp_path / "in", frames[:5])
+    write_label(tmp_path / "big.png", np.pad(labels[0], 4))
+    cases = {
+        "size.yaml": ("prompts:\n  - {id: 2, frame: 1, mask: big.png}\n",
+                      "size.yaml: prompts[0] (id 2): mask is 168x128 but the image at frame 1 is 160x120"),
+        "remove.yaml": ("remove:\n  - {id: 3, frame: 2}\n",
+                        "remove.yaml: remove[0] (id 3): cannot apply on frame 2"),
+        "outside.yaml": ("prompts:\n  - {id: 1, frame: 0, box: [500, 10, 600, 50]}\n",
+                         "outside.yaml: prompts[0] (id 1): box [500, 10, 600, 50] is outside the 160x120 image"),
+    }
+    for name, (text, needle) in cases.items():
+        (tmp_path / name).write_text(text)
+        code, _, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out", "--image-topic", TOPIC,
+                              "--prompts", tmp_path / name, "--quiet")
+        assert code == 2 and needle in err, (name, err)
+        assert not (tmp_path / "out").exists()
+    code, _, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "in", "--image-topic", TOPIC)
+    assert code == 2 and "exists already" in err
+    (tmp_path / "untrained.yaml").write_text("refiner: {type: sam_hq, random_weights: true}\n")
+    code, _, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out", "--image-topic", TOPIC,
+                          "--config", tmp_path / "untrained.yaml")
+    assert code == 2 and "refiner (sam_hq): random_weights is true" in err and "--allow-random-weights" in err
+    assert not (tmp_path / "out").exists()
+    # A bag that already holds the node's output topics (a recording of the live node).
+    shutil.copytree(tmp_path / "in", tmp_path / "in_copy")
+    (tmp_path / "ok.yaml").write_text("prompts:\n  - {id: 1, frame: 0, box: [10, 10, 60, 60]}\n")
+    code, _, err = hqsmem(capsys, "bag", tmp_path / "in_copy", tmp_path / "o1", "--image-topic", TOPIC, "--quiet",
+                          "--prompts", tmp_path / "ok.yaml")
+    assert code == 0, err
+    code, _, err = hqsmem(capsys, "bag", tmp_path / "o1", tmp_path / "o2", "--image-topic", TOPIC, "--quiet")
+    assert code == 2 and "already has topic(s) /hqsmem_node/masks" in err
+    code, _, err = hqsmem(capsys, "bag", tmp_path / "o1", tmp_path / "o2", "--image-topic", TOPIC, "--quiet",
+                          "--ns", "/second")
+    assert code == 0, err
+    assert set(read_outputs(tmp_path / "o2", ns="/second")) == {"/second/masks", "/second/objects"}
+
+
+def test_prompt_events_after_the_last_image_are_reported(tmp_path, capsys, scene):
+    frames, labels = scene
+    write_frames_bag(tmp_path / "in", frames[:4])
+    (tmp_path / "p.yaml").write_text("prompts:\n  - {id: 1, frame: 0, box: [10, 10, 60, 60]}\n"
+                                     "  - {id: 2, frame: 40, box: [10, 10, 60, 60]}\n")
+    code, out, _ = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out", "--image-topic", TOPIC,
+                          "--prompts", tmp_path / "p.yaml", "--quiet")
+    assert code == 0
+    assert "never applied 1" in out and "prompts[1] (id 2) at frame 40" in out
