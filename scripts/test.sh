@@ -5,5 +5,6 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup_venv.sh
-if [ -f scripts/setup_ros.sh ]; then bash scripts/setup_ros.sh; fi
+bash scripts/setup_ros.sh
+export HQSMEM_NO_SKIPS=1
 exec .venv/bin/python -m pytest test -q -p no:cacheprovider "$@"
