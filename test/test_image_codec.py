@@ -198,3 +198,27 @@ def test_message_helpers_accept_array_data():
     msg.encoding = "32FC1"  # rgb8 data: wrong for it with or without cv_bridge
     with pytest.raises(ImageDecodeError, match="32FC1"):
         ic.image_to_rgb(msg)
+
+
+def test_fill_from_pixels_matches_encode_image_and_reuses_its_buffer():
+    class Msg:
+        pass
+
+    labels = np.zeros((30, 40), np.uint16)
+    labels[5:10, 5:20] = 3
+    labels[20:, 30:] = 1000
+    first = ic.fill_image_msg_from_pixels(Msg(), labels, "mono16")
+    ref = ic.encode_image(labels, "mono16")
+    assert bytes(first.data) == ref["data"]
+    assert all(getattr(first, k) == ref[k] for k in ("encoding", "height", "width", "step", "is_bigendian"))
+    # the next frame of the same size goes into the same array; the first message was published
+    labels2 = labels[::-1].copy()
+    second = ic.fill_image_msg_from_pixels(Msg(), labels2, "mono16", reuse=first.data)
+    assert second.data is first.data and np.array_equal(ic.mask_from_msg(second), labels2)
+    # another size: a new array, the old one is left alone
+    third = ic.fill_image_msg_from_pixels(Msg(), labels[:10], "mono16", reuse=second.data)
+    assert third.data is not second.data and np.array_equal(ic.mask_from_msg(third), labels[:10])
+    rgb = _known_rgb()[:, ::-1]  # not contiguous
+    assert np.array_equal(ic.image_to_rgb(ic.fill_image_msg_from_pixels(Msg(), rgb, "rgb8")), rgb)
+    with pytest.raises(ValueError, match="mono16"):
+        ic.fill_image_msg_from_pixels(Msg(), labels.astype(np.int32), "mono16")

@@ -15,7 +15,7 @@ from rclpy.context import Context  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
 from hqsmem_ros.msg import ObjectPrompt, ObjectPromptArray, TrackedObjectArray  # noqa: E402
@@ -465,3 +465,170 @@ def _spin_some(node, ctx, seconds):
     while time.monotonic() < end:
         ex.spin_once(timeout_sec=0.05)
     ex.remove_node(node)
+
+
+def _publish_clock(h, pub, seconds):
+    """Publish /clock and wait until the node's ROS time shows it."""
+    from rosgraph_msgs.msg import Clock
+    msg = Clock()
+    msg.clock.sec, msg.clock.nanosec = int(seconds), int(round((seconds % 1) * 1e9))
+    target = msg.clock.sec * 1_000_000_000 + msg.clock.nanosec
+    end = time.monotonic() + 20
+    while h.node.get_clock().now().nanoseconds != target:
+        assert time.monotonic() < end, f"the node's clock never showed {seconds}"
+        pub.publish(msg)
+        time.sleep(0.02)
+
+
+def test_clock_jumping_back_under_sim_time_resets_once_and_tracking_goes_on(harness, tmp_path):
+    """A looping bag with --clock: /clock and the image stamps go back, in either order."""
+    from PIL import Image as PILImage
+    from rosgraph_msgs.msg import Clock
+    rgb0, labels0 = _scene(0)
+    png = tmp_path / "00000.png"
+    PILImage.fromarray((labels0 * 3).astype(np.uint8)).save(png)  # ids 3 and 6
+    h = harness(use_sim_time=True, initial_mask=str(png))
+    clock = h.client.create_publisher(Clock, "/clock", 10)
+    h.wait_for(lambda: clock.get_subscription_count() > 0, "the node's /clock subscription")
+
+    def loop(start):
+        ids = []
+        for k in range(3):
+            _publish_clock(h, clock, start + k / 10)
+            h.send(h.image_msg(_scene(k)[0], start + k / 10))
+            ids.append([o.id for o in _by_stamp(h.results, start + k / 10)[0].objects])
+        assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 2, ids
+        return ids[0]
+
+    assert loop(100.0) == [3, 6]
+    # 1) /clock goes back first: the node resets before the next frame, once
+    _publish_clock(h, clock, 10.0)
+    h.wait_for(lambda: h.node._reset_requested is not None, "the clock jump to be seen")
+    second = loop(10.0)
+    assert h.node.counters()["resets"] == 1
+    assert not set(second) & {3, 6}  # seeded again from initial_mask, with fresh ids
+    # 2) a frame with an older stamp comes before the clock: it resets the tracker; the clock jump
+    #    that follows must not reset again (that would drop the objects just seeded)
+    h.send(h.image_msg(rgb0, 5.0))
+    third = [o.id for o in _by_stamp(h.results, 5.0)[0].objects]
+    assert h.node.counters()["resets"] == 2 and len(third) == 2 and not set(third) & set(second)
+    _publish_clock(h, clock, 5.0)
+    h.wait_for(lambda: h.node._reset_requested is not None, "the clock jump to be seen")
+    for k in (1, 2):
+        _publish_clock(h, clock, 5.0 + k / 10)
+        h.send(h.image_msg(_scene(k)[0], 5.0 + k / 10))
+        assert [o.id for o in _by_stamp(h.results, 5.0 + k / 10)[0].objects] == third
+    c = h.node.counters()
+    assert c["resets"] == 2 and c["processed"] == 9 and not c["dropped"]
+
+
+def test_camera_info_of_another_size_is_reported_and_frames_still_processed(harness):
+    from sensor_msgs.msg import CameraInfo
+    h = harness(use_camera_info=True)
+    info_pub = h.client.create_publisher(CameraInfo, "camera_info", 10)
+    h.wait_for(lambda: info_pub.get_subscription_count() > 0, "the camera_info subscription")
+
+    def send_info(width, height):
+        info = CameraInfo(width=width, height=height)
+        end = time.monotonic() + 20
+        while h.node._camera_info is None or h.node._camera_info.width != width:
+            assert time.monotonic() < end, "camera_info never arrived"
+            info_pub.publish(info)
+            time.sleep(0.02)
+
+    send_info(640, 480)
+    h.send(h.image_msg(_scene(0)[0], 1.0))
+    h.send(h.image_msg(_scene(1)[0], 2.0))
+    assert h.node.counters()["processed"] == 2 and not h.node.counters()["dropped"]
+    assert f"camera_info is 640x480 but the image is {W}x{H}" in h.node._last_error
+    h.wait_for(lambda: any(d.status[0].level == DiagnosticStatus.WARN and "camera_info" in d.status[0].message for d in h.diags),
+               "a WARN status naming camera_info on /diagnostics")
+    send_info(W, H)  # the right camera_info: the warning ends
+    h.send(h.image_msg(_scene(2)[0], 3.0))
+    assert h.node._camera_info_mismatch is None and h.node.counters()["processed"] == 3
+
+
+def _clean_env():
+    """The environment of a fresh shell where nothing was sourced (no ROS setup.bash, no
+    workspace, none of what the venv's interpreter set up for itself and its children)."""
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR") if k in os.environ}
+    env["ROS_DOMAIN_ID"] = str(DOMAIN_ID)
+    return env
+
+
+def _hqsmem_command():
+    import shutil
+    import sys
+    script = shutil.which("hqsmem", path=os.path.dirname(sys.executable))
+    return [script] if script else [sys.executable, "-m", "hqsmem_ros.cli"]  # the same main()
+
+
+def test_hqsmem_node_command_starts_with_nothing_sourced(tmp_path):
+    """`hqsmem node --config config/track.yaml` from a plain shell: a frame in, a label image out."""
+    import signal
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen(_hqsmem_command() + ["node", "--config", os.path.join(root, "config", "track.yaml")],
+                            env=_clean_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    node = rclpy.create_node("plain_shell_client", context=ctx)
+    masks = []
+    node.create_subscription(Image, "/hqsmem_node/masks", masks.append, 10)
+    pub = node.create_publisher(Image, "image", 10)
+    prompts = node.create_publisher(ObjectPromptArray, "/hqsmem_node/prompts", 10)
+    try:
+        end = time.monotonic() + 30
+        while (pub.get_subscription_count() == 0 or node.count_publishers("/hqsmem_node/masks") == 0
+               or prompts.get_subscription_count() == 0):
+            assert time.monotonic() < end and proc.poll() is None, "hqsmem node did not come up"
+            time.sleep(0.05)
+        _spin_some(node, ctx, 0.5)
+        _, labels0 = _scene(0)
+        prompts.publish(ObjectPromptArray(prompts=[_prompt(0, labels0, 1)]))
+        _spin_some(node, ctx, 0.3)
+        h = Harness.__new__(Harness)  # only for image_msg()
+        sent = 0
+        while not any((ic.mask_from_msg(m) == 1).any() for m in masks):
+            assert time.monotonic() < end, f"no label image with the object after {sent} frames"
+            pub.publish(h.image_msg(_scene(sent % 20)[0], 5.0 + sent))
+            sent += 1
+            _spin_some(node, ctx, 0.3)
+        m = masks[-1]
+        assert (m.encoding, m.width, m.height) == ("mono16", W, H)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+    assert proc.returncode == 0, out
+
+
+def _random_weights_params(tmp_path):
+    import yaml
+    path = tmp_path / "random.yaml"
+    path.write_text(yaml.safe_dump({"/**": {"ros__parameters": {"pipeline": {
+        "features": {"type": "dino", "random_weights": True, "input_size": 28}}}}}))
+    return path
+
+
+def test_node_refuses_random_weights_unless_allowed(tmp_path):
+    import subprocess
+    params = _random_weights_params(tmp_path)
+    res = subprocess.run(_hqsmem_command() + ["node", "--config", str(params)], env=_clean_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert res.returncode != 0, res.stdout
+    assert "pipeline.features (dino)" in res.stdout and "allow_random_weights" in res.stdout, res.stdout
+
+
+def test_random_weights_run_when_explicitly_allowed_with_a_warning(harness, capfd):
+    pytest.importorskip("timm", reason="the dino features need the [models] extra")
+    h = harness(**{"allow_random_weights": True, "pipeline.features.type": "dino",
+                   "pipeline.features.random_weights": True, "pipeline.features.input_size": 28})
+    assert h.node.pipeline.stats()["features"].startswith("dino")
+    assert "RANDOM WEIGHTS in pipeline.features (dino)" in capfd.readouterr().err
+    h.send(h.image_msg(_scene(0)[0], 1.0))
+    assert h.node.counters()["processed"] == 1
+    h.wait_for(lambda: any(d.status[0].level == DiagnosticStatus.WARN and "random weights" in d.status[0].message
+                           for d in h.diags), "a WARN status about random weights")

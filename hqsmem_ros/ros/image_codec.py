@@ -201,6 +201,13 @@ def encode_image(pixels: np.ndarray, encoding: str) -> Dict[str, Any]:
     ``pixels`` must already be in the encoding's layout (HxWx3 uint8 for rgb8/bgr8, HxW uint16
     for mono16, ...); 16-bit data is written in the host's byte order, as cv_bridge does.
     """
+    fields = _header_fields(pixels, encoding)
+    fields["data"] = np.ascontiguousarray(pixels).tobytes()
+    return fields
+
+
+def _header_fields(pixels: np.ndarray, encoding: str) -> Dict[str, Any]:
+    """encode_image()'s fields without the data, after checking `pixels` fits `encoding`."""
     layout = _LAYOUTS.get(encoding)
     if layout is None:
         raise ValueError(f"cannot encode {encoding!r}; supported: {', '.join(SUPPORTED_ENCODINGS)}")
@@ -210,7 +217,6 @@ def encode_image(pixels: np.ndarray, encoding: str) -> Dict[str, Any]:
             or (want_ndim == 3 and shape[2] != layout.channels)):
         raise ValueError(f"{encoding} needs a {'HxW' if want_ndim == 2 else f'HxWx{layout.channels}'} "
                          f"{layout.dtype} array, got {pixels.dtype} {shape}")
-    pixels = np.ascontiguousarray(pixels)
     height, width = shape[:2]
     return {
         "encoding": encoding,
@@ -218,7 +224,6 @@ def encode_image(pixels: np.ndarray, encoding: str) -> Dict[str, Any]:
         "width": int(width),
         "step": int(width * layout.channels * layout.dtype.itemsize),
         "is_bigendian": bool(_HOST_BIG_ENDIAN and layout.dtype.itemsize > 1),
-        "data": pixels.tobytes(),
     }
 
 
@@ -273,6 +278,33 @@ def fill_image_msg(msg: Any, fields: Dict[str, Any]) -> Any:
     # rosidl's uint8[] setter takes array('B') without a per-element check; bytes -> array is
     # one memcpy.
     msg.data = array.array("B", fields["data"])
+    return msg
+
+
+def fill_image_msg_from_pixels(msg: Any, pixels: np.ndarray, encoding: str,
+                               reuse: Optional[array.array] = None) -> Any:
+    """Like ``fill_image_msg(msg, encode_image(pixels, encoding))``, for publishers in a hot loop.
+
+    The pixels are copied once, straight into the message's array('B') data (encode_image makes
+    a bytes copy first). With ``reuse`` (the array this function put in an earlier message, of
+    the same size) nothing is allocated: a fresh megabyte-sized buffer costs page faults on
+    every frame. Reuse only once the earlier message is published: rclpy copies a message
+    into the middleware inside ``publish()``, so after it returns the array is free again.
+    """
+    fields = _header_fields(pixels, encoding)
+    src = memoryview(np.ascontiguousarray(pixels)).cast("B")
+    if reuse is not None and reuse.typecode == "B" and len(reuse) == src.nbytes:
+        memoryview(reuse)[:] = src
+        data = reuse
+    else:
+        data = array.array("B")
+        data.frombytes(src)
+    msg.encoding = fields["encoding"]
+    msg.height = fields["height"]
+    msg.width = fields["width"]
+    msg.step = fields["step"]
+    msg.is_bigendian = fields["is_bigendian"]
+    msg.data = data
     return msg
 
 

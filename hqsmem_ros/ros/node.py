@@ -71,6 +71,29 @@ NODE_PARAMS: Dict[str, _NodeParam] = {
                                      "back (a looping bag); otherwise such frames are dropped", True),
     "service_timeout": _NodeParam(5.0, "Seconds ~/add_objects and ~/remove_objects wait for a "
                                   "frame to apply the request to", True, float_range=(0.1, 600.0)),
+    "allow_random_weights": _NodeParam(False, "Start even if a model has random_weights: true "
+                                       "(untrained weights: masks are meaningless; speed benchmarks only)",
+                                       False),
+}
+
+# What each pipeline key means (descriptions of the "pipeline.<key>" parameters).
+PIPELINE_PARAM_DOCS: Dict[str, str] = {
+    "ablation": "Paper row: full | base | base_sam | base_smem | base_hqtf (the three switches "
+                "below override it when set)",
+    "refine": "Refiner use: off | always | gated (unset: from ablation)",
+    "teacher_forcing": "Feed accepted refined masks back to the tracker (unset: from ablation)",
+    "smart_memory": "Use the smart long-term memory (unset: from ablation)",
+    "device": "auto | cpu | cuda | cuda:N",
+    "precision": "fp32 | fp16 | bf16 (half precision on CUDA only)",
+    "memory_capacity": "Smart memory size K (frames)",
+    "memory_lambda": "Recency weight of the memory eviction score",
+    "tau_memory": "Smart-memory similarity threshold",
+    "tau_verify": "Refined-mask acceptance threshold (verification)",
+    "memory_interval": "A memory candidate every N processed frames",
+    "memory_interval_s": "A memory candidate every S seconds of image stamps (unset: use memory_interval)",
+    "sequence_length": "Known sequence length L: candidates every L/30 frames (offline rule; unset: live)",
+    "min_refine_area": "Coarse masks smaller than this (pixels) are not refined",
+    "process_max_side": "Downscale frames so the longer side is at most this before the models (0: no downscaling)",
 }
 
 # Pipeline keys (parameters "pipeline.<key>") that are safe to change between two frames.
@@ -101,6 +124,7 @@ class HQSMemNode(Node):
         super().__init__(node_name, **kwargs)
         self._declare_parameters()
         self.config = self._pipeline_config_from_parameters()
+        self._random_weight_parts = self._check_random_weights(self.config)
         self.pipeline = HQSMemPipeline(self.config)
 
         # Ids ever given out in this run (never reused) and free-text labels per id.
@@ -115,9 +139,13 @@ class HQSMemNode(Node):
         # One-slot frame buffer and request queue, shared by the callbacks and the worker.
         self._cond = threading.Condition()
         self._slot: Optional[Any] = None
+        self._slot_time = 0.0  # perf_counter() when the frame in the slot arrived
+        # Benchmarks set this to a list to get one timing record per processed frame.
+        self.frame_log: Optional[List[Dict[str, float]]] = None
+        self._out_buffers: Dict[str, Any] = {}  # publisher -> array('B') reused for its data
         self._requests: deque = deque()
         self._pending_config: Optional[PipelineConfig] = None
-        self._reset_requested: Optional[str] = None
+        self._reset_requested: Optional[float] = None  # the ROS time after a backward clock jump
         self._pipe_lock = threading.Lock()
         self._stop = False
 
@@ -137,6 +165,7 @@ class HQSMemNode(Node):
         self._stage_frames = 0
         self._last_result_stamp: Optional[float] = None
         self._camera_info: Optional[CameraInfo] = None
+        self._camera_info_mismatch: Optional[Tuple[int, int, int, int]] = None
         self._diag_window_start = time.monotonic()
         self._diag_processed_at_start = 0
 
@@ -184,6 +213,11 @@ class HQSMemNode(Node):
             f"{self.get_parameter('qos_reliability').value}) with tracker={stats['tracker']} "
             f"refiner={stats['refiner']} features={stats['features']} ablation={stats['ablation']} "
             f"device={self._device()}")
+        if self._random_weight_parts:
+            self.get_logger().warning(
+                f"RANDOM WEIGHTS in {', '.join(self._random_weight_parts)} (allow_random_weights is "
+                "true): the models are untrained and the masks and objects this node publishes are "
+                "MEANINGLESS; use this only to measure speed")
 
     # ---------------------------------------------------------------- parameters
     def _declare_parameters(self) -> None:
@@ -220,11 +254,22 @@ class HQSMemNode(Node):
                             description=f"{f.name} model parameter{why}", read_only=True, dynamic_typing=True))
                 continue
             value = getattr(defaults, f.name)
-            desc = ParameterDescriptor(description=f"Pipeline setting '{f.name}'{why}; see "
-                                       "hqsmem_ros/core/config.py", read_only=not runtime)
+            meaning = PIPELINE_PARAM_DOCS.get(f.name, f"Pipeline setting '{f.name}' (hqsmem_ros/core/config.py)")
+            desc = ParameterDescriptor(description=meaning + why, read_only=not runtime)
             if value is None:
                 desc.dynamic_typing = True  # optional: unset = the ablation preset / off
             self._declare(name, value, desc)
+
+    def _check_random_weights(self, cfg: PipelineConfig) -> List[str]:
+        """Untrained models publish plausible-looking garbage: refuse them unless asked for."""
+        parts = [f"pipeline.{key} ({getattr(cfg, key).get('type')})" for key in COMPONENT_KEYS
+                 if getattr(cfg, key).get("random_weights") is True]
+        if parts and not self.get_parameter("allow_random_weights").value:
+            raise ConfigError(
+                f"{', '.join(parts)}: random_weights is true, so the node would publish masks from "
+                "untrained models. Give the models' checkpoints, or set the node parameter "
+                "allow_random_weights:=true to run anyway (speed benchmarks only)")
+        return parts
 
     def _declare(self, name: str, default: Any, desc: ParameterDescriptor) -> None:
         self._declared.append(name)
@@ -360,11 +405,12 @@ class HQSMemNode(Node):
             return None
 
     def _on_image(self, msg) -> None:
+        arrived = time.perf_counter()
         with self._cond:
             self.frames_received += 1
             if self._slot is not None:
                 self.dropped["replaced"] += 1  # the worker was busy: only the newest frame counts
-            self._slot = msg
+            self._slot, self._slot_time = msg, arrived
             self._cond.notify_all()
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
@@ -484,7 +530,7 @@ class HQSMemNode(Node):
                     self._cond.wait()
                 if self._stop:
                     return
-                msg, self._slot = self._slot, None
+                msg, arrived, self._slot = self._slot, self._slot_time, None
                 req = self._requests.popleft() if self._requests else None
                 if req is not None:
                     req.taken = True
@@ -495,9 +541,9 @@ class HQSMemNode(Node):
                 with self._pipe_lock:
                     if cfg is not None:
                         self._apply_config(cfg)
-                    if jump:
-                        self._reset_tracker(jump)
-                    self._process(msg, req)
+                    if jump is not None:
+                        self._reset_after_clock_jump(jump)
+                    self._process(msg, req, arrived)
             except Exception as exc:  # never let the worker die: report and go on
                 self._drop("internal_error", f"frame dropped: unexpected {type(exc).__name__}: {exc}")
                 if req is not None and not req.done.is_set():
@@ -505,9 +551,9 @@ class HQSMemNode(Node):
             finally:
                 self._busy = False
 
-    def _process(self, msg, req: Optional[_Request]) -> None:
+    def _process(self, msg, req: Optional[_Request], arrived: float) -> None:
         stamp = stamp_seconds(msg.header.stamp)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
             rgb = (image_codec.compressed_to_rgb(msg) if isinstance(msg, CompressedImage)
                    else image_codec.image_to_rgb(msg))
@@ -517,10 +563,7 @@ class HQSMemNode(Node):
                 self._requeue(req)
             return
         t_decode = time.perf_counter() - t0
-        info = self._camera_info
-        if info is not None and (info.width, info.height) != (rgb.shape[1], rgb.shape[0]) and info.width:
-            self._note_error(f"camera_info is {info.width}x{info.height} but the image is "
-                             f"{rgb.shape[1]}x{rgb.shape[0]} (wrong camera_info topic?)")
+        self._check_camera_info(rgb.shape[:2])
 
         if self._last_stamp is not None and stamp < self._last_stamp:
             if self.get_parameter("reset_on_time_jump").value:
@@ -559,6 +602,7 @@ class HQSMemNode(Node):
             attempts.append((seeds, [], None))
         attempts.append(([], [], None))
         result = None
+        t_pipe_start, cpu_pipe_start = time.perf_counter(), time.thread_time()
         for prompts, remove, with_req in attempts:
             try:
                 result = self.pipeline.process(rgb, stamp, prompts=prompts, remove=remove)
@@ -599,20 +643,47 @@ class HQSMemNode(Node):
             self.get_logger().info(f"{req.source}: {req.message}")
             req.done.set()
 
-        t1 = time.perf_counter()
+        t1, cpu1 = time.perf_counter(), time.thread_time()
+        t_pipeline = t1 - t_pipe_start
         self._publish(msg.header, rgb, result)
-        t_publish = time.perf_counter() - t1
+        t_end, cpu_end = time.perf_counter(), time.thread_time()
+        t_publish = t_end - t1
         self._last_stamp = stamp
+        # Node overhead: from the image callback to the last publish, the pipeline excluded.
+        overhead = (t_end - arrived) - t_pipeline
         with self._stats_lock:
             self.frames_processed += 1
             self._frame_index += 1
             self._last_result_stamp = stamp
             for stage, seconds in result.timings.items():
                 self._stage_sums[stage] += seconds
+            self._stage_sums["wait"] += t0 - arrived
             self._stage_sums["decode"] += t_decode
             self._stage_sums["publish"] += t_publish
-            self._stage_sums["node_total"] += time.perf_counter() - t0
+            self._stage_sums["node_total"] += t_end - t0
+            self._stage_sums["node_overhead"] += overhead
             self._stage_frames += 1
+        if self.frame_log is not None:
+            self.frame_log.append({"stamp": stamp, "wait": t0 - arrived, "decode": t_decode,
+                                   "pipeline": t_pipeline, "pipeline_total": result.timings.get("total", 0.0),
+                                   "publish": t_publish, "overhead": overhead,
+                                   # CPU time of this thread: the same work without waits for a core
+                                   "overhead_cpu": (cpu_end - cpu0) - (cpu1 - cpu_pipe_start)})
+
+    def _check_camera_info(self, shape) -> None:
+        """A camera_info of another size means a wrong remapping: say so (once per size pair)."""
+        info = self._camera_info
+        if info is None or not info.width or (info.height, info.width) == tuple(shape):
+            self._camera_info_mismatch = None
+            return
+        key = (info.width, info.height, shape[1], shape[0])
+        message = (f"camera_info is {info.width}x{info.height} but the image is {shape[1]}x{shape[0]} "
+                   "(wrong camera_info topic?); frames are still processed")
+        if key != self._camera_info_mismatch:
+            self._camera_info_mismatch = key
+            self._note_error(message)
+        else:  # keep /diagnostics at WARN while it lasts, without a log line per frame
+            self._last_error, self._last_error_time = message, time.monotonic()
 
     def _requeue(self, req: _Request) -> None:
         """The frame could not be used: the request waits for the next one."""
@@ -685,22 +756,42 @@ class HQSMemNode(Node):
             from rclpy.duration import Duration
             threshold = JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-1),
                                       on_clock_change=False)
-            self._jump_handle = self.get_clock().create_jump_handler(threshold, post_callback=self._on_jump)
-        except Exception as exc:  # a clock type without jump callbacks
-            self.get_logger().debug(f"no clock jump handler: {exc}")
+            self._jump_handle = self.get_clock().create_jump_callback(threshold, post_callback=self._on_jump)
+        except Exception as exc:  # not expected on Humble..Kilted: say so, stamps still reset
+            self.get_logger().warning(f"no clock jump callback ({exc}); a clock going back is noticed "
+                                      "only by image stamps going back")
 
     def _on_jump(self, jump) -> None:
         if not self.get_parameter("reset_on_time_jump").value:
             return
+        clock_now = self.get_clock().now().nanoseconds * 1e-9
         with self._cond:
-            self._reset_requested = "the ROS clock jumped back (looping bag with use_sim_time?)"
+            self._reset_requested = clock_now
+
+    def _reset_after_clock_jump(self, clock_now: float) -> None:
+        """Before the next frame (caller holds _pipe_lock): reset unless already done.
+
+        A looping bag sends both an older /clock and older image stamps, in either order. When
+        a frame with an older stamp came first, that frame reset the tracker and the frames
+        since are not newer than the clock: resetting again would drop what they started.
+        """
+        if self._last_stamp is not None and self._last_stamp > clock_now:
+            self._reset_tracker(f"the ROS clock jumped back to {clock_now:.6f}, before the last "
+                                f"frame's stamp {self._last_stamp:.6f} (looping bag with use_sim_time?)")
+        else:
+            self.get_logger().info(f"the ROS clock jumped back to {clock_now:.6f}; the tracker "
+                                   "holds no frame stamped after it, so no reset is needed")
 
     # ---------------------------------------------------------------- output
     def _publish(self, header, rgb: np.ndarray, result) -> None:
         label = result.label_map()
-        masks = image_codec.fill_image_msg(Image(), image_codec.label_map_to_fields(label))
-        masks.header = header
-        self.masks_pub.publish(masks)
+        # Label images cost a megabyte-sized conversion each: only while someone subscribes.
+        # The data buffers are reused frame after frame (publish() has copied them by then).
+        if self.masks_pub.get_subscription_count() > 0:
+            masks = image_codec.fill_image_msg_from_pixels(Image(), label, "mono16", self._out_buffers.get("masks"))
+            self._out_buffers["masks"] = masks.data
+            masks.header = header
+            self.masks_pub.publish(masks)
 
         arr = TrackedObjectArray()
         arr.header = header
@@ -723,7 +814,8 @@ class HQSMemNode(Node):
         if self.get_parameter("publish_overlay").value and self.overlay_pub.get_subscription_count() > 0:
             over = render_overlay(rgb, label, result.objects, self.get_parameter("overlay_alpha").value,
                                   self._labels)
-            msg = image_codec.fill_image_msg(Image(), image_codec.rgb_to_fields(over))
+            msg = image_codec.fill_image_msg_from_pixels(Image(), over, "rgb8", self._out_buffers.get("overlay"))
+            self._out_buffers["overlay"] = msg.data
             msg.header = header
             self.overlay_pub.publish(msg)
 
@@ -772,6 +864,10 @@ class HQSMemNode(Node):
         status.hardware_id = self._device()
         if recent_error:
             status.level, status.message = DiagnosticStatus.WARN, self._last_error[:500]
+        elif self._random_weight_parts:
+            status.level = DiagnosticStatus.WARN
+            status.message = (f"random weights in {', '.join(self._random_weight_parts)}: "
+                              "outputs are meaningless (allow_random_weights)")
         elif c["received"] == 0:
             status.level, status.message = DiagnosticStatus.WARN, f"no image received on {self.image_sub.topic_name}"
         else:
@@ -789,6 +885,7 @@ class HQSMemNode(Node):
             "tracker": stats["tracker"], "refiner": stats["refiner"], "features": stats["features"],
             "ablation": stats["ablation"], "refine_mode": stats["refine_mode"],
             "last_error": self._last_error or "",
+            "random_weights": ", ".join(self._random_weight_parts) or "none",
         }
         for reason, count in sorted(c["dropped"].items()):
             values[f"dropped.{reason}"] = count

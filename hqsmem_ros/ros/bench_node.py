@@ -1,0 +1,608 @@
+"""Benchmarks of the ROS 2 tracking node over real DDS between processes (issue 3's targets).
+
+overhead  Per-frame cost of the node itself (image conversion, message building, publishing:
+          everything except the tracking pipeline) at 1280x720, against a bare rclpy node that
+          only echoes the image, on the same frames in the same run; prints the ratio.
+stream    A long run at a fixed rate through `hqsmem node` (the real entry point): every frame
+          published must end as a result or a counted drop. Frames lost in the transport never
+          reach the node, so they are counted by the publisher and reported apart from the
+          node's own drops, beside the middleware's message-lost event count.
+
+  .venv/bin/python -m hqsmem_ros.ros.bench_node overhead --size 1280x720 --frames 300
+  .venv/bin/python -m hqsmem_ros.ros.bench_node stream --size 320x240 --frames 5000 --rate 30 --qos both
+
+Both use their own DDS domain (ROS_DOMAIN_ID if set, else one derived from the process id), so
+nothing else on the machine hears them. Times are time.perf_counter() on one machine; the
+machine's load average is printed with them. Exit status 0: `overhead` met its target (the
+in-node median, wall clock), `stream` accounted for every frame (results + the node's drops +
+the middleware's message-lost count = frames published); 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = ROOT / "config" / "track.yaml"
+NODE_NAME = "hqsmem_node"
+ECHO_IN, ECHO_OUT = "bench/echo_in", "bench/echo_out"
+
+
+def _size(text: str):
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+        if w < 16 or h < 16:
+            raise ValueError
+        return w, h
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 1280x720, got {text!r}")
+
+
+def _domain(arg: Optional[int]) -> int:
+    if arg is not None:
+        return arg
+    if os.environ.get("ROS_DOMAIN_ID", "").isdigit():
+        return int(os.environ["ROS_DOMAIN_ID"])
+    return 101 + os.getpid() % 100
+
+
+def _stamp_ns(k: int, rate: float, start: float = 1000.0) -> int:
+    return int(round((start + k / rate) * 1e9))
+
+
+def _set_stamp(msg, ns: int) -> None:
+    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(ns, 1_000_000_000)
+
+
+def _key(msg) -> int:
+    return msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
+
+
+def _ms(values: Sequence[float]) -> Dict[str, float]:
+    v = sorted(values)
+    if not v:
+        return {"n": 0}
+    return {"n": len(v), "median": 1000 * statistics.median(v), "mean": 1000 * statistics.fmean(v),
+            "p90": 1000 * v[min(len(v) - 1, int(0.9 * len(v)))], "min": 1000 * v[0]}
+
+
+def _fmt(s: Dict[str, float]) -> str:
+    if not s.get("n"):
+        return "no samples"
+    return f"median {s['median']:7.2f} ms  mean {s['mean']:7.2f}  p90 {s['p90']:7.2f}  min {s['min']:7.2f}"
+
+
+def _frames(size, count: int, n_objects: int, seed: int):
+    """A synthetic sequence played forwards then backwards: smooth motion for any length."""
+    from hqsmem_ros.data.synth import make_sequence
+    frames, labels = make_sequence("bench", seed, tuple(size), count, n_objects)
+    order = list(range(count)) + list(range(count - 2, 0, -1))
+    return frames, labels, order
+
+
+def _image_msgs(frames, encoding: str):
+    from sensor_msgs.msg import Image
+    from hqsmem_ros.ros import image_codec
+    out = []
+    for rgb in frames:
+        pixels = np.ascontiguousarray(rgb[..., ::-1]) if encoding == "bgr8" else rgb
+        msg = image_codec.fill_image_msg(Image(), image_codec.encode_image(pixels, encoding))
+        msg.header.frame_id = "camera"
+        out.append(msg)
+    return out
+
+
+def _write_label_png(label: np.ndarray, directory: str) -> str:
+    from PIL import Image as PILImage
+    path = os.path.join(directory, "initial_mask.png")
+    PILImage.fromarray(label.astype(np.uint8)).save(path)
+    return path
+
+
+def _wait(predicate, timeout: float, what: str, proc: Optional[subprocess.Popen] = None) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"bench_node: the node process exited ({proc.returncode}) while waiting for {what}")
+        if time.monotonic() > end:
+            raise SystemExit(f"bench_node: timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class _Driver:
+    """The benchmark's own rclpy context: publishers, result subscriptions, arrival times."""
+
+    def __init__(self, domain: int):
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import MultiThreadedExecutor
+        self.rclpy = rclpy
+        self.ctx = Context()
+        rclpy.init(context=self.ctx, domain_id=domain)
+        self.node = rclpy.create_node("bench_driver", context=self.ctx)
+        self.cv = threading.Condition()
+        self.arrivals: Dict[str, Dict[int, float]] = {}
+        self.executor = MultiThreadedExecutor(num_threads=2, context=self.ctx)
+        self.executor.add_node(self.node)
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def record(self, name: str, extra=None):
+        store = self.arrivals.setdefault(name, {})
+
+        def cb(msg):
+            now = time.perf_counter()
+            with self.cv:
+                store[_key(msg)] = now
+                if extra is not None:
+                    extra(msg)
+                self.cv.notify_all()
+        return cb
+
+    def wait_all(self, names: Sequence[str], key: int, timeout: float) -> Optional[float]:
+        """Latest arrival of `key` on every named subscription, or None after `timeout`."""
+        end = time.monotonic() + timeout
+        with self.cv:
+            while True:
+                got = [self.arrivals.get(n, {}).get(key) for n in names]
+                if all(t is not None for t in got):
+                    return max(got)
+                left = end - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cv.wait(min(left, 0.05))
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.rclpy.shutdown(context=self.ctx)
+        self.thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------------- children
+def _child_echo(args) -> int:
+    """A bare rclpy node: every image in is published again, unchanged (the reference cost)."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+    rclpy.init(args=["bench_echo"])
+    node = rclpy.create_node("bench_echo")
+    qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+    pub = node.create_publisher(Image, ECHO_OUT, qos)
+    times: List[float] = []
+
+    def on_image(msg):
+        t0 = time.perf_counter()
+        pub.publish(msg)
+        times.append(time.perf_counter() - t0)
+    node.create_subscription(Image, ECHO_IN, on_image, qos)
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        Path(args.log).write_text(json.dumps({"callback": times}))
+        node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0
+
+
+def _child_node(args) -> int:
+    """The tracking node as `hqsmem node` runs it, plus a per-frame timing log written at exit."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from hqsmem_ros.ros.main import _params_file, prefer_short_gil_slices
+    from hqsmem_ros.ros.node import HQSMemNode
+    prefer_short_gil_slices()  # as `hqsmem node` does
+    rclpy.init(args=["bench_node", "--ros-args", "--params-file", _params_file(args.config)]
+               + list(args.ros_args))
+    node = HQSMemNode(NODE_NAME)
+    node.frame_log = []
+    executor = MultiThreadedExecutor(num_threads=4)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.stop()
+        Path(args.log).write_text(json.dumps({"frames": node.frame_log, "counters": node.counters()}))
+        node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0
+
+
+# ---------------------------------------------------------------------------------- overhead
+def run_overhead(args) -> Dict:
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from rclpy.serialization import deserialize_message, serialize_message
+    from sensor_msgs.msg import Image
+    from hqsmem_ros.msg import TrackedObjectArray
+
+    domain = _domain(args.domain)
+    env = dict(os.environ, ROS_DOMAIN_ID=str(domain))
+    frames, labels, order = _frames(args.size, args.cycle, args.objects, args.seed)
+    msgs = _image_msgs(frames, args.encoding)
+    tmp = tempfile.mkdtemp(prefix="hqsmem_bench_node_")
+    mask_png = _write_label_png(labels[0], tmp)
+    node_log, echo_log = os.path.join(tmp, "node.json"), os.path.join(tmp, "echo.json")
+    me = [sys.executable, "-m", "hqsmem_ros.ros.bench_node"]
+    node_proc = subprocess.Popen(
+        me + ["_node", "--log", node_log, "--config", args.config, "--ros-args",
+              "-p", "qos_reliability:=reliable", "-p", "qos_depth:=10", "-p", f"initial_mask:={mask_png}"],
+        env=env, stdout=open(os.path.join(tmp, "node.out"), "w"), stderr=subprocess.STDOUT)
+    echo_proc = subprocess.Popen(me + ["_echo", "--log", echo_log], env=env,
+                                 stdout=open(os.path.join(tmp, "echo.out"), "w"), stderr=subprocess.STDOUT)
+    driver = _Driver(domain)
+    try:
+        qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        n = driver.node
+        echo_pub = n.create_publisher(Image, ECHO_IN, qos)
+        node_pub = n.create_publisher(Image, "image", qos)
+        n.create_subscription(Image, ECHO_OUT, driver.record("echo"), qos)
+        n.create_subscription(Image, f"/{NODE_NAME}/masks", driver.record("masks"), qos)
+        n.create_subscription(TrackedObjectArray, f"/{NODE_NAME}/objects", driver.record("objects"), qos)
+        driver.start()
+        _wait(lambda: echo_pub.get_subscription_count() and node_pub.get_subscription_count()
+              and n.count_publishers(ECHO_OUT) and n.count_publishers(f"/{NODE_NAME}/objects")
+              and n.count_publishers(f"/{NODE_NAME}/masks"), 60, "discovery", node_proc)
+        time.sleep(1.0)  # matching settles in both directions
+
+        # The receive-side conversion rclpy does before any callback (both nodes pay it).
+        raw = serialize_message(msgs[0])
+        t0 = time.perf_counter()
+        for _ in range(20):
+            deserialize_message(raw, Image)
+        deserialize_s = (time.perf_counter() - t0) / 20
+
+        echo_lat: Dict[int, float] = {}
+        node_lat: Dict[int, float] = {}
+        timeouts = {"echo": 0, "node": 0}
+        total = args.warmup + args.frames
+        for k in range(total):
+            msg = msgs[order[k % len(order)]]
+            ns = _stamp_ns(k, 30.0)
+            _set_stamp(msg, ns)
+            legs = [("echo", echo_pub, ("echo",)), ("node", node_pub, ("masks", "objects"))]
+            for name, pub, waits in (legs if k % 2 == 0 else legs[::-1]):
+                t0 = time.perf_counter()
+                pub.publish(msg)
+                t1 = driver.wait_all(waits, ns, timeout=10.0)
+                if t1 is None:
+                    timeouts[name] += 1
+                elif k >= args.warmup:
+                    (echo_lat if name == "echo" else node_lat)[ns] = t1 - t0
+            if not args.quiet and (k + 1) % 100 == 0:
+                print(f"  {k + 1}/{total} frames", file=sys.stderr)
+    finally:
+        driver.close()
+        _stop(node_proc)
+        _stop(echo_proc)
+    if node_proc.returncode != 0:
+        raise SystemExit(f"bench_node: the node process failed; see {tmp}/node.out")
+    node_data = json.loads(Path(node_log).read_text())
+    echo_data = json.loads(Path(echo_log).read_text())
+    per_frame = {int(round(r["stamp"] * 1e9)): r for r in node_data["frames"]}
+    common = [ns for ns in node_lat if ns in per_frame]
+    e2e_minus_pipeline = [node_lat[ns] - per_frame[ns]["pipeline"] for ns in common]
+    in_node = [per_frame[ns]["overhead"] for ns in common]
+    stages = {s: _ms([per_frame[ns][s] for ns in common]) for s in ("wait", "decode", "publish", "pipeline")}
+    other = [per_frame[ns]["overhead"] - per_frame[ns]["wait"] - per_frame[ns]["decode"] - per_frame[ns]["publish"]
+             for ns in common]
+    stages["other"] = _ms(other)
+    echo_cb = echo_data["callback"][args.warmup:]
+    report = {
+        "size": f"{args.size[0]}x{args.size[1]}", "encoding": args.encoding, "frames": len(common),
+        "warmup": args.warmup, "objects": args.objects, "config": str(args.config), "domain": domain,
+        "timeouts": timeouts,
+        "echo_round_trip_ms": _ms(list(echo_lat.values())),
+        "node_round_trip_ms": _ms([node_lat[ns] for ns in common]),
+        "node_round_trip_minus_pipeline_ms": _ms(e2e_minus_pipeline),
+        "echo_callback_ms": _ms(echo_cb),
+        "node_overhead_in_node_ms": _ms(in_node),
+        "node_overhead_cpu_ms": _ms([per_frame[ns]["overhead_cpu"] for ns in common]),
+        "node_stage_ms": stages,
+        "rclpy_deserialize_ms": 1000 * deserialize_s,
+        "node_counters": node_data["counters"],
+        "logs": tmp if args.keep_logs else None,
+    }
+    if not args.keep_logs:
+        shutil.rmtree(tmp, ignore_errors=True)
+    m_e2e, m_echo = report["node_round_trip_minus_pipeline_ms"], report["echo_round_trip_ms"]
+    report["ratio_round_trip"] = m_e2e["median"] / m_echo["median"] if m_echo.get("n") and m_e2e.get("n") else None
+    m_in, m_cb = report["node_overhead_in_node_ms"], report["echo_callback_ms"]
+    report["ratio_in_node"] = m_in["median"] / m_cb["median"] if m_cb.get("n") and m_in.get("n") else None
+    report["added_over_echo_ms"] = (m_e2e["median"] - m_echo["median"]) if report["ratio_round_trip"] else None
+    report["target_ms"] = args.target_ms
+    report["target_met"] = bool(m_in.get("n")) and m_in["median"] <= args.target_ms
+    return report
+
+
+def _machine(load_before) -> Dict:
+    """Other programs on the machine change every wall-clock figure here: say how busy it was."""
+    return {"cpus": os.cpu_count(), "load_avg_1min_before": round(load_before[0], 2),
+            "load_avg_1min_after": round(os.getloadavg()[0], 2)}
+
+
+def _machine_line(r: Dict) -> str:
+    m = r["machine"]
+    return (f"  machine: {m['cpus']} CPUs, 1-min load average {m['load_avg_1min_before']:.1f} before, "
+            f"{m['load_avg_1min_after']:.1f} after")
+
+
+def format_overhead(r: Dict) -> str:
+    s = r["node_stage_ms"]
+    lines = [
+        f"ROS 2 node overhead: {r['size']} {r['encoding']}, {r['frames']} frames after {r['warmup']} warm-up, "
+        f"{r['objects']} objects, lockstep, reliable QoS; driver, echo node and tracking node in 3 processes",
+        f"  bare echo node, round trip (publish -> echoed image received):  {_fmt(r['echo_round_trip_ms'])}",
+        f"  tracking node, round trip (publish -> masks+objects received): {_fmt(r['node_round_trip_ms'])}",
+        f"    minus the pipeline's own time, per frame:                    {_fmt(r['node_round_trip_minus_pipeline_ms'])}",
+        f"    ratio to the echo round trip (medians): {r['ratio_round_trip']:.2f}   "
+        f"added over the echo: {r['added_over_echo_ms']:+.2f} ms",
+        "  inside the processes (after rclpy's receive conversion):",
+        f"    echo callback (publish the image):                           {_fmt(r['echo_callback_ms'])}",
+        f"    tracking node, callback -> last publish, pipeline excluded:  {_fmt(r['node_overhead_in_node_ms'])}",
+        f"      wait for worker {s['wait'].get('median', 0):.2f}, decode {s['decode'].get('median', 0):.2f}, "
+        f"publish masks+objects {s['publish'].get('median', 0):.2f}, other {s['other'].get('median', 0):.2f} "
+        f"(medians, ms); pipeline itself {s['pipeline'].get('median', 0):.2f} ms",
+        f"    ratio to the echo callback (medians): {r['ratio_in_node']:.2f}",
+        f"    the same work as CPU time of the node's worker thread:        {_fmt(r['node_overhead_cpu_ms'])}",
+        f"  rclpy's receive conversion of one {r['size']} image (both nodes pay it): {r['rclpy_deserialize_ms']:.2f} ms",
+        f"  target: node overhead <= {r['target_ms']:g} ms per frame (in-node median): "
+        + ("met" if r["target_met"] else "NOT met"),
+    ]
+    lines.append(_machine_line(r))
+    if any(r["timeouts"].values()):
+        lines.append(f"  frames without an answer within 10 s (warm-up included): {r['timeouts']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- stream
+_STOPPED = re.compile(r"stopped: (\d+) frames received, (\d+) processed, dropped (.*)$", re.M)
+
+
+def run_stream(args, qos_name: str) -> Dict:
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+    from hqsmem_ros.msg import TrackedObjectArray
+
+    domain = _domain(args.domain)
+    env = dict(os.environ, ROS_DOMAIN_ID=str(domain))
+    frames, labels, order = _frames(args.size, args.cycle, args.objects, args.seed)
+    msgs = _image_msgs(frames, args.encoding)
+    tmp = tempfile.mkdtemp(prefix=f"hqsmem_bench_stream_{qos_name}_")
+    mask_png = _write_label_png(labels[0], tmp)
+    node_out = os.path.join(tmp, "node.out")
+    cmd = [sys.executable, "-m", "hqsmem_ros.cli", "node", "--config", args.config, "--ros-args",
+           "-p", f"qos_reliability:={qos_name}", "-p", f"initial_mask:={mask_png}"]
+    if args.node_depth:
+        cmd += ["-p", f"qos_depth:={args.node_depth}"]
+    node_proc = subprocess.Popen(cmd, env=env, stdout=open(node_out, "w"), stderr=subprocess.STDOUT)
+    driver = _Driver(domain)
+    results: Dict[int, int] = {}
+    diag: Dict[str, str] = {}
+    published: List[int] = []
+    late = 0
+    try:
+        reliability = ReliabilityPolicy.RELIABLE if qos_name == "reliable" else ReliabilityPolicy.BEST_EFFORT
+        n = driver.node
+        pub = n.create_publisher(Image, "image", QoSProfile(depth=args.depth, reliability=reliability))
+
+        def on_result(msg):
+            results[_key(msg)] = results.get(_key(msg), 0) + 1
+
+        def on_diag(msg):
+            for st in msg.status:
+                if st.name.startswith(f"/{NODE_NAME}:"):
+                    diag.clear()
+                    diag.update({kv.key: kv.value for kv in st.values})
+        n.create_subscription(TrackedObjectArray, f"/{NODE_NAME}/objects", driver.record("objects", on_result),
+                              QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE))
+        n.create_subscription(DiagnosticArray, "/diagnostics", driver.record("diag", on_diag), 10)
+        driver.start()
+        _wait(lambda: pub.get_subscription_count() and n.count_publishers(f"/{NODE_NAME}/objects")
+              and n.count_publishers("/diagnostics"), 60, "discovery", node_proc)
+        time.sleep(1.0)
+        period = 1.0 / args.rate
+        t_start = next_time = time.monotonic()
+        for k in range(args.frames):
+            next_time += period
+            delay = next_time - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            elif delay < -period:  # the publisher was held up: go on from now, as a camera would,
+                late += 1          # instead of sending the missed frames in a burst
+                next_time = time.monotonic()
+            msg = msgs[order[k % len(order)]]
+            ns = _stamp_ns(k, args.rate)
+            _set_stamp(msg, ns)
+            pub.publish(msg)
+            published.append(ns)
+            if not args.quiet and (k + 1) % 500 == 0:
+                with driver.cv:
+                    print(f"  [{qos_name}] {k + 1}/{args.frames} published, {len(results)} results, "
+                          f"node: received {diag.get('frames_received')}, dropped {diag.get('frames_dropped')}",
+                          file=sys.stderr)
+        elapsed = time.monotonic() - t_start
+
+        def settled():
+            with driver.cv:
+                if not diag:
+                    return False
+                rec, proc_, drop = (int(diag[k]) for k in ("frames_received", "frames_processed", "frames_dropped"))
+                return (diag.get("frames_pending") == "0" and proc_ + drop == rec
+                        and len(results) == proc_ and time.monotonic() - last_change[0] > 3.0)
+        last_change = [time.monotonic()]
+        last_seen = [None]
+
+        def watch():
+            with driver.cv:
+                now = (diag.get("frames_received"), diag.get("frames_processed"), len(results))
+            if now != last_seen[0]:
+                last_seen[0], last_change[0] = now, time.monotonic()
+            return settled()
+        try:
+            _wait(watch, 60, "the node to account for every frame it received", node_proc)
+        except SystemExit as exc:
+            print(str(exc), file=sys.stderr)
+        with driver.cv:
+            final_diag = dict(diag)
+            got = dict(results)
+    finally:
+        driver.close()
+        _stop(node_proc)
+    out = Path(node_out).read_text(errors="replace")
+    stopped = _STOPPED.search(out)
+    sent = set(published)
+    dropped = {k[len("dropped."):]: int(v) for k, v in final_diag.items() if k.startswith("dropped.")}
+    received = int(final_diag.get("frames_received", -1))
+    processed = int(final_diag.get("frames_processed", -1))
+    lost_event = int(final_diag.get("messages_lost_in_transport", 0))
+    report = {
+        "qos": qos_name, "size": f"{args.size[0]}x{args.size[1]}", "encoding": args.encoding,
+        "rate_hz": args.rate, "publisher_depth": args.depth, "node_depth": args.node_depth or "from config",
+        "config": str(args.config),
+        "published": len(published), "publish_seconds": elapsed, "late_publishes": late,
+        "node_received": received, "node_processed": processed, "node_dropped": dropped,
+        "node_dropped_total": sum(dropped.values()),
+        "results_received": len(got), "results_duplicated": sum(c - 1 for c in got.values()),
+        "results_not_published": len(set(got) - sent),
+        "lost_in_transport": len(published) - received,
+        "message_lost_event_count": lost_event,
+        "node_stopped_line": stopped.group(0) if stopped else None,
+        "node_log": node_out if args.keep_logs else None, "command": " ".join(cmd),
+    }
+    if not args.keep_logs:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report["node_accounts_for_received"] = processed + report["node_dropped_total"] == received
+    report["results_equal_processed"] = len(got) == processed
+    report["published_equals_results_plus_drops"] = len(published) == len(got) + report["node_dropped_total"]
+    report["transport_losses_reported_by_event"] = report["lost_in_transport"] == lost_event
+    # Every frame is accounted for by the node itself or by the middleware's message-lost event.
+    report["every_frame_accounted"] = (report["node_accounts_for_received"] and report["results_equal_processed"]
+                                       and len(published) == len(got) + report["node_dropped_total"] + lost_event)
+    return report
+
+
+def format_stream(r: Dict) -> str:
+    drops = ", ".join(f"{k} {v}" for k, v in sorted(r["node_dropped"].items())) or "none"
+    yes = lambda b: "yes" if b else "NO"  # noqa: E731
+    lines = [
+        f"stream [{r['qos']}]: {r['size']} {r['encoding']} at {r['rate_hz']:g} Hz, "
+        f"history depth publisher {r['publisher_depth']} / node {r['node_depth']}, "
+        f"{r['published']} frames published in {r['publish_seconds']:.1f} s "
+        f"(schedule slipped by more than a period {r['late_publishes']} times)",
+        f"  node received {r['node_received']}, processed {r['node_processed']}, dropped {r['node_dropped_total']} ({drops})",
+        f"  results received by the subscriber: {r['results_received']} "
+        f"(duplicates {r['results_duplicated']}, unknown stamps {r['results_not_published']})",
+        f"  lost between the processes (published - received; seen only by the publisher): "
+        f"{r['lost_in_transport']}; the node's message-lost event counted {r['message_lost_event_count']}",
+        f"  node: received == processed + dropped: {yes(r['node_accounts_for_received'])};  "
+        f"results == processed: {yes(r['results_equal_processed'])}",
+        f"  published == results + counted drops (nothing lost silently): "
+        f"{yes(r['published_equals_results_plus_drops'])}",
+    ]
+    if r["lost_in_transport"]:
+        lines.append("  transport losses reported by the middleware's message-lost event: "
+                     f"{yes(r['transport_losses_reported_by_event'])}")
+    lines.append("  every frame accounted for by the node or the message-lost event (exit status 0): "
+                 f"{yes(r['every_frame_accounted'])}")
+    lines.append(_machine_line(r))
+    if r["node_stopped_line"]:
+        lines.append(f"  node at exit: {r['node_stopped_line']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- main
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["_echo"], ["_node"]):  # child processes started by the commands below
+        ap = argparse.ArgumentParser()
+        ap.add_argument("role")
+        ap.add_argument("--log", required=True)
+        ap.add_argument("--config", default=str(DEFAULT_CONFIG))
+        ours, ros = (argv[:argv.index("--ros-args")], argv[argv.index("--ros-args"):]) \
+            if "--ros-args" in argv else (argv, [])
+        args = ap.parse_args(ours)
+        args.ros_args = ros
+        return _child_echo(args) if args.role == "_echo" else _child_node(args)
+
+    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.ros.bench_node", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, size, frames in (("overhead", (1280, 720), 300), ("stream", (320, 240), 5000)):
+        p = sub.add_parser(name)
+        p.add_argument("--size", type=_size, default=size)
+        p.add_argument("--frames", type=int, default=frames)
+        p.add_argument("--config", default=str(DEFAULT_CONFIG), help="node parameter file")
+        p.add_argument("--encoding", choices=["bgr8", "rgb8"], default="bgr8",
+                       help="input encoding (bgr8: what most camera drivers publish)")
+        p.add_argument("--objects", type=int, default=3)
+        p.add_argument("--cycle", type=int, default=40, help="distinct synthetic frames (played back and forth)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--domain", type=int, help="ROS_DOMAIN_ID (default: $ROS_DOMAIN_ID or from the pid)")
+        p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+        p.add_argument("--quiet", action="store_true")
+        p.add_argument("--keep-logs", action="store_true", help="keep the child processes' logs (path in the JSON)")
+    sub.choices["overhead"].add_argument("--warmup", type=int, default=20)
+    sub.choices["overhead"].add_argument("--target-ms", type=float, default=3.0)
+    sub.choices["stream"].add_argument("--rate", type=float, default=30.0)
+    sub.choices["stream"].add_argument("--qos", choices=["reliable", "best_effort", "both"], default="both")
+    sub.choices["stream"].add_argument("--depth", type=int, default=5, help="publisher history depth")
+    sub.choices["stream"].add_argument("--node-depth", type=int,
+                                       help="the node's qos_depth (default: the config file's)")
+    args = ap.parse_args(argv)
+    args.config = str(Path(args.config).resolve())
+
+    load_before = os.getloadavg()
+    if args.command == "overhead":
+        report = run_overhead(args)
+        report["machine"] = _machine(load_before)
+        print(format_overhead(report))
+        ok = report["target_met"]
+    else:
+        reports = []
+        for qos in (["reliable", "best_effort"] if args.qos == "both" else [args.qos]):
+            reports.append(run_stream(args, qos))
+            reports[-1]["machine"] = _machine(load_before)
+            load_before = os.getloadavg()
+            print(format_stream(reports[-1]), flush=True)
+        report = {"runs": reports}
+        ok = all(r["every_frame_accounted"] for r in reports)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
