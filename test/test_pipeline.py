@@ -246,3 +246,15 @@ def test_process_max_side_zero_keeps_the_input_size(translate):
     r = p.process(frames[0], prompts=_first_prompts(labels[0]))
     assert p._work_wh == (frames[0].shape[1], frames[0].shape[0])
     assert np.array_equal(r.label_map(), labels[0])
+
+
+@pytest.mark.parametrize("name", ["track", "cpu", "jetson_orin", "paper_models", "sam2"])
+def test_shipped_profiles_are_valid(name):
+    from pathlib import Path
+
+    from hqsmem_ros.core import registry
+
+    cfg = load_config(Path(__file__).parent.parent / "config" / f"{name}.yaml")
+    for kind in ("tracker", "refiner", "features"):
+        table = {"tracker": registry.TRACKERS, "refiner": registry.REFINERS, "features": registry.FEATURES}[kind]
+        assert getattr(cfg, kind)["type"] in table
