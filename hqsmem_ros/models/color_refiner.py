@@ -13,8 +13,8 @@ holes filled. Score = mean ratio inside minus outside (the contrast the proposal
 
 Seeds. With a box alone (a user's box prompt) the object's colours are seeded from the box's
 central ellipse and the background's from the ring around the box. SAM knows what objects look
-like; this refiner does not, and on natural images a box-only colour model reaches only about
-0.48 IoU from ground-truth boxes (DAVIS, docs/benchmarks.md). So when the pipeline refines a
+like; this refiner does not, and on natural images a box-only colour model often takes the
+background of similar colour or loses thin parts. So when the pipeline refines a
 tracked object it also passes the coarse mask (`accepts_mask_hint`): the mask's eroded core seeds
 the object colours and the band outside it the background. The paper prompts SAM-HQ with the box
 only (supp. Table 2); neural refiners keep doing exactly that.

@@ -55,8 +55,7 @@ class FlowTracker(BaseTracker):
                  appearance_weight: float = 1.0, search_margin: float = 0.3,
                  min_area: int = 12, redetect_every: int = 2, redetect_min_lr: float = 1.5,
                  redetect_area_range=(0.3, 3.0), recent_bg_weight: float = 0.5,
-                 match_search: float = 1.0, match_size: int = 32, smooth: int = 5,
-                 max_positive_lr: float = 4.0, growth: float = 1.0):
+                 match_search: float = 1.0, match_size: int = 32, smooth: int = 5):
         if flow_preset not in _PRESETS:
             raise ValueError(f"flow_preset must be one of {', '.join(_PRESETS)}, got {flow_preset!r}")
         self.flow_preset = flow_preset
@@ -71,8 +70,6 @@ class FlowTracker(BaseTracker):
         self.match_search = float(match_search)
         self.match_size = int(match_size)
         self.smooth = int(smooth) | 1
-        self.max_positive_lr = float(max_positive_lr)
-        self.growth = float(growth)
         self._flow = cv2.DISOpticalFlow_create(_PRESETS[flow_preset])
         self.reset()
 
@@ -172,14 +169,9 @@ class FlowTracker(BaseTracker):
         h, w = warped.shape
         x0, y0, x1, y1 = expand_box(box, self.search_margin, 4, w, h)
         sl = (slice(y0, y1), slice(x0, x1))
-        lr = np.minimum(self._lut(oid)[index[sl]], self.max_positive_lr)
+        lr = self._lut(oid)[index[sl]]
         logit = self.flow_weight * (2.0 * warped[sl] - 1.0) + self.appearance_weight * lr
         logit = cv2.GaussianBlur(logit, (self.smooth, self.smooth), 0)
-        if self.growth < 1.0:
-            # Colour alone may not carry the mask far past where the object was predicted to be.
-            r = max(1, int(round(self.growth * min(box[2] - box[0], box[3] - box[1]))))
-            reach = cv2.dilate(core[sl].astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
-            logit[reach == 0] = -1.0
         fg = (logit > 0).astype(np.uint8)
         n, comp = cv2.connectedComponents(fg, connectivity=8)
         if n > 2:  # keep only pieces connected to where the object was warped to
