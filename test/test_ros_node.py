@@ -20,6 +20,7 @@ from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
 from hqsmem_ros.msg import ObjectPrompt, ObjectPromptArray, TrackedObjectArray  # noqa: E402
 from hqsmem_ros.ros import image_codec as ic  # noqa: E402
+from hqsmem_ros.core.config import ConfigError  # noqa: E402
 from hqsmem_ros.ros.node import HQSMemNode  # noqa: E402
 from hqsmem_ros.srv import AddObjects, RemoveObjects, Reset  # noqa: E402
 
@@ -632,3 +633,33 @@ def test_random_weights_run_when_explicitly_allowed_with_a_warning(harness, capf
     assert h.node.counters()["processed"] == 1
     h.wait_for(lambda: any(d.status[0].level == DiagnosticStatus.WARN and "random weights" in d.status[0].message
                            for d in h.diags), "a WARN status about random weights")
+
+
+def test_prompts_file_starts_and_removes_objects_like_hqsmem_bag(harness, tmp_path):
+    prompts = tmp_path / "objects.yaml"
+    prompts.write_text(
+        "prompts:\n"
+        "  - {id: 5, frame: 0, box: [18, 38, 62, 82], label: crate}\n"
+        "  - {id: 9, stamp: 70.1, box: [88, 8, 132, 52]}\n"
+        "remove:\n"
+        "  - {id: 5, frame: 3}\n")
+    h = harness(prompts_file=str(prompts))
+    for k, stamp in enumerate([70.0, 70.1, 70.2, 70.3, 70.4]):
+        h.send(h.image_msg(_scene(k)[0], stamp))
+    ids = [[o.id for o in _by_stamp(h.results, s)[0].objects] for s in (70.0, 70.1, 70.2, 70.3, 70.4)]
+    assert ids == [[5], [5, 9], [5, 9], [9], [9]]
+    first = _by_stamp(h.results, 70.0)[0].objects[0]
+    assert first.label == "crate" and first.visible and first.area > 800
+    assert h.node.counters()["processed"] == 5 and not h.node.counters()["dropped"]
+
+
+def test_invalid_prompts_file_stops_start_up_with_its_name(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prompts:\n  - {id: 1, box: [0, 0, 10, 10]}\n")  # neither frame nor stamp
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    try:
+        with pytest.raises(ConfigError, match="bad.yaml"):
+            HQSMemNode("bad_prompts", context=ctx, parameter_overrides=[Parameter("prompts_file", value=str(bad))])
+    finally:
+        rclpy.shutdown(context=ctx)

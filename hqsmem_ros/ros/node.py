@@ -34,6 +34,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from hqsmem_ros.core.config import ConfigError, PipelineConfig
 from hqsmem_ros.core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt, PromptError
+from hqsmem_ros.prompts_file import PromptsFileError, load_prompts_file
 from hqsmem_ros.msg import ObjectPromptArray, TrackedObject, TrackedObjectArray
 from hqsmem_ros.ros import image_codec
 from hqsmem_ros.ros.image_codec import ImageDecodeError
@@ -64,6 +65,9 @@ NODE_PARAMS: Dict[str, _NodeParam] = {
     "overlay_alpha": _NodeParam(0.5, "Mask opacity in ~/overlay", True, float_range=(0.0, 1.0)),
     "initial_mask": _NodeParam("", "Label PNG (pixel value = object id) that seeds the objects "
                                "on the first frame; empty = start with no objects", False),
+    "prompts_file": _NodeParam("", "YAML prompts file (docs/prompts.md), the format of `hqsmem bag "
+                               "--prompts`: objects to start, correct or remove at given stamps "
+                               "(or indices of the frames this node processes)", False),
     "use_camera_info": _NodeParam(False, "Subscribe to camera_info and check its size against the images", False),
     "diagnostics_period": _NodeParam(1.0, "Seconds between /diagnostics messages", False,
                                      float_range=(0.1, 60.0)),
@@ -135,6 +139,7 @@ class HQSMemNode(Node):
         self._labels: Dict[int, str] = {}
         self._initial_labels = self._load_initial_mask(self.get_parameter("initial_mask").value)
         self._seed_pending = self._initial_labels is not None
+        self._schedule = self._load_prompts_file(self.get_parameter("prompts_file").value)
 
         # One-slot frame buffer and request queue, shared by the callbacks and the worker.
         self._cond = threading.Condition()
@@ -378,6 +383,34 @@ class HQSMemNode(Node):
             raise ConfigError(f"initial_mask {path}: no object (every pixel is 0)")
         return labels.astype(np.uint16)
 
+    def _load_prompts_file(self, path: str):
+        if not path:
+            return None
+        try:
+            return load_prompts_file(path)
+        except PromptsFileError as exc:
+            raise ConfigError(f"prompts_file: {exc}") from exc
+
+    def _file_prompts(self, stamp_msg, shape):
+        """Entries of prompts_file due on this frame: (entries, prompts, removals, labels)."""
+        if self._schedule is None:
+            return [], [], [], {}
+        due = self._schedule.due(self._frame_index, stamp_msg.sec * 1_000_000_000 + stamp_msg.nanosec)
+        if not due:
+            return [], [], [], {}
+        try:
+            prompts, remove, labels = self._schedule.prompts_for(due, shape)
+        except PromptsFileError as exc:
+            self._schedule.mark_applied(due)  # a bad entry is reported once, not retried forever
+            self._note_error(f"prompts_file entry not used: {exc}")
+            return [], [], [], {}
+        reused = sorted(p.id for p in prompts if p.id in self._used_ids and p.id not in self._live_ids)
+        if reused:
+            self._note_error(f"prompts_file: ids {reused} were used before and are never reused; skipped")
+            prompts = [p for p in prompts if p.id not in reused]
+        remove = [i for i in remove if i in self._live_ids]
+        return due, prompts, remove, labels
+
     def _seed_prompts(self, shape) -> List[ObjectPrompt]:
         labels = self._initial_labels
         if labels.shape != tuple(shape):
@@ -586,6 +619,8 @@ class HQSMemNode(Node):
                 seeds = self._seed_prompts(rgb.shape[:2])
             except PromptError as exc:
                 self._note_error(f"initial_mask not used: {exc}")
+        file_due, file_prompts, file_remove, file_labels = self._file_prompts(msg.header.stamp, rgb.shape[:2])
+        seeds = seeds + file_prompts
         extra: List[ObjectPrompt] = []
         labels: Dict[int, str] = {}
         if req is not None:
@@ -597,9 +632,9 @@ class HQSMemNode(Node):
         # A bad request must not cost the frame nor the seeds: retry without what was refused.
         attempts = []
         if req is not None:
-            attempts.append((seeds + extra, list(req.remove), req))
-        if seeds:
-            attempts.append((seeds, [], None))
+            attempts.append((seeds + extra, list(req.remove) + file_remove, req))
+        if seeds or file_remove:
+            attempts.append((seeds, file_remove, None))
         attempts.append(([], [], None))
         result = None
         t_pipe_start, cpu_pipe_start = time.perf_counter(), time.thread_time()
@@ -611,8 +646,8 @@ class HQSMemNode(Node):
                 if with_req is not None:
                     self._request_failed(with_req, str(exc))
                     req = None
-                elif prompts:
-                    self._note_error(f"initial_mask not used: {exc}")
+                elif prompts or remove:
+                    self._note_error(f"initial_mask / prompts_file not used: {exc}")
             except FrameError as exc:
                 self._drop("bad_frame", f"frame at {stamp:.6f} dropped: {exc}")
                 if req is not None:
@@ -630,6 +665,13 @@ class HQSMemNode(Node):
 
         self._used_ids.update(p.id for p in prompts)
         self._labels.update(labels)
+        if file_due:
+            self._schedule.mark_applied(file_due)
+            applied = {p.id for p in prompts}
+            self._labels.update({i: t for i, t in file_labels.items() if i in applied})
+            if applied & {p.id for p in file_prompts} or (file_remove and remove):
+                self.get_logger().info(f"prompts_file: started {sorted(applied & {p.id for p in file_prompts})}, "
+                                       f"removed {sorted(remove)} on frame {self._frame_index}")
         if req is not None:
             req.success = True
             what = []
