@@ -272,8 +272,10 @@ class HQSMemPipeline:
             props, scores = self.refiner.propose(boxes)
             for k, p in enumerate(box_prompts):
                 m = props[k, int(np.argmax(scores[k]))]
-                if not m.any():
-                    raise PromptError(f"the refiner found no object in box {tuple(p.box)} for object {p.id}")
+                if not m.any():  # nothing segmented: the box itself (state already moved on)
+                    x0, y0, x1, y1 = (int(round(v)) for v in boxes[k])
+                    m = np.zeros(small.shape[:2], bool)
+                    m[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)] = True
                 prompt_masks[p.id] = m
         for p in prompts:
             if p.mask is not None:
