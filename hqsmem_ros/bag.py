@@ -451,16 +451,7 @@ class _NodeState:
             oid = given or self.fresh_id(out)
             mask = None
             if has_mask:
-                try:
-                    raw = image_codec.mask_from_msg(p.mask)
-                except ImageDecodeError as exc:
-                    raise PromptError(f"prompt {k}: mask: {exc}") from exc
-                if raw.shape != (h, w):
-                    raise PromptError(f"prompt {k}: mask is {raw.shape[1]}x{raw.shape[0]}, the camera "
-                                      f"image is {w}x{h}")
-                mask = raw == oid if raw.dtype == np.uint16 else raw > 0
-                if not mask.any():
-                    raise PromptError(f"prompt {k}: mask has no pixel of the object")
+                mask = image_codec.prompt_mask(p.mask, oid, (h, w), f"prompt {k}")
             box = None
             if p.has_box:
                 x0, y0, x1, y1 = (float(v) for v in (p.x_min, p.y_min, p.x_max, p.y_max))

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
-                                ParameterType, SetParametersResult)
+                                SetParametersResult)
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)
@@ -751,13 +750,7 @@ class HQSMemNode(Node):
                 raise PromptError(f"prompt {k}: id {oid} was used before; ids are never reused")
             mask = None
             if p.mask.width > 0 and p.mask.height > 0:
-                raw = image_codec.mask_from_msg(p.mask)
-                if raw.shape != (h, w):
-                    raise PromptError(f"prompt {k}: mask is {raw.shape[1]}x{raw.shape[0]}, the camera "
-                                      f"image is {w}x{h}")
-                mask = raw == oid if raw.dtype == np.uint16 else raw > 0
-                if not mask.any():
-                    raise PromptError(f"prompt {k}: mask has no pixel of the object")
+                mask = image_codec.prompt_mask(p.mask, oid, (h, w), f"prompt {k}")
             box = None
             if p.has_box:
                 x0, y0, x1, y1 = p.x_min, p.y_min, p.x_max, p.y_max
