@@ -40,7 +40,7 @@ NS = "/hqsmem_node"
 class LiveNode:
     """The tracking node (use_sim_time, reliable images, seeded by initial_mask) and a listener."""
 
-    def __init__(self, image_topic, initial_mask, compressed):
+    def __init__(self, image_topic, initial_mask, compressed, **extra):
         self.ctx = Context()
         rclpy.init(context=self.ctx, domain_id=DOMAIN_ID)
         sub_topic = "image/compressed" if compressed else "image"
@@ -50,7 +50,7 @@ class LiveNode:
             parameter_overrides=[Parameter(k, value=v) for k, v in {
                 "use_sim_time": True, "qos_reliability": "reliable", "qos_depth": 100,
                 "input_type": "compressed" if compressed else "raw",
-                "initial_mask": str(initial_mask)}.items()])
+                "initial_mask": str(initial_mask), **extra}.items()])
         self.listener = rclpy.create_node("replay_listener", context=self.ctx)
         self.masks, self.objects, self.clock = [], [], []
         self.cv = threading.Condition()
@@ -113,6 +113,7 @@ def _objects_tuple(arr):
 @pytest.mark.parametrize("storage,image_format,player", [
     ("mcap", "rgb8", "in_process"),
     ("sqlite3", "jpeg", "command_line"),
+    ("mcap", "rgb8", "full_speed_queue"),
 ])
 def test_replay_under_sim_time_gives_the_masks_of_hqsmem_bag(tmp_path, storage, image_format, player):
     topic = "/camera/image_raw" + ("/compressed" if image_format == "jpeg" else "")
@@ -133,13 +134,18 @@ def test_replay_under_sim_time_gives_the_masks_of_hqsmem_bag(tmp_path, storage, 
     offline_masks, offline_objects = _by_stamp(m for _, m in offline[f"{NS}/masks"]), \
         _by_stamp(m for _, m in offline[f"{NS}/objects"])
 
-    live = LiveNode(topic, initial_mask, compressed=image_format == "jpeg")
+    # Full speed (no lockstep, 50x the recorded pace, faster than the pipeline), as `ros2 bag
+    # play --rate 50` would: frame_queue_size keeps every frame waiting instead of the newest.
+    extra = {"frame_queue_size": 100} if player == "full_speed_queue" else {}
+    live = LiveNode(topic, initial_mask, compressed=image_format == "jpeg", **extra)
     try:
         # the same pipeline configuration on both sides (both use the defaults)
         assert live.node.config.to_dict() == load_config(None).to_dict()
         assert live.node.get_parameter("use_sim_time").value is True
-        if player == "in_process":
-            replayer = BagReplayer(info["bag"], topic, rate=2.0, lockstep=True, context=live.ctx)
+        if player in ("in_process", "full_speed_queue"):
+            lockstep = player == "in_process"
+            replayer = BagReplayer(info["bag"], topic, rate=2.0 if lockstep else 50.0, lockstep=lockstep,
+                                   context=live.ctx)
             live.executor.add_node(replayer)
             try:
                 replay = replayer.run()

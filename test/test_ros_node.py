@@ -125,6 +125,15 @@ class Harness:
         c = self.node.counters()
         return c["processed"] + sum(c["dropped"].values())
 
+    def ask_then_send(self, client, request, frame_msg):
+        """Call a service that applies on the next frame: wait until the node holds the request
+        (or has already refused it), then send the frame; returns the answer's future."""
+        future = client.call_async(request)
+        self.wait_for(lambda: future.done() or len(self.node._requests) > 0, "the request to be queued")
+        self.send(frame_msg, wait=False)
+        self.wait_for(future.done, f"{client.srv_name} answer")
+        return future
+
     def call(self, client, request, timeout=20.0):
         future = client.call_async(request)
         end = time.monotonic() + timeout
@@ -225,26 +234,21 @@ def test_services_add_remove_reset_and_ids_are_never_reused(harness):
     assert h.results[-1].objects == []
 
     # add by box with a requested id; the service answers once a frame applied it
-    future = h.add.call_async(AddObjects.Request(prompts=[_prompt(5, box=(20, 40, 60, 80))]))
     rgb1, _ = _scene(1)
-    h.send(h.image_msg(rgb1, 2.0), wait=False)
-    h.wait_for(future.done, "add_objects answer")
+    future = h.ask_then_send(h.add, AddObjects.Request(prompts=[_prompt(5, box=(20, 40, 60, 80))]),
+                             h.image_msg(rgb1, 2.0))
     res = future.result()
     assert res.success and list(res.ids) == [5], res.message
     assert "frame" in res.message
 
     # id 0 -> a fresh id; a mask prompt
-    future = h.add.call_async(AddObjects.Request(prompts=[_prompt(0, _scene(2)[1], 2)]))
-    h.send(h.image_msg(_scene(2)[0], 3.0), wait=False)
-    h.wait_for(future.done, "add_objects answer")
+    future = h.ask_then_send(h.add, AddObjects.Request(prompts=[_prompt(0, _scene(2)[1], 2)]), h.image_msg(_scene(2)[0], 3.0))
     assert future.result().success and list(future.result().ids) == [6]
     h.wait_for(lambda: _by_stamp(h.results, 3.0), "result of frame 3")
     assert [o.id for o in _by_stamp(h.results, 3.0)[0].objects] == [5, 6]
 
     # remove 5: the other object keeps its id and track
-    future = h.remove.call_async(RemoveObjects.Request(ids=[5]))
-    h.send(h.image_msg(_scene(3)[0], 4.0), wait=False)
-    h.wait_for(future.done, "remove_objects answer")
+    future = h.ask_then_send(h.remove, RemoveObjects.Request(ids=[5]), h.image_msg(_scene(3)[0], 4.0))
     assert future.result().success and list(future.result().removed_ids) == [5]
     h.wait_for(lambda: _by_stamp(h.results, 4.0), "result of frame 4")
     (after,) = _by_stamp(h.results, 4.0)
@@ -263,9 +267,7 @@ def test_services_add_remove_reset_and_ids_are_never_reused(harness):
     assert res.success and list(res.cleared_ids) == [6]
     h.send(h.image_msg(_scene(4)[0], 5.0))
     assert _by_stamp(h.results, 5.0)[0].objects == []
-    future = h.add.call_async(AddObjects.Request(prompts=[_prompt(0, box=(28, 40, 68, 80))]))
-    h.send(h.image_msg(_scene(4)[0], 6.0), wait=False)
-    h.wait_for(future.done, "add_objects answer")
+    future = h.ask_then_send(h.add, AddObjects.Request(prompts=[_prompt(0, box=(28, 40, 68, 80))]), h.image_msg(_scene(4)[0], 6.0))
     assert list(future.result().ids) == [7]
     assert h.node.counters()["bad_requests"] == {"~/add_objects": 2, "~/remove_objects": 1}
 
@@ -325,9 +327,7 @@ def test_bad_prompts_are_refused_and_tracking_continues(harness):
     h = harness()
     h.send(h.image_msg(_scene(0)[0], 1.0))
     # out-of-image box (the frame size is known only when applying): refused, frame processed
-    future = h.add.call_async(AddObjects.Request(prompts=[_prompt(0, box=(500, 500, 600, 600))]))
-    h.send(h.image_msg(_scene(1)[0], 2.0), wait=False)
-    h.wait_for(future.done, "add_objects answer")
+    future = h.ask_then_send(h.add, AddObjects.Request(prompts=[_prompt(0, box=(500, 500, 600, 600))]), h.image_msg(_scene(1)[0], 2.0))
     assert not future.result().success and "outside" in future.result().message
     h.wait_for(lambda: _by_stamp(h.results, 2.0), "frame 2 result despite the bad prompt")
     # empty box, mask of the wrong size and wrong encoding: refused before any frame
@@ -335,9 +335,7 @@ def test_bad_prompts_are_refused_and_tracking_continues(harness):
         (_prompt(0, box=(10, 10, 10, 30)), "empty"),
         (_prompt(3, np.zeros((10, 10), np.uint16) + 3, 3), "10x10"),
     ]:
-        future = h.add.call_async(AddObjects.Request(prompts=[prompt]))
-        h.send(h.image_msg(_scene(2)[0], 3.0 + len(h.results)), wait=False)
-        h.wait_for(future.done, "answer")
+        future = h.ask_then_send(h.add, AddObjects.Request(prompts=[prompt]), h.image_msg(_scene(2)[0], 3.0 + len(h.results)))
         assert not future.result().success and words in future.result().message, future.result().message
     p = _prompt(0, box=(10, 10, 30, 30))
     ic.fill_image_msg(p.mask, ic.encode_image(np.zeros((H, W, 3), np.uint8), "rgb8"))
@@ -369,6 +367,7 @@ def test_invalid_startup_parameters_name_the_parameter():
     try:
         for overrides, words in [({"pipeline.tau_verify": 7.0}, "tau_verify"),
                                  ({"input_type": "mjpeg"}, "input_type"),
+                                 ({"frame_queue_size": 0}, "frame_queue_size"),
                                  ({"initial_mask": "/nonexistent/m.png"}, "/nonexistent/m.png")]:
             with pytest.raises(ValueError) as e:
                 HQSMemNode(context=ctx, parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
@@ -394,6 +393,48 @@ def test_drop_accounting_under_a_burst(harness):
     stamps = [r.header.stamp.sec + r.header.stamp.nanosec * 1e-9 for r in h.results]
     assert stamps == sorted(stamps)  # newest-first never reorders frames
     assert abs(stamps[-1] - (10.0 + (n - 1) / 30)) < 1e-6  # the last frame always gets a result
+
+
+def test_frame_queue_processes_every_frame_of_a_burst_in_order(harness):
+    h = harness(qos_reliability="reliable", qos_depth=100, frame_queue_size=100)
+    _, labels0 = _scene(0)
+    h.prompt_pub.publish(ObjectPromptArray(prompts=[_prompt(0, labels0, 1), _prompt(0, labels0, 2)]))
+    h.wait_for(lambda: len(h.node._requests) == 1, "the prompt to be queued")
+    n = 40
+    for k in range(n):  # as fast as possible, faster than the pipeline
+        h.send(h.image_msg(_scene(k % 20)[0], 10.0 + k / 30), wait=False)
+    h.wait_for(lambda: h.node.counters()["processed"] == n, "every frame to be processed")
+    h.wait_for(lambda: len(h.results) == n, "all results")
+    c = h.node.counters()
+    assert c["received"] == n and not c["dropped"] and c["pending"] == 0
+    stamps = [r.header.stamp.sec + r.header.stamp.nanosec * 1e-9 for r in h.results]
+    np.testing.assert_allclose(stamps, [10.0 + k / 30 for k in range(n)], atol=1e-6)
+
+
+def test_frames_overwritten_in_the_dds_history_are_counted_as_lost_in_transport(harness):
+    # Depth 1: a burst overwrites frames in the subscription's history before the node takes
+    # them; the publisher's sequence numbers show the gaps, so nothing is lost silently.
+    h = harness(qos_reliability="reliable", qos_depth=1)
+    n = 60
+    for k in range(n):
+        h.send(h.image_msg(_scene(k % 20)[0], 20.0 + k / 30), wait=False)
+    h.wait_for(lambda: (lambda c: c["received"] + c["lost_in_transport"] == n
+                        and h._accounted() == c["received"])(h.node.counters()),
+               "every published frame to be received or counted lost")
+    c = h.node.counters()
+    assert c["lost_in_transport"] == c["sequence_gaps"] > 0, c
+    assert c["processed"] + sum(c["dropped"].values()) == c["received"] < n
+
+
+def test_sequence_gaps_are_counted_per_publisher(harness):
+    node = harness().node
+    a = {"publisher_gid": {"data": b"A" * 16}}
+    b = {"publisher_gid": {"data": b"B" * 16}}
+    for info, seq in [(a, 7), (a, 8), (b, 1), (a, 11), (b, 2), (b, 5), (a, 12)]:
+        node._count_sequence_gap(dict(info, publication_sequence_number=seq))
+    assert node.sequence_gaps == 2 + 2  # a: 9, 10 missing; b: 3, 4 missing; first of each not a gap
+    node._count_sequence_gap({"publication_sequence_number": None, "publisher_gid": None})
+    assert node.sequence_gaps == 4
 
 
 def test_stamps_going_back_reset_and_reseed_from_initial_mask(harness, tmp_path):

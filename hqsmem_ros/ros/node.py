@@ -7,10 +7,16 @@ Topics (relative names, so a namespace and remappings apply):
        ~/overlay (rgb8, optional), /diagnostics
 Services: ~/add_objects, ~/remove_objects, ~/reset.
 
-Threading: the image callback only puts the message in a one-slot buffer; a worker thread takes
-the newest frame, runs the pipeline and publishes. A frame replaced in the buffer before the
-worker got to it is counted as dropped ("replaced"), as is every frame that cannot be processed
-(with its reason), so frames received = results published + frames dropped.
+Threading: image callbacks start one at a time, in the order the executor took the messages
+(_OrderedIntakeGroup). The callback that finds the node idle lets the next callback start, then
+processes its frame itself and any frame that arrived meanwhile (no hand-over to another thread,
+whose wake-up cost more than the node's own work). Callbacks arriving while a frame is
+processed only leave their message in a buffer of frame_queue_size frames (1 by default, so the
+node always works on the newest frame): a frame pushed out of it is counted as dropped
+("replaced"), as is every frame that cannot be processed (with its reason), so frames received =
+results published + frames dropped.
+Frames that never reached the node (overwritten in the DDS history, lost on the network) show
+as gaps in the publisher's sequence numbers and are counted as lost in transport.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 SetParametersResult)
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.callback_groups import CallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
@@ -60,6 +66,11 @@ NODE_PARAMS: Dict[str, _NodeParam] = {
                                   "(best_effort matches camera drivers' sensor-data QoS)", False,
                                   choices=("best_effort", "reliable")),
     "qos_depth": _NodeParam(5, "History depth of the image subscription", False, int_range=(1, 100)),
+    "frame_queue_size": _NodeParam(1, "Frames kept waiting while one is processed: 1 = only the "
+                                   "newest (live cameras); more = process every frame in order "
+                                   "while the queue has room (bag replays at full rate); a frame "
+                                   "pushed out is counted as dropped (replaced)", False,
+                                   int_range=(1, 1000)),
     "publish_overlay": _NodeParam(True, "Publish ~/overlay (only computed while someone subscribes)", True),
     "overlay_alpha": _NodeParam(0.5, "Mask opacity in ~/overlay", True, float_range=(0.0, 1.0)),
     "initial_mask": _NodeParam("", "Label PNG (pixel value = object id) that seeds the objects "
@@ -134,7 +145,7 @@ class HQSMemNode(Node):
         self._used_ids: set = set()
         self._live_ids: Tuple[int, ...] = ()  # snapshot for the callbacks, updated by the worker
         self._frame_shape: Optional[Tuple[int, int]] = None
-        self._busy = False
+        self._busy = False  # a callback is processing frames (the "leader"); guarded by _cond
         self._labels: Dict[int, str] = {}
         self._initial_labels = self._load_initial_mask(self.get_parameter("initial_mask").value)
         self._seed_pending = self._initial_labels is not None
@@ -142,8 +153,10 @@ class HQSMemNode(Node):
 
         # One-slot frame buffer and request queue, shared by the callbacks and the worker.
         self._cond = threading.Condition()
-        self._slot: Optional[Any] = None
-        self._slot_time = 0.0  # perf_counter() when the frame in the slot arrived
+        # Frames waiting while another is processed: (message, perf_counter() at arrival). One
+        # slot by default (always the newest frame); frame_queue_size > 1 for replays.
+        self._waiting: deque = deque()
+        self._queue_size = int(self.get_parameter("frame_queue_size").value)
         # Benchmarks set this to a list to get one timing record per processed frame.
         self.frame_log: Optional[List[Dict[str, float]]] = None
         self._out_buffers: Dict[str, Any] = {}  # publisher -> array('B') reused for its data
@@ -159,7 +172,9 @@ class HQSMemNode(Node):
         self.frames_processed = 0
         self.dropped: Counter = Counter()
         self.bad_requests: Counter = Counter()
-        self.messages_lost = 0
+        self.messages_lost = 0  # the middleware's message-lost event (where it fires)
+        self.sequence_gaps = 0  # frames missing from publishers' sequence numbers
+        self._last_sequence: Dict[bytes, int] = {}  # publisher gid -> last sequence number seen
         self.resets = 0
         self._frame_index = 0
         self._last_stamp: Optional[float] = None
@@ -184,15 +199,17 @@ class HQSMemNode(Node):
                        else ReliabilityPolicy.BEST_EFFORT)
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=self.get_parameter("qos_depth").value,
                          reliability=reliability, durability=qos_profile_sensor_data.durability)
-        image_group = MutuallyExclusiveCallbackGroup()
+        image_group = _OrderedIntakeGroup()
         msg_type, topic = ((CompressedImage, "image/compressed")
                            if self.get_parameter("input_type").value == "compressed" else (Image, "image"))
+        # Sequence numbers come with the message info (rclpy on Iron and later).
+        on_image = self._on_image_with_info if _takes_message_info() else self._on_image
         try:  # count messages the middleware reports lost (not every RMW supports the event)
             self.image_sub = self.create_subscription(
-                msg_type, topic, self._on_image, qos, callback_group=image_group,
+                msg_type, topic, on_image, qos, callback_group=image_group,
                 event_callbacks=self._event_callbacks())
         except Exception:
-            self.image_sub = self.create_subscription(msg_type, topic, self._on_image, qos,
+            self.image_sub = self.create_subscription(msg_type, topic, on_image, qos,
                                                       callback_group=image_group)
         if self.get_parameter("use_camera_info").value:
             self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos,
@@ -206,11 +223,12 @@ class HQSMemNode(Node):
         self.create_service(Reset, "~/reset", self._on_reset, callback_group=service_group)
         self.create_timer(self.get_parameter("diagnostics_period").value, self._publish_diagnostics,
                           callback_group=service_group)
+        # Wakes the executor when the image callbacks may start again before one returned.
+        self._intake_wake = self.create_guard_condition(lambda: None, callback_group=service_group)
         self._install_clock_jump_handler()
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
-        self._worker = threading.Thread(target=self._work, name="hqsmem_worker", daemon=True)
-        self._worker.start()
+        self._started = True
         stats = self.pipeline.stats()
         self.get_logger().info(
             f"tracking {self.image_sub.topic_name} ({self.get_parameter('input_type').value}, "
@@ -436,14 +454,44 @@ class HQSMemNode(Node):
         except TypeError:
             return None
 
+    def _on_image_with_info(self, msg, info) -> None:
+        self._count_sequence_gap(info)
+        self._on_image(msg)
+
+    def _count_sequence_gap(self, info) -> None:
+        seq, gid = info.get("publication_sequence_number"), info.get("publisher_gid")
+        if not seq or not gid:  # the RMW does not fill them in
+            return
+        key = bytes(gid.get("data", b"")) if isinstance(gid, dict) else bytes(gid)
+        with self._stats_lock:
+            last = self._last_sequence.get(key)
+            # The first message of a publisher has no reference; a sequence going back is a
+            # restarted publisher (same gid is unlikely) and starts over.
+            if last is not None and seq > last + 1:
+                self.sequence_gaps += seq - last - 1
+            self._last_sequence[key] = seq
+
     def _on_image(self, msg) -> None:
         arrived = time.perf_counter()
         with self._cond:
             self.frames_received += 1
-            if self._slot is not None:
-                self.dropped["replaced"] += 1  # the worker was busy: only the newest frame counts
-            self._slot, self._slot_time = msg, arrived
-            self._cond.notify_all()
+            if self._stop:
+                self.dropped["shutdown"] += 1
+                return
+            if self._busy:  # another callback is processing: leave only the newest frame
+                if len(self._waiting) >= self._queue_size:
+                    self._waiting.popleft()
+                    self.dropped["replaced"] += 1
+                self._waiting.append((msg, arrived))
+                return
+            self._busy = True
+        self._release_intake()  # later frames may arrive (in order) while this one is processed
+        self._lead(msg, arrived)
+
+    def _release_intake(self) -> None:
+        group = self.image_sub.callback_group
+        if isinstance(group, _OrderedIntakeGroup) and group.release():
+            self._intake_wake.trigger()  # the executor re-checks which callbacks may start
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._camera_info = msg
@@ -554,21 +602,17 @@ class HQSMemNode(Node):
         self._note_error(f"{req.source}: refused: {reason}")
         req.done.set()
 
-    # ---------------------------------------------------------------- worker
-    def _work(self) -> None:
+    # ---------------------------------------------------------------- processing
+    def _lead(self, msg, arrived: float) -> None:
+        """Process `msg`, then every frame left in the slot meanwhile; only one caller at a time
+        (the one that set _busy)."""
         while True:
             with self._cond:
-                while self._slot is None and not self._stop:
-                    self._cond.wait()
-                if self._stop:
-                    return
-                msg, arrived, self._slot = self._slot, self._slot_time, None
                 req = self._requests.popleft() if self._requests else None
                 if req is not None:
                     req.taken = True
                 cfg, self._pending_config = self._pending_config, None
                 jump, self._reset_requested = self._reset_requested, None
-            self._busy = True
             try:
                 with self._pipe_lock:
                     if cfg is not None:
@@ -576,12 +620,16 @@ class HQSMemNode(Node):
                     if jump is not None:
                         self._reset_after_clock_jump(jump)
                     self._process(msg, req, arrived)
-            except Exception as exc:  # never let the worker die: report and go on
+            except Exception as exc:  # never let a frame take the node down: report and go on
                 self._drop("internal_error", f"frame dropped: unexpected {type(exc).__name__}: {exc}")
                 if req is not None and not req.done.is_set():
                     self._request_failed(req, f"internal error: {exc}")
-            finally:
-                self._busy = False
+            with self._cond:
+                if not self._waiting or self._stop:
+                    self._busy = False
+                    self._cond.notify_all()
+                    return
+                msg, arrived = self._waiting.popleft()
 
     def _process(self, msg, req: Optional[_Request], arrived: float) -> None:
         stamp = stamp_seconds(msg.header.stamp)
@@ -874,9 +922,11 @@ class HQSMemNode(Node):
         """Frame accounting (also in /diagnostics): received == processed + dropped + pending."""
         with self._cond, self._stats_lock:
             return {"received": self.frames_received, "processed": self.frames_processed,
-                    "dropped": dict(self.dropped), "pending": int(self._slot is not None),
+                    "dropped": dict(self.dropped), "pending": len(self._waiting),
                     "in_progress": int(self._busy),
-                    "lost_in_transport": self.messages_lost, "resets": self.resets,
+                    "lost_in_transport": max(self.sequence_gaps, self.messages_lost),
+                    "sequence_gaps": self.sequence_gaps, "message_lost_events": self.messages_lost,
+                    "resets": self.resets,
                     "bad_requests": dict(self.bad_requests)}
 
     def _publish_diagnostics(self) -> None:
@@ -936,17 +986,16 @@ class HQSMemNode(Node):
 
     # ---------------------------------------------------------------- shutdown
     def stop(self) -> None:
-        """Stop the worker; a frame still waiting in the buffer is counted as dropped."""
-        if not hasattr(self, "_worker"):  # the constructor failed before starting it
+        """Stop processing (waiting for a frame in progress); a frame still waiting in the
+        buffer, and any arriving later, is counted as dropped."""
+        if not getattr(self, "_started", False):  # the constructor failed before the end
             return
         with self._cond:
             self._stop = True
-            self._cond.notify_all()
-        self._worker.join(timeout=30)
-        with self._cond:
-            if self._slot is not None:
-                self._slot = None
-                self.dropped["shutdown"] += 1
+            self._cond.wait_for(lambda: not self._busy, timeout=30)
+            if self._waiting:
+                self.dropped["shutdown"] += len(self._waiting)
+                self._waiting.clear()
             for req in self._requests:
                 self._request_failed(req, "node shutting down")
             self._requests.clear()
@@ -954,6 +1003,49 @@ class HQSMemNode(Node):
     def destroy_node(self) -> None:
         self.stop()
         super().destroy_node()
+
+
+class _OrderedIntakeGroup(CallbackGroup):
+    """Callbacks start one at a time, like a mutually exclusive group, so frames are taken and
+    counted in the order they arrived; but a running callback may let the next one start before
+    it returns (release()), which the callback that goes on to process its frame does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._held = False
+        self._holder = threading.local()  # rclpy begins, runs and ends a callback in one thread
+
+    def can_execute(self, entity) -> bool:
+        with self._lock:
+            return not self._held
+
+    def beginning_execution(self, entity) -> bool:
+        with self._lock:
+            if self._held:
+                return False
+            self._held = True
+        self._holder.holds = True
+        return True
+
+    def ending_execution(self, entity) -> None:
+        self.release()
+
+    def release(self) -> bool:
+        """Let the next callback start; True when this thread held the group."""
+        if not getattr(self._holder, "holds", False):
+            return False
+        self._holder.holds = False
+        with self._lock:
+            self._held = False
+        return True
+
+
+def _takes_message_info() -> bool:
+    """rclpy passes MessageInfo (with publication sequence numbers) to two-argument callbacks
+    since Iron; Humble calls every callback with the message alone."""
+    from rclpy.subscription import Subscription
+    return hasattr(Subscription, "CallbackType")
 
 
 def _pipeline_takes_points() -> bool:
