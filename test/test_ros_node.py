@@ -4,6 +4,7 @@ Needs the ROS 2 wheels and the built interfaces (scripts/setup_ros.sh). Each tes
 its own DDS domain (from the pid) so parallel runs on one machine do not hear each other.
 """
 import os
+from pathlib import Path
 import threading
 import time
 
@@ -704,3 +705,18 @@ def test_invalid_prompts_file_stops_start_up_with_its_name(tmp_path):
             HQSMemNode("bad_prompts", context=ctx, parameter_overrides=[Parameter("prompts_file", value=str(bad))])
     finally:
         rclpy.shutdown(context=ctx)
+
+
+def test_every_node_parameter_is_in_the_docs_table_with_its_default_and_range():
+    from hqsmem_ros.ros.node import NODE_PARAMS
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "ros.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip().strip("`"): line for line in doc.splitlines()
+            if line.startswith("| `")}
+    for name, p in NODE_PARAMS.items():
+        assert name in rows, f"docs/ros.md has no row for {name}"
+        default = {True: "true", False: "false"}.get(p.default, p.default) if isinstance(p.default, bool) else p.default
+        cells = [c.strip() for c in rows[name].split("|")]
+        assert cells[2] == (f'`""`' if default == "" else f"`{default}`"), (name, cells[2])
+        assert cells[3].startswith("yes" if p.runtime else "no"), (name, cells[3])
+        if p.int_range:
+            assert f"({p.int_range[0]}..{p.int_range[1]})" in cells[4], (name, cells[4])
