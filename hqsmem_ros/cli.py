@@ -246,6 +246,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .core.config import ConfigError
     from .eval.davis_io import DataError
 
+    from .malloc_tuning import reuse_large_buffers
+    reuse_large_buffers()  # every command handles frames of a megabyte or more
     try:
         if argv[:1] == ["node"]:
             return cmd_node(argv[1:])

@@ -170,7 +170,10 @@ def test_replay_under_sim_time_gives_the_masks_of_hqsmem_bag(tmp_path, storage, 
         # /clock carried the bag's time, never back, and the node's clock follows it
         clock = [stamp_ns_of_clock(c) for c in live.clock]
         assert clock == sorted(clock) and clock[0] == stamps[0] and set(stamps) <= set(clock)
-        assert live.node.get_clock().now().nanoseconds == stamps[-1]
+        # the node counts a frame just after publishing its results, and takes /clock on its own
+        live.wait_for(lambda: live.node.get_clock().now().nanoseconds == stamps[-1]
+                      and live.node.counters()["processed"] + sum(live.node.counters()["dropped"].values())
+                      == FRAMES, "the node's clock and counters to settle")
 
         # every input stamp got exactly one label image and one objects message, nothing else
         masks, objects = _by_stamp(live.masks), _by_stamp(live.objects)

@@ -14,6 +14,8 @@ from typing import List, Optional
 
 import yaml
 
+from hqsmem_ros.malloc_tuning import reuse_large_buffers
+
 # The node's worker thread runs the pipeline while an executor thread takes images off DDS. With
 # Python's default 5 ms GIL switch interval the worker can hold off the executor long enough for
 # the image subscription's history (qos_depth frames) to overflow, and DDS then overwrites frames
@@ -24,30 +26,6 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 
 def prefer_short_gil_slices() -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-
-
-# Each frame builds and frees megabyte-sized buffers (rclpy's message conversion, the middleware's
-# serialisation, decoded images) in whichever executor thread runs the callback. glibc gives
-# blocks that large their own mmap and returns freed heap tops to the system, so every frame paid
-# fresh page faults: publishing a 1280x720 label image took 3.4 ms instead of 1.5 ms (measured,
-# docs/benchmarks.md). Keeping such blocks on the heap bounds the cost at a constant amount of
-# retained memory (at most TRIM_THRESHOLD free bytes per malloc arena).
-MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # glibc's maximum
-TRIM_THRESHOLD_BYTES = 64 * 1024 * 1024
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-
-
-def reuse_large_buffers() -> bool:
-    """Tune glibc malloc for per-frame megabyte buffers; False where that is not glibc."""
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
 def _params_file(path: str) -> str:
