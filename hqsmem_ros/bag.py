@@ -443,11 +443,9 @@ class _NodeState:
                                   f"{', '.join(image_codec.MASK_ENCODINGS)}")
             if has_mask and p.mask.encoding in ("mono16", "16UC1") and given == 0:
                 raise PromptError(f"prompt {k}: a mono16 label mask needs the prompt's id (pixels == id)")
-            if len(p.positive_points) or len(p.negative_points):
-                raise PromptError(f"prompt {k}: point prompts are not supported by this pipeline yet; "
-                                  "give a box or a mask")
-            if not p.has_box and not has_mask:
-                raise PromptError(f"prompt {k}: has neither a box (has_box=false) nor a mask")
+            if not p.has_box and not has_mask and not len(p.positive_points):
+                raise PromptError(f"prompt {k}: has neither a box (has_box=false), a mask nor a "
+                                  "positive point")
             oid = given or self.fresh_id(out)
             mask = None
             if has_mask:
@@ -464,7 +462,8 @@ class _NodeState:
                     raise PromptError(f"prompt {k}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is outside "
                                       f"the {w}x{h} image")
                 box = (x0, y0, x1, y1)
-            out.append(ObjectPrompt(id=oid, mask=mask, box=box))
+            points = image_codec.click_points(p)
+            out.append(ObjectPrompt(id=oid, mask=mask, box=box, points=points))
             if p.label:
                 labels[oid] = str(p.label)
         return out, labels

@@ -17,6 +17,10 @@ The format (docs/prompts.md has the user-facing version)::
         stamp: {sec: 1700000003, nanosec: 500000000}   # ... or exact sec/nanosec
         box: [10, 10, 50, 60]
         mask: masks/obj3.png        # box and mask both given: the mask is used
+      - id: 4
+        frame: 10
+        points: [[120, 64]]         # clicks on the object (x, y pixels), with or without a box
+        negative_points: [[150, 64]]   # optional clicks on the background
     remove:                         # stop tracking objects (their ids are retired)
       - ids: [1, 2]                 # or `id: 1`
         frame: 300
@@ -47,7 +51,7 @@ import yaml
 from hqsmem_ros.core.pipeline import ObjectPrompt
 
 MAX_ID = 65535  # ids are pixel values of a mono16 label image
-PROMPT_KEYS = ("id", "frame", "stamp", "box", "mask", "mask_value", "label")
+PROMPT_KEYS = ("id", "frame", "stamp", "box", "mask", "mask_value", "points", "negative_points", "label")
 REMOVE_KEYS = ("id", "ids", "frame", "stamp")
 TOP_KEYS = ("version", "prompts", "remove")
 
@@ -128,7 +132,7 @@ class PromptSchedule:
                     raise PromptsFileError(
                         f"{e.source}: mask is {p.mask.shape[1]}x{p.mask.shape[0]} but the image at "
                         f"{e.when} is {w}x{h}")
-                if p.mask is None:
+                if p.mask is None and p.box is not None:
                     x0, y0, x1, y1 = p.box
                     if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
                         raise PromptsFileError(
@@ -137,6 +141,9 @@ class PromptSchedule:
                     raise PromptsFileError(
                         f"{e.source} and {owner[p.id]} both concern object {p.id} on the same image "
                         f"({e.when}); give them different frames/stamps")
+                for x, y, _ in (p.points if p.mask is None and p.points else ()):
+                    if not (0 <= x < w and 0 <= y < h):
+                        raise PromptsFileError(f"{e.source}: point [{x:g}, {y:g}] is outside the {w}x{h} image")
                 owner[p.id] = e.source
                 prompts.append(p)
             labels.update(e.labels)
@@ -275,15 +282,28 @@ def _parse_prompt(path: Path, name: str, item: Any, mask_cache: Dict[Path, np.nd
         mask = _read_mask(path, where, item["mask"], item.get("mask_value"), oid, mask_cache)
     elif "mask_value" in item:
         raise PromptsFileError(f"{where}: mask_value given without a mask file")
-    if box is None and mask is None:
-        raise PromptsFileError(f"{where}: give a 'box' and/or a 'mask' file")
+    clicks = _clicks(where, item.get("points"), "points", 1) + _clicks(where, item.get("negative_points"),
+                                                                     "negative_points", 0)
+    if box is None and mask is None and not any(c[2] == 1 for c in clicks):
+        raise PromptsFileError(f"{where}: give a 'box', a 'mask' file and/or 'points' on the object")
     label = item.get("label")
     if label is not None and not isinstance(label, str):
         raise PromptsFileError(f"{where}: label must be text, got {label!r}")
-    entry = PromptEntry(where, frame, stamp_ns, prompts=[ObjectPrompt(id=oid, mask=mask, box=box)])
+    entry = PromptEntry(where, frame, stamp_ns,
+                        prompts=[ObjectPrompt(id=oid, mask=mask, box=box, points=clicks or None)])
     if label:
         entry.labels[oid] = label
     return entry
+
+
+def _clicks(where: str, value: Any, key: str, label: int) -> List[Tuple[float, float, int]]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(_is_number(v) and math.isfinite(float(v)) for v in p)
+            for p in value):
+        raise PromptsFileError(f"{where}: {key} must be a list of [x, y] pixel pairs, got {value!r}")
+    return [(float(x), float(y), label) for x, y in value]
 
 
 def _read_mask(path: Path, where: str, rel: Any, value: Any, oid: int,

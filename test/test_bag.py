@@ -231,6 +231,35 @@ def test_prompt_topic_applies_at_its_stamp(tmp_path, capsys, scene):
     check_outputs(tmp_path / "in", tmp_path / "out")
 
 
+def test_click_prompts_on_the_prompt_topic_start_objects(tmp_path, capsys, scene):
+    from hqsmem_ros.data.synth_bag import _header as make_header
+    frames, labels = scene
+    store = make_typestore()
+    T = store.types
+    stamps = [DEFAULT_START_NS + k * PERIOD for k in range(FRAMES)]
+    gt = labels[3] == 1
+    dist = cv2.distanceTransform(gt.astype(np.uint8), cv2.DIST_L2, 5)
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    empty_mask = T["sensor_msgs/msg/Image"](header=make_header(store, stamps[3], "camera"), height=0, width=0, encoding="",
+                                            is_bigendian=0, step=0, data=np.zeros(0, np.uint8))
+    click = T["hqsmem_ros/msg/ObjectPrompt"](
+        id=0, label="clicked", has_box=False, x_min=0.0, y_min=0.0, x_max=0.0, y_max=0.0, mask=empty_mask,
+        positive_points=[T["geometry_msgs/msg/Point32"](x=float(x), y=float(y), z=0.0)], negative_points=[])
+    msg = T["hqsmem_ros/msg/ObjectPromptArray"](header=make_header(store, stamps[3], "camera"), prompts=[click])
+    write_frames_bag(tmp_path / "in", frames,
+                     extra=[("/hqsmem_node/prompts", "hqsmem_ros/msg/ObjectPromptArray", stamps[3], msg)])
+    code, out, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out", "--image-topic", TOPIC,
+                            "--prompt-topic", "/hqsmem_node/prompts", "--quiet", "--json")
+    assert code == 0, err
+    assert json.loads(out)["prompts_applied"] == 1
+    outputs = read_outputs(tmp_path / "out")
+    objects = outputs["/hqsmem_node/objects"]
+    assert [[(o.id, o.label) for o in m.objects] for _, m in objects] == [[]] * 3 + [[(1, "clicked")]] * (FRAMES - 3)
+    label3 = image_codec.mask_from_msg(outputs["/hqsmem_node/masks"][3][1])
+    m = label3 == 1
+    assert (m & gt).sum() / (m | gt).sum() > 0.8
+
+
 def test_undecodable_images_are_counted_and_have_no_mask(tmp_path, capsys, scene):
     frames, labels = scene
     frames = list(frames)

@@ -157,6 +157,62 @@ def test_box_prompt_starts_an_object(translate):
     assert r.objects[0].id == 7 and r.objects[0].visible
 
 
+def _centre_click(gt):
+    """A pixel deep inside the object (the maximum of the distance to its outside)."""
+    import cv2
+    dist = cv2.distanceTransform(gt.astype(np.uint8), cv2.DIST_L2, 5)
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return float(x), float(y)
+
+
+@pytest.mark.parametrize("with_box", [False, True])
+def test_click_prompts_start_objects_and_tracking_goes_on(translate, with_box):
+    frames, labels = translate
+    prompts = []
+    for oid in (1, 2):
+        gt = labels[0] == oid
+        x, y = _centre_click(gt)
+        ys, xs = np.nonzero(gt)
+        box = (xs.min() - 2, ys.min() - 2, xs.max() + 3, ys.max() + 3) if with_box else None
+        prompts.append(ObjectPrompt(10 + oid, box=box, points=[(x, y, 1)]))
+    p = HQSMemPipeline(None)  # the default watershed refiner takes clicks
+    r = p.process(frames[0], prompts=prompts)
+    for oid in (1, 2):
+        gt, m = labels[0] == oid, r.masks[10 + oid]
+        assert (m & gt).sum() / (m | gt).sum() > 0.8, oid
+    for t in range(1, 10):
+        r = p.process(frames[t])
+    for oid in (1, 2):
+        gt, m = labels[9] == oid, r.masks[10 + oid]
+        assert (m & gt).sum() / (m | gt).sum() > 0.6, oid
+
+
+def test_a_negative_click_keeps_a_region_out():
+    # Two touching regions of different colours, one click on each: without the negative click
+    # the flood takes both regions, with it the mask stays on the left one.
+    img = np.full((120, 160, 3), 30, np.uint8)
+    img[30:90, 30:80] = (200, 40, 40)
+    img[30:90, 80:130] = (40, 40, 200)
+    left = np.zeros((120, 160), bool)
+    left[30:90, 30:80] = True
+    alone = HQSMemPipeline(None).process(img, prompts=[ObjectPrompt(1, points=[(55, 60, 1)])]).masks[1]
+    assert alone[:, 85:].any()
+    p = HQSMemPipeline(None)
+    r = p.process(img, prompts=[ObjectPrompt(1, points=[(55, 60, 1), (105, 60, 0)])])
+    m = r.masks[1]
+    assert (m & left).sum() / (m | left).sum() > 0.9 and not m[:, 85:].any()
+
+
+def test_clicks_are_refused_by_a_refiner_that_does_not_take_them(translate):
+    frames, labels = translate
+    cfg = load_config(None)
+    cfg = type(cfg).from_dict({**cfg.to_dict(), "refiner": {"type": "color"}})
+    p = HQSMemPipeline(cfg)
+    with pytest.raises(PromptError, match="'color' does not take point prompts"):
+        p.process(frames[0], prompts=[ObjectPrompt(1, points=[(10, 10, 1)])])
+    assert p.frames_processed == 0
+
+
 def test_bad_requests_leave_the_pipeline_untouched(translate):
     frames, labels = translate
     p = HQSMemPipeline(None)
@@ -168,6 +224,11 @@ def test_bad_requests_leave_the_pipeline_untouched(translate):
         ([ObjectPrompt(2, box=(w + 5, 0, w + 50, 20))], None, "outside"),
         ([ObjectPrompt(2, box=(5, 5, 5, 30))], None, "empty"),
         ([ObjectPrompt(2)], None, "neither"),
+        ([ObjectPrompt(2, points=[(w + 3, 10, 1)])], None, "outside"),
+        ([ObjectPrompt(2, points=[(10, 10, 0)])], None, "at least one point must be on the object"),
+        ([ObjectPrompt(2, points=[(10, 10, 2)])], None, "label must be 1"),
+        ([ObjectPrompt(2, points=[(float("nan"), 10, 1)])], None, "finite"),
+        ([ObjectPrompt(2, points=[])], None, "empty"),
         ([ObjectPrompt(0, box=(0, 0, 10, 10))], None, "1..65535"),
         ([ObjectPrompt(3, box=(0, 0, 10, 10)), ObjectPrompt(3, box=(0, 0, 10, 10))], None, "twice"),
         (None, [9], "not tracked"),

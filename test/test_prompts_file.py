@@ -64,7 +64,10 @@ remove:
     ("prompts: [{id: 0, frame: 0, box: [0, 0, 5, 5]}]", r"prompts\[0\]: id must be an integer in 1..65535, got 0"),
     ("prompts: [{id: 70000, frame: 0, box: [0, 0, 5, 5]}]", r"id must be an integer in 1..65535"),
     ("prompts: [{frame: 0, box: [0, 0, 5, 5]}]", r"prompts\[0\]: missing 'id'"),
-    ("prompts: [{id: 2, frame: 0}]", r"prompts\[0\] \(id 2\): give a 'box' and/or a 'mask'"),
+    ("prompts: [{id: 2, frame: 0}]", r"prompts\[0\] \(id 2\): give a 'box', a 'mask' file and/or 'points'"),
+    ("prompts: [{id: 2, frame: 0, negative_points: [[3, 4]]}]", r"and/or 'points' on the object"),
+    ("prompts: [{id: 2, frame: 0, points: [[3, 4, 5]]}]", r"points must be a list of \[x, y\] pixel pairs"),
+    ("prompts: [{id: 2, frame: 0, points: [3, 4]}]", r"points must be a list of \[x, y\] pixel pairs"),
     ("prompts: [{id: 2, frame: 0, box: [5, 5, 5, 9]}]", r"box \[5.0, 5.0, 5.0, 9.0\] is empty"),
     ("prompts: [{id: 2, frame: 0, box: [1, 2, 3]}]", r"box must be \[x_min, y_min, x_max, y_max\]"),
     ("prompts: [{id: 2, frame: -1, box: [0, 0, 5, 5]}]", r"frame must be an integer >= 0"),
@@ -107,3 +110,17 @@ def test_mask_value_errors(tmp_path):
         load_prompts_file(path)
     with pytest.raises(PromptsFileError, match="prompts file not found"):
         load_prompts_file(tmp_path / "missing.yaml")
+
+
+def test_clicks_with_and_without_a_box(tmp_path):
+    path = write(tmp_path, """
+prompts:
+  - {id: 1, frame: 0, points: [[10, 12.5], [20, 14]], negative_points: [[30, 5]]}
+  - {id: 2, frame: 0, box: [1, 1, 9, 9], negative_points: [[8, 8]]}
+""")
+    sched = load_prompts_file(path)
+    prompts, _, _ = sched.prompts_for(sched.due(0, None), (40, 50))
+    assert prompts[0].points == [(10.0, 12.5, 1), (20.0, 14.0, 1), (30.0, 5.0, 0)] and prompts[0].box is None
+    assert prompts[1].points == [(8.0, 8.0, 0)] and prompts[1].box == (1, 1, 9, 9)
+    with pytest.raises(PromptsFileError, match=r"prompts\[0\] \(id 1\): point \[30, 5\] is outside the 25x20 image"):
+        sched.prompts_for(sched.entries[:1], (20, 25))

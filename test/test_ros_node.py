@@ -273,6 +273,32 @@ def test_services_add_remove_reset_and_ids_are_never_reused(harness):
     assert h.node.counters()["bad_requests"] == {"~/add_objects": 2, "~/remove_objects": 1}
 
 
+def test_click_prompts_by_service_start_objects(harness):
+    from geometry_msgs.msg import Point32
+    h = harness()
+    h.send(h.image_msg(_scene(0)[0], 1.0))
+    rgb1, labels1 = _scene(1)
+    p = _prompt(0, text="clicked")
+    p.positive_points = [Point32(x=42.0, y=60.0)]  # inside the red square of frame 1
+    p.negative_points = [Point32(x=110.0, y=31.0)]  # on the blue disc
+    future = h.ask_then_send(h.add, AddObjects.Request(prompts=[p]), h.image_msg(rgb1, 2.0))
+    res = future.result()
+    assert res.success and len(res.ids) == 1, res.message
+    oid = res.ids[0]
+    h.wait_for(lambda: _by_stamp(h.masks, 2.0), "the label image of frame 2")
+    label = ic.mask_from_msg(_by_stamp(h.masks, 2.0)[0])
+    gt = labels1 == 1
+    m = label == oid
+    assert (m & gt).sum() / (m | gt).sum() > 0.8
+    (objs,) = _by_stamp(h.results, 2.0)
+    assert [(o.id, o.label) for o in objs.objects] == [(oid, "clicked")]
+    # a click outside the image is refused with the reason, nothing changes
+    bad = _prompt(0)
+    bad.positive_points = [Point32(x=500.0, y=10.0)]
+    future = h.ask_then_send(h.add, AddObjects.Request(prompts=[bad]), h.image_msg(_scene(2)[0], 3.0))
+    assert not future.result().success and "outside" in future.result().message
+
+
 def test_add_objects_without_frames_times_out_cleanly(harness):
     h = harness(service_timeout=0.3)
     res = h.call(h.add, AddObjects.Request(prompts=[_prompt(0, box=(1, 1, 30, 30))]))

@@ -71,6 +71,23 @@ def test_best_proposal_is_the_predictors_mask(refiner, fused):
         assert scores[n, best] == pytest.approx(float(ref_iou[0]), rel=1e-5, abs=1e-6)
 
 
+def test_click_prompts_reproduce_the_predictors_mask(refiner):
+    # Three objects in one call: clicks alone (two lengths, padded), and clicks with a box.
+    _set_mode(refiner, False, True)
+    points = [np.array([[60.0, 45.0]]), np.array([[20.0, 20.0], [100.0, 80.0]]), np.array([[50.0, 30.0]])]
+    labels = [np.array([1]), np.array([1, 0]), np.array([1])]
+    boxes = np.array([[np.nan] * 4, [np.nan] * 4, [30.0, 20.0, 90.0, 70.0]])
+    masks, scores = refiner.propose_points(points, labels, boxes)
+    assert masks.shape == (3, 3, H, W) and scores.shape == (3, 3)
+    for n in range(3):
+        box = None if np.isnan(boxes[n]).any() else boxes[n]
+        ref_masks, ref_iou, _ = refiner.predictor.predict(
+            point_coords=points[n], point_labels=labels[n], box=box, multimask_output=True, hq_token_only=False)
+        best = int(np.argmax(scores[n]))
+        np.testing.assert_array_equal(masks[n, best], ref_masks[0])
+        assert scores[n, best] == pytest.approx(float(ref_iou[0]), rel=1e-4, abs=1e-5)
+
+
 @pytest.mark.parametrize("target", [0, 1, 2])
 def test_every_slot_is_its_token_fused_with_hq(refiner, fused, favour_token, target):
     # Mask logits do not depend on the IoU head: the batched masks computed once stay valid.

@@ -9,7 +9,7 @@ Conventions shared by all parts:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
@@ -87,6 +87,16 @@ class Refiner(ABC):
     @abstractmethod
     def propose(self, boxes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """boxes (N,4) -> (masks (N,3,H,W) bool, scores (N,3) float, higher = more confident)."""
+
+    # Click prompts (a user's points on the object / the background). Optional: a refiner that
+    # takes them sets accepts_points and implements propose_points.
+    accepts_points: bool = False
+
+    def propose_points(self, points: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                       boxes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Per object: points (P,2) x, y and labels (P,) 1 = on the object, 0 = background;
+        boxes (N,4), a row of NaN where the object has no box -> like propose()."""
+        raise NotImplementedError(f"refiner {self.name!r} does not take point prompts")
 
 
 class FeatureExtractor(ABC):

@@ -41,10 +41,12 @@ class FrameError(ValueError):
 
 @dataclass
 class ObjectPrompt:
-    """Start or correct object `id` on this frame from a mask (preferred) or a box."""
+    """Start or correct object `id` on this frame from a mask (preferred), a box, clicks, or a
+    box with clicks. Clicks need a refiner that takes them (Refiner.accepts_points)."""
     id: int
     mask: Optional[np.ndarray] = None  # bool HxW at the input frame's size
     box: Optional[Sequence[float]] = None  # (x0, y0, x1, y1) in input pixels, x1/y1 exclusive
+    points: Optional[Sequence[Tuple[float, float, int]]] = None  # (x, y, 1 on the object | 0 background)
 
 
 @dataclass
@@ -211,15 +213,18 @@ class HQSMemPipeline:
                     raise PromptError(f"mask for object {p.id} is {m.shape[1] if m.ndim > 1 else '?'}x{m.shape[0]}, frame is {w}x{h}")
                 if not m.any():
                     raise PromptError(f"mask for object {p.id} is empty")
-            elif p.box is not None:
+                continue  # a mask says everything: a box or points beside it are not needed
+            if p.box is not None:
                 b = np.asarray(p.box, dtype=np.float64).reshape(-1)
                 if b.size != 4 or not np.all(np.isfinite(b)):
                     raise PromptError(f"box for object {p.id} must be 4 finite numbers (x0, y0, x1, y1), got {p.box!r}")
                 x0, y0, x1, y1 = np.clip(b, 0, [w, h, w, h])
                 if x1 - x0 < 2 or y1 - y0 < 2:
                     raise PromptError(f"box {tuple(b)} for object {p.id} is empty or outside the {w}x{h} frame")
-            else:
-                raise PromptError(f"prompt for object {p.id} has neither a mask nor a box")
+            if p.points is not None:
+                self._check_points(p, (h, w))
+            elif p.box is None:
+                raise PromptError(f"prompt for object {p.id} has neither a mask, a box nor points")
         if len(self._ids) - len(set(remove)) + new > self.tracker.max_objects:
             raise PromptError(f"tracker {self.tracker.name!r} can track at most {self.tracker.max_objects} objects")
 
@@ -264,10 +269,14 @@ class HQSMemPipeline:
                 self._retired.add(oid)
                 self._release_prompt_frame(oid)
         prompt_masks: Masks = {}
-        box_prompts = [p for p in prompts if p.mask is None]
-        if box_prompts:
+        box_prompts = [p for p in prompts if p.mask is None and p.points is None]
+        point_prompts = [p for p in prompts if p.mask is None and p.points is not None]
+        if box_prompts or point_prompts:
             self.refiner.set_image(small)
             refiner_ready = True
+        if point_prompts:
+            prompt_masks.update(self._point_prompt_masks(point_prompts, (H, W)))
+        if box_prompts:
             boxes = np.array([self._to_work_box(p.box, (H, W)) for p in box_prompts])
             props, scores = self.refiner.propose(boxes)
             for k, p in enumerate(box_prompts):
@@ -343,6 +352,60 @@ class HQSMemPipeline:
         if stamp is not None:
             self._last_stamp = stamp
         return result
+
+    def _check_points(self, p: ObjectPrompt, shape) -> None:
+        h, w = shape
+        try:
+            pts = np.asarray(p.points, dtype=np.float64).reshape(-1, 3)
+        except (TypeError, ValueError):
+            raise PromptError(f"points for object {p.id} must be (x, y, label) triples, got {p.points!r}") from None
+        if len(pts) == 0:
+            raise PromptError(f"points for object {p.id}: the list is empty")
+        if not np.all(np.isfinite(pts)):
+            raise PromptError(f"points for object {p.id} must be finite, got {pts.tolist()}")
+        bad_label = [lbl for lbl in pts[:, 2] if lbl not in (0, 1)]
+        if bad_label:
+            raise PromptError(f"points for object {p.id}: label must be 1 (on the object) or 0 "
+                              f"(background), got {bad_label[0]:g}")
+        outside = [(x, y) for x, y in pts[:, :2] if not (0 <= x < w and 0 <= y < h)]
+        if outside:
+            raise PromptError(f"point ({outside[0][0]:g}, {outside[0][1]:g}) for object {p.id} is outside "
+                              f"the {w}x{h} frame")
+        if p.box is None and not (pts[:, 2] == 1).any():
+            raise PromptError(f"points for object {p.id}: without a box, at least one point must be on "
+                              "the object (label 1)")
+        if not getattr(self.refiner, "accepts_points", False):
+            raise PromptError(f"refiner {self.refiner.name!r} does not take point prompts; give a box or "
+                              "a mask (or use a refiner that takes clicks: watershed, sam_hq)")
+
+    def _point_prompt_masks(self, prompts: Sequence[ObjectPrompt], shape) -> Masks:
+        """Masks at the working size for click prompts (with or without a box), one batched call."""
+        H, W = shape
+        sx, sy = self._work_wh[0] / W, self._work_wh[1] / H
+        points, labels = [], []
+        for p in prompts:
+            pts = np.asarray(p.points, dtype=np.float64).reshape(-1, 3)
+            points.append(pts[:, :2] * [sx, sy])
+            labels.append(pts[:, 2].astype(np.int32))
+        boxes = np.array([self._to_work_box(p.box, (H, W)) if p.box is not None else (np.nan,) * 4
+                          for p in prompts], dtype=np.float64)
+        props, scores = self.refiner.propose_points(points, labels, boxes)
+        out: Masks = {}
+        hw = (self._work_wh[1], self._work_wh[0])
+        for k, p in enumerate(prompts):
+            m = _best_for_clicks(props[k], scores[k], points[k], labels[k])
+            if not m.any():  # nothing segmented: the box, else small discs at the clicks
+                m = np.zeros(hw, np.uint8)
+                if p.box is not None:
+                    x0, y0, x1, y1 = (int(round(v)) for v in boxes[k])
+                    m[y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)] = 1
+                else:
+                    for (x, y), lbl in zip(points[k], labels[k]):
+                        if lbl == 1:
+                            cv2.circle(m, (int(x), int(y)), 2, 1, -1)
+                m = m > 0
+            out[p.id] = m
+        return out
 
     def _to_work_box(self, box, shape) -> Tuple[float, float, float, float]:
         h, w = shape
@@ -421,3 +484,15 @@ class HQSMemPipeline:
                 oid, box, score.get(oid, 1.0), True, bool(refined.get(oid, False)), int(xs.size),
                 (float(xs.mean() + x0), float(ys.mean() + y0))))
         return FrameResult(t, stamp, (H, W), masks, objects, {}, self.tracker.memory_frames(), label)
+
+
+def _best_for_clicks(proposals: np.ndarray, scores: np.ndarray, points: np.ndarray,
+                     labels: np.ndarray) -> np.ndarray:
+    """The proposal that agrees with the most clicks (positives inside, negatives outside); ties
+    go to the refiner's score."""
+    h, w = proposals.shape[1:]
+    xs = np.clip(points[:, 0].astype(int), 0, w - 1)
+    ys = np.clip(points[:, 1].astype(int), 0, h - 1)
+    agree = [int(((proposals[c][ys, xs]) == (labels == 1)).sum()) for c in range(len(proposals))]
+    best = max(range(len(proposals)), key=lambda c: (agree[c], float(scores[c])))
+    return proposals[best]

@@ -164,9 +164,16 @@ class SamHQRefiner(Refiner):
         if n == 0:
             return (torch.zeros((0, 3, h, w), dtype=torch.bool, device=self.device),
                     torch.zeros((0, 3), dtype=torch.float32, device=self.device))
+        with torch.inference_mode(), autocast_context(self.device, self.precision):
+            sparse, dense = self.model.prompt_encoder(points=None, boxes=box_t, masks=None)
+            return self._decode(sparse, dense)
+
+    def _decode(self, sparse, dense) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings of N objects -> 3 proposals each (see the module docstring)."""
+        h, w = self.image_size
+        n = sparse.shape[0]
         model, dec = self.model, self.model.mask_decoder
         with torch.inference_mode(), autocast_context(self.device, self.precision):
-            sparse, dense = model.prompt_encoder(points=None, boxes=box_t, masks=None)
             logits, iou = dec.predict_masks(
                 image_embeddings=self.predictor.features,
                 image_pe=model.prompt_encoder.get_dense_pe(),
@@ -193,3 +200,32 @@ class SamHQRefiner(Refiner):
     def propose(self, boxes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         masks, scores = self.propose_torch(boxes)
         return masks.cpu().numpy(), scores.cpu().numpy()
+
+    accepts_points = True
+
+    def propose_points(self, points, labels, boxes) -> Tuple[np.ndarray, np.ndarray]:
+        """Clicks (and optional boxes) through SAM's prompt encoder, as SamPredictor.predict
+        takes point_coords/point_labels. One decoder call per kind of prompt: the encoder takes
+        boxes for all objects or none, and padding a shorter click list would add tokens that
+        change the masks, so objects are batched by (box or not, number of clicks)."""
+        h, w = self.image_size
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        n = len(boxes)
+        masks = np.zeros((n, 3, h, w), bool)
+        scores = np.zeros((n, 3), np.float32)
+        groups: dict = {}
+        for k in range(n):
+            key = (bool(np.all(np.isfinite(boxes[k]))), len(np.asarray(points[k]).reshape(-1, 2)))
+            groups.setdefault(key, []).append(k)
+        for (has_box, count), group in groups.items():
+            coords = np.stack([self.predictor.transform.apply_coords(
+                np.asarray(points[k], dtype=np.float64).reshape(-1, 2), (h, w)) for k in group])
+            lbl = np.stack([np.asarray(labels[k], dtype=np.int64).reshape(-1) for k in group])
+            coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)
+            lbl_t = torch.as_tensor(lbl, dtype=torch.int, device=self.device)
+            box_t = self._boxes_tensor(boxes[group]) if has_box else None
+            with torch.inference_mode(), autocast_context(self.device, self.precision):
+                sparse, dense = self.model.prompt_encoder(points=(coords_t, lbl_t), boxes=box_t, masks=None)
+                m, sc = self._decode(sparse, dense)
+            masks[group], scores[group] = m.cpu().numpy(), sc.cpu().numpy()
+        return masks, scores

@@ -16,8 +16,9 @@ it costs (0.937 -> 0.893); with the lines given to the object the two results sw
 
 Prompts: with the coarse mask (`accepts_mask_hint`) the bands are an erosion/dilation of it. With
 a box alone the interior marker is a central ellipse of the box and the exterior the outside of
-the box, at three ellipse sizes. Score: mean gradient magnitude along the proposal's boundary
-(how well it sits on edges).
+the box, at three ellipse sizes. With clicks (`propose_points`), discs at the clicks are the
+markers. Score: mean gradient magnitude along the proposal's boundary (how well it sits on
+edges).
 """
 from __future__ import annotations
 
@@ -85,6 +86,59 @@ class WatershedRefiner(Refiner):
                 m[:, [0, -1]] = False
                 out[k, c, ry0:ry1, rx0:rx1] = m
                 edge = (cv2.morphologyEx(m.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0)
+                g = self._grad[ry0:ry1, rx0:rx1][edge]
+                scores[k, c] = float(g.mean()) if g.size else 0.0
+        return out, scores
+
+    accepts_points = True
+    click_radii = (0.01, 0.02, 0.04)  # marker disc radius per proposal, fraction of the shorter side
+
+    def propose_points(self, points, labels, boxes) -> Tuple[np.ndarray, np.ndarray]:
+        """Clicks as watershed markers: discs at the positive clicks are the object; discs at the
+        negative clicks, the outside of the box (if any) and the region's border are the
+        background; the flood meets on the strongest edges between them. Three disc sizes."""
+        if self._bgr is None:
+            raise RuntimeError("set_image() must be called before propose_points()")
+        h, w = self._bgr.shape[:2]
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        out = np.zeros((len(boxes), 3, h, w), bool)
+        scores = np.zeros((len(boxes), 3), np.float32)
+        for k, box in enumerate(boxes):
+            pts = np.asarray(points[k], dtype=np.float64).reshape(-1, 2)
+            lbl = np.asarray(labels[k]).reshape(-1)
+            if np.all(np.isfinite(box)):
+                x0, y0, x1, y1 = (int(round(v)) for v in box)
+                x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+                rx0, ry0, rx1, ry1 = expand_box((x0, y0, x1, y1), self.margin, 3, w, h)
+            else:
+                rx0, ry0, rx1, ry1 = 0, 0, w, h
+            crop = self._bgr[ry0:ry1, rx0:rx1]
+            for c, frac in enumerate(self.click_radii):
+                r = max(1, int(round(frac * min(h, w))))
+                fg = np.zeros(crop.shape[:2], np.uint8)
+                bg = np.zeros(crop.shape[:2], np.uint8)
+                for (x, y), on in zip(pts, lbl):
+                    cv2.circle(fg if on == 1 else bg, (int(x) - rx0, int(y) - ry0), r, 1, -1)
+                bg = bg > 0
+                if np.all(np.isfinite(box)):
+                    inside = np.zeros_like(bg)
+                    inside[y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0] = True
+                    bg |= ~inside
+                # OpenCV's watershed ignores markers on the outermost pixel: seed two rows deep.
+                bg[:2, :] = bg[-2:, :] = True
+                bg[:, :2] = bg[:, -2:] = True
+                fg = (fg > 0) & ~bg
+                markers = np.zeros(crop.shape[:2], np.int32)
+                markers[bg] = 1
+                markers[fg] = 2
+                cv2.watershed(crop, markers)
+                m = markers == 2
+                if self.lines_to_background is False:
+                    m |= markers == -1
+                m[[0, -1], :] = False
+                m[:, [0, -1]] = False
+                out[k, c, ry0:ry1, rx0:rx1] = m
+                edge = cv2.morphologyEx(m.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
                 g = self._grad[ry0:ry1, rx0:rx1][edge]
                 scores[k, c] = float(g.mean()) if g.size else 0.0
         return out, scores

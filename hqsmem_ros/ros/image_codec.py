@@ -281,6 +281,13 @@ def prompt_mask(msg: Any, oid: int, shape: Tuple[int, int], where: str) -> np.nd
     return mask
 
 
+def click_points(prompt_msg: Any):
+    """An ObjectPrompt's positive/negative points -> [(x, y, 1 | 0)], or None when it has none."""
+    pts = ([(float(q.x), float(q.y), 1) for q in prompt_msg.positive_points]
+           + [(float(q.x), float(q.y), 0) for q in prompt_msg.negative_points])
+    return pts or None
+
+
 def compressed_to_rgb(msg: Any) -> np.ndarray:
     """sensor_msgs/CompressedImage -> HxWx3 uint8 RGB."""
     return decode_compressed(msg.format, msg.data)

@@ -580,11 +580,8 @@ class HQSMemNode(Node):
                         f"{', '.join(image_codec.MASK_ENCODINGS)}")
             if has_mask and p.mask.encoding in ("mono16", "16UC1") and oid == 0:
                 return f"prompt {k}: a mono16 label mask needs the prompt's id (pixels == id)"
-            if (p.positive_points or p.negative_points) and not _pipeline_takes_points():
-                return (f"prompt {k}: point prompts are not supported by this pipeline yet; "
-                        "give a box or a mask")
             if not p.has_box and not has_mask and not p.positive_points:
-                return f"prompt {k}: has neither a box (has_box=false) nor a mask"
+                return f"prompt {k}: has neither a box (has_box=false), a mask nor a positive point"
         seen_remove = set()
         live = set(self._live_ids)
         for oid in req.remove:
@@ -806,11 +803,7 @@ class HQSMemNode(Node):
                     raise PromptError(f"prompt {k}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is outside "
                                       f"the {w}x{h} image")
                 box = (x0, y0, x1, y1)
-            kwargs = {}
-            if p.positive_points or p.negative_points:
-                kwargs["points"] = ([(q.x, q.y, 1) for q in p.positive_points]
-                                    + [(q.x, q.y, 0) for q in p.negative_points])
-            out.append(ObjectPrompt(id=oid, mask=mask, box=box, **kwargs))
+            out.append(ObjectPrompt(id=oid, mask=mask, box=box, points=image_codec.click_points(p)))
             if p.label:
                 labels[oid] = p.label
         req.ids = [q.id for q in out]
@@ -1048,5 +1041,3 @@ def _takes_message_info() -> bool:
     return hasattr(Subscription, "CallbackType")
 
 
-def _pipeline_takes_points() -> bool:
-    return "points" in {f.name for f in dataclasses.fields(ObjectPrompt)}
