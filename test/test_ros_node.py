@@ -746,3 +746,30 @@ def test_every_node_parameter_is_in_the_docs_table_with_its_default_and_range():
         assert cells[3].startswith("yes" if p.runtime else "no"), (name, cells[3])
         if p.int_range:
             assert f"({p.int_range[0]}..{p.int_range[1]})" in cells[4], (name, cells[4])
+
+
+def test_intake_group_starts_one_callback_at_a_time_and_release_lets_the_next_start():
+    from hqsmem_ros.ros.node import _OrderedIntakeGroup
+    group, sub = _OrderedIntakeGroup(), object()
+    assert group.can_execute(sub) and group.beginning_execution(sub)
+    assert not group.can_execute(sub) and not group.beginning_execution(sub)  # one at a time
+    assert group.release() and group.can_execute(sub)  # the processing callback let go early
+    assert not group.release()  # released once only
+    started = []
+
+    def second():  # another executor thread starts the next callback
+        started.append(group.beginning_execution(sub))
+        group.ending_execution(sub)
+
+    t = threading.Thread(target=second)
+    t.start()
+    t.join()
+    assert started == [True] and group.can_execute(sub)
+    # the first callback returning later must not release a hold it gave up
+    assert group.beginning_execution(sub)  # held by this thread now
+    other = threading.Thread(target=lambda: group.ending_execution(sub))
+    other.start()
+    other.join()
+    assert not group.can_execute(sub)
+    group.ending_execution(sub)
+    assert group.can_execute(sub)
