@@ -426,3 +426,22 @@ def test_bench_runs_with_random_weights(tmp_path):
     assert report["config"]["tracker"]["random_weights"] is True
     assert report["full"]["stats"]["tracker"] == "sam2"
     assert report["fps"] > 0 and report["base_fps"] > 0
+
+
+# -- the long-stream benchmark (hqsmem_ros.models.bench_sam2) ----------------------------------
+
+def test_bench_predictor_state_grows_with_the_stream_and_the_trackers_does_not():
+    import argparse
+    from hqsmem_ros.models.bench_sam2 import build_pipeline, run_ours, run_predictor, synthetic_stream
+    frames, label0 = synthetic_stream(1, (96, 64), cycle=6)
+    net = build_model("tiny", image_size=64, seed=0, overrides=SHORT_PTRS)
+    pred = run_predictor(net, frames, label0, n_frames=30, every=10, device=torch.device("cpu"), amp_dtype=None)
+    assert [r["frame"] for r in pred] == [10, 20, 30]
+    growth = [b["state_mb"] - a["state_mb"] for a, b in zip(pred, pred[1:])]
+    assert all(g > 0 for g in growth)  # the predictor keeps every frame's outputs
+    args = argparse.Namespace(model="tiny", seed=0, checkpoint=None, image_size=64, device="cpu",
+                              precision="fp32", capacity=4, interval=3, features="histogram")
+    pipe = build_pipeline(args, 1)
+    ours = run_ours(pipe, frames, label0, n_frames=30, every=10, device=torch.device("cpu"))
+    assert ours[1]["state_mb"] == ours[2]["state_mb"] > 0  # bounded: nothing grows once memory is full
+    assert all(r["memory_frames"] <= 4 for r in ours)
