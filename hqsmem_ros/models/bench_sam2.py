@@ -31,9 +31,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-import torch
-from PIL import Image
+if __name__ == "__main__":  # before tqdm is imported: no per-frame progress bars of the predictor
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 
 def tensor_bytes(root: Any) -> int:
@@ -227,7 +230,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
     args.size = tuple(int(v) for v in args.size.lower().split("x"))
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the predictor's per-frame progress bars
     warnings.filterwarnings("ignore", message="cannot import name '_C'")  # optional CUDA kernel
 
     from .checkpoints import resolve_device
