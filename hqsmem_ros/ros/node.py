@@ -476,12 +476,14 @@ class HQSMemNode(Node):
         with self._cond:
             self.frames_received += 1
             if self._stop:
-                self.dropped["shutdown"] += 1
+                with self._stats_lock:  # (lock order everywhere: _cond, then _stats_lock)
+                    self.dropped["shutdown"] += 1
                 return
             if self._busy:  # another callback is processing: leave only the newest frame
                 if len(self._waiting) >= self._queue_size:
                     self._waiting.popleft()
-                    self.dropped["replaced"] += 1
+                    with self._stats_lock:
+                        self.dropped["replaced"] += 1
                 self._waiting.append((msg, arrived))
                 return
             self._busy = True
@@ -987,7 +989,8 @@ class HQSMemNode(Node):
             self._stop = True
             self._cond.wait_for(lambda: not self._busy, timeout=30)
             if self._waiting:
-                self.dropped["shutdown"] += len(self._waiting)
+                with self._stats_lock:
+                    self.dropped["shutdown"] += len(self._waiting)
                 self._waiting.clear()
             for req in self._requests:
                 self._request_failed(req, "node shutting down")
