@@ -187,11 +187,12 @@ def test_objects_run_batched_and_match_the_predictor(net, tmp_path):
 
 # -- objects coming and going -----------------------------------------------------------------
 
-def test_adding_and_removing_an_object_leaves_the_other_untouched(net):
+@pytest.mark.parametrize("mixed", [False, True])
+def test_adding_and_removing_an_object_leaves_the_other_untouched(net, mixed):
     frames, labels = scene(15, seed=2)
     alone = streaming(net, memory_rule="sam2")
     solo = run_stream(alone, frames, {0: {1: labels[0] == 1}})
-    both = streaming(net, memory_rule="sam2")
+    both = streaming(net, memory_rule="sam2", batch_mixed_layouts=mixed)
     batches = []
     joined = {}
     for t, img in enumerate(frames):
@@ -210,13 +211,39 @@ def test_adding_and_removing_an_object_leaves_the_other_untouched(net):
         if t > 0:
             torch.testing.assert_close(joined[t][1], solo[t][1][1], atol=1e-5, rtol=0)
             assert np.array_equal(joined[t][0], solo[t][1][0]), f"frame {t}"
-    # Object 2 ran on its own until its memory had SAM2's full layout, then in one batch.
-    assert batches[4] == [[1], [2]]
+    # Object 2's memory had fewer frames than object 1's until it had SAM2's full layout: in
+    # separate passes, or (mixed) in one pass with its missing memory masked out.
+    assert batches[4] == ([[1, 2]] if mixed else [[1], [2]])
     assert batches[11] == [[1, 2]]
     assert batches[14] == [[1]]
     # Removing it freed everything it had: the same bytes as the run that never had it.
     assert both.memory_bytes() == alone.memory_bytes()
     assert both.object_ids == [1]
+
+
+def test_objects_with_different_memory_in_one_masked_pass_equal_separate_passes(net):
+    # Smart-memory rule, objects prompted on different frames, frames stored in long-term
+    # memory: each object reads a different number of memory frames, for the whole stream.
+    frames, labels = scene(14, seed=4)
+    prompts = {0: {1: labels[0] == 1}, 5: {2: labels[5] == 2}}
+    runs = {}
+    for mixed in (False, True):
+        tracker = streaming(net, memory_rule="pipeline", batch_mixed_layouts=mixed)
+        batches = []
+
+        def note(t, masks, tracker=tracker, batches=batches):
+            batches.append(list(tracker.last_batches))
+            return masks
+        runs[mixed] = (run_stream(tracker, frames, prompts, store_every=3, commit_masks=note), batches)
+    (separate, sep_batches), (joined, mixed_batches) = runs[False], runs[True]
+    assert [1] in sep_batches[-1] and [2] in sep_batches[-1]  # the layouts really differ
+    assert mixed_batches[-1] == [[1, 2]]
+    for t in range(14):
+        assert sorted(joined[t]) == sorted(separate[t])
+        for oid in joined[t]:
+            # float rounding only (measured: 7e-7), the same masks
+            torch.testing.assert_close(joined[t][oid][1], separate[t][oid][1], atol=1e-5, rtol=0)
+            assert np.array_equal(joined[t][oid][0], separate[t][oid][0]), f"frame {t} object {oid}"
 
 
 def test_teacher_forcing_writes_the_committed_mask(net, tmp_path):

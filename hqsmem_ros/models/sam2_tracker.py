@@ -34,13 +34,15 @@ SAM mask decoder, memory encoder, the prompt path of `track_step`), with its own
   predictor); any other mask (a refinement) is resized to SAM2's input as `add_new_mask` does,
   binarised and encoded; SAM2's no-object embedding follows that mask. The object pointer stays
   the tracker's. Objects prompted on the frame keep their prompt's memory.
-- Objects are batched: all objects whose memory has the same layout (number of conditioning
-  frames, temporal slots, pointers) run in one forward pass. Objects prompted on the same frame
-  share one layout; with the "sam2" rule an object added later joins once its own memory has
-  filled (num_maskmem-1 and max_obj_ptrs_in_encoder-1 frames); with the "pipeline" rule objects
-  prompted on different frames may keep different layouts (each sees the other's prompt frame
-  differently) and then run in separate passes. Each object's state lives in its own rows, so
-  adding or removing one leaves the others' memory untouched.
+- Objects are batched: all objects run in one forward pass. Objects whose memory has the same
+  layout (number of conditioning frames, temporal slots, pointers; e.g. prompted on the same
+  frame) are batched exactly as SAM2 would batch them. Objects whose memory differs (prompted on
+  different frames: each reads a different number of memory frames and pointers) join the same
+  pass with each object's memory tokens built as in its own pass, padded to the longest, and the
+  padding masked out of the memory cross-attention (`batch_mixed_layouts`, default on; off:
+  one pass per layout). Masked and separate passes agree to float rounding (tested). Each
+  object's state lives in its own rows, so adding or removing one leaves the others' memory
+  untouched.
 - Nothing about a frame outside memory survives its commit except its object pointers while
   they are in the ring (features, logits, images are freed), so host and device memory are
   bounded by a fixed number of frames and do not grow with the stream.
@@ -54,6 +56,7 @@ bilinear upsampling of SAM2's low-resolution logits (> 0).
 from __future__ import annotations
 
 import contextlib
+import math
 import importlib.util
 import logging
 from collections import OrderedDict
@@ -71,6 +74,7 @@ from .checkpoints import apply_state_dict, check_precision, load_state_dict, res
 
 try:
     from sam2.build_sam import build_sam2_video_predictor
+    from sam2.modeling.position_encoding import apply_rotary_enc
     from sam2.modeling.sam2_utils import get_1d_sine_pe, select_closest_cond_frames
     from sam2.utils.misc import fill_holes_in_mask_scores
 except ImportError as exc:  # pragma: no cover - depends on the install
@@ -93,7 +97,7 @@ ALIASES = {"tiny": "sam2.1_hiera_tiny", "t": "sam2.1_hiera_tiny", "small": "sam2
            "large": "sam2.1_hiera_large", "l": "sam2.1_hiera_large"}
 MEMORY_RULES = ("auto", "pipeline", "sam2")
 _PARAMS = ("model", "checkpoint", "sha256", "random_weights", "seed", "image_size", "memory_rule",
-           "recent_frames", "memory_stride", "max_objects", "fill_hole_area")
+           "recent_frames", "memory_stride", "max_objects", "fill_hole_area", "batch_mixed_layouts")
 _REFUSED = {
     "num_maskmem": "it sets the size of a trained parameter (maskmem_tpos_enc); the memory the "
                    "tracker reads is chosen by memory_rule / the pipeline's memory_capacity",
@@ -162,6 +166,41 @@ class _Layout:
         return len(self.cond), tuple(t for t, _ in self.spatial), len(self.ptrs)
 
 
+@contextlib.contextmanager
+def _masked_cross_attention(memory_attention, keep: torch.Tensor):
+    """While active, the memory-attention layers' cross-attention ignores the keys where `keep`
+    (B, L) is False (padding of objects whose memory is shorter). SAM2's attention blocks take
+    no key mask, so their forward is shadowed per instance by one that does the same projections
+    and rotary encoding with the blocks' own weights, then masked attention."""
+    mask = keep[:, None, None, :]  # broadcast over heads and queries
+
+    def masked_forward(attn):
+        def forward(q, k, v, num_k_exclude_rope: int = 0):
+            q = attn._separate_heads(attn.q_proj(q), attn.num_heads)
+            k = attn._separate_heads(attn.k_proj(k), attn.num_heads)
+            v = attn._separate_heads(attn.v_proj(v), attn.num_heads)
+            side = math.sqrt(q.shape[-2])
+            if attn.freqs_cis.shape[0] != q.shape[-2]:
+                attn.freqs_cis = attn.compute_cis(end_x=side, end_y=side)
+            attn.freqs_cis = attn.freqs_cis.to(q.device)
+            n_rope = k.shape[-2] - num_k_exclude_rope
+            q, k_rope = apply_rotary_enc(q, k[:, :, :n_rope], freqs_cis=attn.freqs_cis,
+                                         repeat_freqs_k=attn.rope_k_repeat)
+            k = torch.cat([k_rope, k[:, :, n_rope:]], dim=2)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return attn.out_proj(attn._recombine_heads(out))
+        return forward
+
+    blocks = [layer.cross_attn_image for layer in memory_attention.layers]
+    for attn in blocks:
+        attn.forward = masked_forward(attn)
+    try:
+        yield
+    finally:
+        for attn in blocks:
+            del attn.forward
+
+
 class SAM2Tracker(BaseTracker):
     """HQ-SMem's base tracker y_t = D(E(x_t); M_t; y_{t-1}) on SAM 2.1 (see the module doc)."""
 
@@ -169,7 +208,8 @@ class SAM2Tracker(BaseTracker):
 
     def __init__(self, net, model: str, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
                  memory_rule: str = "auto", recent_frames: int = 1, memory_stride: Optional[int] = None,
-                 max_objects: Optional[int] = None, fill_hole_area: Optional[int] = None):
+                 max_objects: Optional[int] = None, fill_hole_area: Optional[int] = None,
+                 batch_mixed_layouts: bool = True):
         if memory_rule not in MEMORY_RULES:
             raise ValueError(f"memory_rule must be one of {', '.join(MEMORY_RULES)}, got {memory_rule!r}")
         self.model = model
@@ -187,6 +227,7 @@ class SAM2Tracker(BaseTracker):
         if max_objects is not None:
             self.max_objects = int(max_objects)
         self.fill_hole_area = int(net.fill_hole_area if fill_hole_area is None else fill_hole_area)
+        self.batch_mixed_layouts = bool(batch_mixed_layouts)
         self.image_size = int(net.image_size)
         self.num_maskmem = int(net.num_maskmem)
         self.max_ptrs = int(net.max_obj_ptrs_in_encoder)
@@ -258,9 +299,12 @@ class SAM2Tracker(BaseTracker):
                              hint=f"The official SAM 2.1 files are {', '.join(m[2] for m in MODELS.values())}.")
         else:
             log.warning("tracker 'sam2' runs %s with RANDOM weights (seed %d): masks are meaningless", model, seed)
+        mixed = p.get("batch_mixed_layouts", True)
+        if not isinstance(mixed, bool):
+            raise ConfigError(f"tracker 'sam2': batch_mixed_layouts must be true or false, got {mixed!r}")
         return cls(net, model, dev, amp, memory_rule=rule, recent_frames=p.get("recent_frames", 1),
                    memory_stride=p.get("memory_stride"), max_objects=p.get("max_objects"),
-                   fill_hole_area=hole)
+                   fill_hole_area=hole, batch_mixed_layouts=mixed)
 
     def _ctx(self):
         stack = contextlib.ExitStack()
@@ -508,6 +552,26 @@ class SAM2Tracker(BaseTracker):
             n_ptr_tokens = obj_ptrs.shape[0]
         return torch.cat(mem, dim=0), torch.cat(mem_pos, dim=0), n_ptr_tokens
 
+    def _padded_memory_tokens(self, layouts: List[_Layout]):
+        """Memory of objects with different layouts in one batch: each object's tokens exactly as
+        its own pass builds them, the spatial part and the pointer part each padded to the
+        longest, and a (B, L) mask of the real keys. Padding the spatial part by whole frames
+        keeps SAM2's rotary encoding (repeated every frame's worth of tokens) in place."""
+        parts = [self._memory_tokens([lay]) for lay in layouts]
+        spatial = [m.shape[0] - n for m, _, n in parts]
+        n_sp, n_ptr = max(spatial), max(n for _, _, n in parts)
+        first = parts[0][0]
+        b, dim = len(parts), first.shape[-1]
+        memory = first.new_zeros(n_sp + n_ptr, b, dim)
+        memory_pos = first.new_zeros(n_sp + n_ptr, b, dim)
+        keep = torch.zeros(b, n_sp + n_ptr, dtype=torch.bool, device=first.device)
+        for k, ((m, p, n), sp) in enumerate(zip(parts, spatial)):
+            memory[:sp, k], memory_pos[:sp, k] = m[:sp, 0], p[:sp, 0]
+            memory[n_sp:n_sp + n, k], memory_pos[n_sp:n_sp + n, k] = m[sp:, 0], p[sp:, 0]
+            keep[k, :sp] = True
+            keep[k, n_sp:n_sp + n] = True
+        return memory, memory_pos, n_ptr, keep
+
     # -- per frame ----------------------------------------------------------------------------
     def track(self, frame: int, image: np.ndarray) -> Masks:
         image = self._check_image(image)
@@ -522,8 +586,11 @@ class SAM2Tracker(BaseTracker):
                     continue  # prompted on this frame already: the prompt is its output
                 lay = self._layout(oid, frame)
                 groups.setdefault(lay.key(), []).append((oid, lay))
-            self.last_batches = [[oid for oid, _ in members] for members in groups.values()]
-            for members in groups.values():
+            batches = list(groups.values())
+            if self.batch_mixed_layouts and len(batches) > 1 and net.num_maskmem > 0:
+                batches = [[m for members in batches for m in members]]  # one pass, keys masked
+            self.last_batches = [[oid for oid, _ in members] for members in batches]
+            for members in batches:
                 ids = [oid for oid, _ in members]
                 b = len(ids)
                 feats, pos, sizes = self._features(b)
@@ -532,9 +599,16 @@ class SAM2Tracker(BaseTracker):
                 if net.num_maskmem == 0:
                     pix = feats[-1].permute(1, 2, 0).view(b, c, h, w)
                 else:
-                    memory, memory_pos, n_ptr = self._memory_tokens([lay for _, lay in members])
-                    pix = net.memory_attention(curr=feats[-1:], curr_pos=pos[-1:], memory=memory,
-                                               memory_pos=memory_pos, num_obj_ptr_tokens=n_ptr)
+                    layouts = [lay for _, lay in members]
+                    if len({lay.key() for lay in layouts}) == 1:
+                        memory, memory_pos, n_ptr = self._memory_tokens(layouts)
+                        pix = net.memory_attention(curr=feats[-1:], curr_pos=pos[-1:], memory=memory,
+                                                   memory_pos=memory_pos, num_obj_ptr_tokens=n_ptr)
+                    else:
+                        memory, memory_pos, n_ptr, keep = self._padded_memory_tokens(layouts)
+                        with _masked_cross_attention(net.memory_attention, keep):
+                            pix = net.memory_attention(curr=feats[-1:], curr_pos=pos[-1:], memory=memory,
+                                                       memory_pos=memory_pos, num_obj_ptr_tokens=n_ptr)
                     pix = pix.permute(1, 2, 0).view(b, c, h, w)
                 high_res = [x.permute(1, 2, 0).view(x.size(1), x.size(2), *s)
                             for x, s in zip(feats[:-1], sizes[:-1])] if len(feats) > 1 else None
