@@ -493,7 +493,10 @@ class HQSMemNode(Node):
     def _release_intake(self) -> None:
         group = self.image_sub.callback_group
         if isinstance(group, _OrderedIntakeGroup) and group.release():
-            self._intake_wake.trigger()  # the executor re-checks which callbacks may start
+            try:
+                self._intake_wake.trigger()  # the executor re-checks which callbacks may start
+            except Exception:  # the node is being destroyed: nothing is waiting for frames
+                pass
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._camera_info = msg
