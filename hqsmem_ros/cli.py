@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="DIR", help="also write memory/latency plots and report.html to DIR")
     p.set_defaults(func=cmd_bench)
 
+    sub.add_parser("bench-sam2", add_help=False,
+                   help="SAM 2.1's own video predictor vs the streaming tracker over a long stream "
+                        "(memory, latency, 1 vs 5 objects); `hqsmem bench-sam2 --help`")
+
     p = sub.add_parser("ablate", help="the paper's 5 ablation rows (J&F, VOTS Q, ...) on a folder of sequences")
     p.add_argument("data_dir", help="DAVIS layout, or a folder of <seq>/JPEGImages + <seq>/Annotations")
     p.add_argument("--rows", nargs="+", choices=["base", "base_sam", "base_smem", "base_hqtf", "full"])
@@ -251,6 +255,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if argv[:1] == ["node"]:
             return cmd_node(argv[1:])
+        if argv[:1] == ["bench-sam2"]:  # its own options (python -m hqsmem_ros.models.bench_sam2)
+            from .models.bench_sam2 import main as bench_sam2_main
+            return bench_sam2_main(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except (CliError, ConfigError, DataError) as exc:

@@ -105,3 +105,16 @@ def test_bench_json_reports_fps_and_bounded_memory():
     assert rep["fps"] > 0 and rep["base_fps"] > 0
     assert rep["full"]["memory_bank_max"] <= rep["config"]["memory_capacity"]
     assert set(rep["full"]["stage_ms"]) >= {"track", "refine", "verify", "memory", "total"}
+
+
+def test_bench_sam2_compares_the_predictor_and_the_tracker(tmp_path):
+    out = tmp_path / "r.json"
+    r = run("bench-sam2", "--image-size", "64", "--size", "96x64", "--frames", "4", "--every", "2",
+            "--reference", "2", "--batch-frames", "6", "--json", out)
+    assert r.returncode == 0, r.stderr
+    assert "this tracker's step: 1 object" in r.stdout and "ratio" in r.stdout
+    rep = json.loads(out.read_text())
+    assert [p["frame"] for p in rep["predictor"]] == [p["frame"] for p in rep["ours"]] == [2, 4]
+    assert rep["predictor"][1]["state_mb"] > rep["predictor"][0]["state_mb"]  # keeps every frame
+    assert rep["passes_5_objects"] == [[1, 2, 3, 4, 5]] and rep["passes_5_staggered"] == [[1, 2, 3, 4, 5]]
+    assert run("bench-sam2", "--frames", "x").returncode == 2

@@ -216,7 +216,8 @@ def _growth(records: List[Dict], key: str, reference: int) -> Optional[float]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    os.environ.setdefault("TQDM_DISABLE", "1")  # if tqdm is not imported yet (`hqsmem bench-sam2`)
+    ap = argparse.ArgumentParser(prog="hqsmem bench-sam2", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny", help="tiny, small, base_plus, large (SAM 2.1)")
     ap.add_argument("--checkpoint", help="official SAM 2.1 .pt (default: random weights)")
     ap.add_argument("--frames", type=int, default=10000)
