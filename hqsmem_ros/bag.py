@@ -54,7 +54,8 @@ from hqsmem_ros.core.config import load_config
 from hqsmem_ros.core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt, PromptError
 from hqsmem_ros.prompts_file import (PromptEntry, PromptSchedule, PromptsFileError, format_stamp,
                                      load_prompts_file)
-from hqsmem_ros.ros import image_codec
+from hqsmem_ros.ros import image_codec, prompt_msgs
+from hqsmem_ros.ros.prompt_msgs import MAX_ID
 from hqsmem_ros.ros.image_codec import ImageDecodeError
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
@@ -62,7 +63,6 @@ COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
 OBJECTS_TYPE = "hqsmem_ros/msg/TrackedObjectArray"
 PROMPTS_TYPE = "hqsmem_ros/msg/ObjectPromptArray"
 STORAGES = ("mcap", "sqlite3")
-MAX_ID = 65535
 DEFAULT_NS = "/hqsmem_node"
 
 
@@ -424,45 +424,16 @@ class _NodeState:
         h, w = shape
         out: List[ObjectPrompt] = []
         labels: Dict[int, str] = {}
-        seen = set()
-        live = set(self.pipeline.object_ids)
+        reason = prompt_msgs.problem_without_frame(msg.prompts, self.used_ids, set(self.pipeline.object_ids))
+        if reason:
+            raise PromptError(reason)
         for k, p in enumerate(msg.prompts):
-            given = int(p.id)
-            if given > MAX_ID:
-                raise PromptError(f"prompt {k}: id {given} is above {MAX_ID} (ids are mono16 pixel values)")
-            if given:
-                if given in seen:
-                    raise PromptError(f"prompt {k}: id {given} appears twice in one request")
-                seen.add(given)
-                if given in self.used_ids and given not in live:
-                    raise PromptError(f"prompt {k}: id {given} was used before by another object and ids "
-                                      "are never reused; send id 0 to get a fresh one")
-            has_mask = p.mask.width > 0 and p.mask.height > 0
-            if has_mask and p.mask.encoding not in image_codec.MASK_ENCODINGS:
-                raise PromptError(f"prompt {k}: mask encoding {p.mask.encoding!r} is not one of "
-                                  f"{', '.join(image_codec.MASK_ENCODINGS)}")
-            if has_mask and p.mask.encoding in ("mono16", "16UC1") and given == 0:
-                raise PromptError(f"prompt {k}: a mono16 label mask needs the prompt's id (pixels == id)")
-            if not p.has_box and not has_mask and not len(p.positive_points):
-                raise PromptError(f"prompt {k}: has neither a box (has_box=false), a mask nor a "
-                                  "positive point")
-            oid = given or self.fresh_id(out)
+            oid = int(p.id) or self.fresh_id(out)
             mask = None
-            if has_mask:
-                mask = image_codec.prompt_mask(p.mask, oid, (h, w), f"prompt {k}")
-            box = None
-            if p.has_box:
-                x0, y0, x1, y1 = (float(v) for v in (p.x_min, p.y_min, p.x_max, p.y_max))
-                if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-                    raise PromptError(f"prompt {k}: box ({x0}, {y0}, {x1}, {y1}) is not finite")
-                if x1 <= x0 or y1 <= y0:
-                    raise PromptError(f"prompt {k}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty "
-                                      "(need x_max > x_min, y_max > y_min)")
-                if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
-                    raise PromptError(f"prompt {k}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is outside "
-                                      f"the {w}x{h} image")
-                box = (x0, y0, x1, y1)
-            points = image_codec.click_points(p)
+            if p.mask.width > 0 and p.mask.height > 0:
+                mask = prompt_msgs.prompt_mask(p.mask, oid, (h, w), f"prompt {k}")
+            box = prompt_msgs.prompt_box(p, (h, w), f"prompt {k}")
+            points = prompt_msgs.click_points(p)
             out.append(ObjectPrompt(id=oid, mask=mask, box=box, points=points))
             if p.label:
                 labels[oid] = str(p.label)

@@ -263,31 +263,6 @@ def mask_from_msg(msg: Any) -> np.ndarray:
     return decode_mask(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian, msg.data)
 
 
-def prompt_mask(msg: Any, oid: int, shape: Tuple[int, int], where: str) -> np.ndarray:
-    """An ObjectPrompt's mask image -> bool HxW mask of object `oid` (mono8: nonzero pixels,
-    mono16: pixels equal to the id). Every problem is a PromptError starting with `where`."""
-    from ..core.pipeline import PromptError
-
-    h, w = shape
-    try:
-        raw = mask_from_msg(msg)
-    except ImageDecodeError as exc:
-        raise PromptError(f"{where}: mask: {exc}") from exc
-    if raw.shape != (h, w):
-        raise PromptError(f"{where}: mask is {raw.shape[1]}x{raw.shape[0]}, the camera image is {w}x{h}")
-    mask = raw == oid if raw.dtype == np.uint16 else raw > 0
-    if not mask.any():
-        raise PromptError(f"{where}: mask has no pixel of the object")
-    return mask
-
-
-def click_points(prompt_msg: Any):
-    """An ObjectPrompt's positive/negative points -> [(x, y, 1 | 0)], or None when it has none."""
-    pts = ([(float(q.x), float(q.y), 1) for q in prompt_msg.positive_points]
-           + [(float(q.x), float(q.y), 0) for q in prompt_msg.negative_points])
-    return pts or None
-
-
 def compressed_to_rgb(msg: Any) -> np.ndarray:
     """sensor_msgs/CompressedImage -> HxWx3 uint8 RGB."""
     return decode_compressed(msg.format, msg.data)

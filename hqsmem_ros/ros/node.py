@@ -21,7 +21,6 @@ as gaps in the publisher's sequence numbers and are counted as lost in transport
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 import time
 from collections import Counter, deque
@@ -41,12 +40,12 @@ from hqsmem_ros.core.config import ConfigError, PipelineConfig
 from hqsmem_ros.core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt, PromptError
 from hqsmem_ros.prompts_file import PromptsFileError, load_prompts_file
 from hqsmem_ros.msg import ObjectPromptArray, TrackedObject, TrackedObjectArray
-from hqsmem_ros.ros import image_codec
+from hqsmem_ros.ros import image_codec, prompt_msgs
+from hqsmem_ros.ros.prompt_msgs import MAX_ID
 from hqsmem_ros.ros.image_codec import ImageDecodeError
 from hqsmem_ros.ros.overlay import render_overlay
 from hqsmem_ros.srv import AddObjects, RemoveObjects, Reset
 
-MAX_ID = 65535  # ids are pixel values of a mono16 image
 
 
 @dataclasses.dataclass
@@ -560,33 +559,10 @@ class HQSMemNode(Node):
             req.done.wait()  # a frame is being processed with it right now
 
     def _precheck(self, req: _Request) -> Optional[str]:
-        """Checks that need no frame: ids, duplicates, box shape, mask encoding."""
-        seen = set()
-        for k, p in enumerate(req.prompts):
-            oid = int(p.id)
-            if oid > MAX_ID:
-                return f"prompt {k}: id {oid} is above {MAX_ID} (ids are mono16 pixel values)"
-            if oid:
-                if oid in seen:
-                    return f"prompt {k}: id {oid} appears twice in one request"
-                seen.add(oid)
-                if oid in self._used_ids and oid not in self._live_ids:
-                    return (f"prompt {k}: id {oid} was used before by another object and ids are "
-                            f"never reused; send id 0 to get a fresh one")
-            has_mask = p.mask.width > 0 and p.mask.height > 0
-            if p.has_box:
-                x0, y0, x1, y1 = p.x_min, p.y_min, p.x_max, p.y_max
-                if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-                    return f"prompt {k}: box ({x0}, {y0}, {x1}, {y1}) is not finite"
-                if x1 <= x0 or y1 <= y0:
-                    return f"prompt {k}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty (need x_max > x_min, y_max > y_min)"
-            if has_mask and p.mask.encoding not in image_codec.MASK_ENCODINGS:
-                return (f"prompt {k}: mask encoding {p.mask.encoding!r} is not one of "
-                        f"{', '.join(image_codec.MASK_ENCODINGS)}")
-            if has_mask and p.mask.encoding in ("mono16", "16UC1") and oid == 0:
-                return f"prompt {k}: a mono16 label mask needs the prompt's id (pixels == id)"
-            if not p.has_box and not has_mask and not p.positive_points:
-                return f"prompt {k}: has neither a box (has_box=false), a mask nor a positive point"
+        """Checks that need no frame: ids, duplicates, box shape, mask encoding, removals."""
+        reason = prompt_msgs.problem_without_frame(req.prompts, self._used_ids, set(self._live_ids))
+        if reason:
+            return reason
         seen_remove = set()
         live = set(self._live_ids)
         for oid in req.remove:
@@ -800,15 +776,9 @@ class HQSMemNode(Node):
                 raise PromptError(f"prompt {k}: id {oid} was used before; ids are never reused")
             mask = None
             if p.mask.width > 0 and p.mask.height > 0:
-                mask = image_codec.prompt_mask(p.mask, oid, (h, w), f"prompt {k}")
-            box = None
-            if p.has_box:
-                x0, y0, x1, y1 = p.x_min, p.y_min, p.x_max, p.y_max
-                if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
-                    raise PromptError(f"prompt {k}: box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is outside "
-                                      f"the {w}x{h} image")
-                box = (x0, y0, x1, y1)
-            out.append(ObjectPrompt(id=oid, mask=mask, box=box, points=image_codec.click_points(p)))
+                mask = prompt_msgs.prompt_mask(p.mask, oid, (h, w), f"prompt {k}")
+            box = prompt_msgs.prompt_box(p, (h, w), f"prompt {k}")
+            out.append(ObjectPrompt(id=oid, mask=mask, box=box, points=prompt_msgs.click_points(p)))
             if p.label:
                 labels[oid] = p.label
         req.ids = [q.id for q in out]
