@@ -3,6 +3,7 @@
 Each encoding is built here from a known RGB image by the encoding's own definition (byte
 order, chroma subsampling, Bayer pattern) and decoded back.
 """
+import cv2
 import numpy as np
 import pytest
 
@@ -171,6 +172,69 @@ def test_bad_compressed_images(fmt, data, words):
         ic.decode_compressed(fmt, data)
     for w in words:
         assert w in str(e.value)
+
+
+def _jpeg_variants():
+    """JPEGs as cameras and encoders write them: 4:2:0, 4:2:2, 4:4:4, progressive, greyscale,
+    and sizes that are not whole 16-pixel blocks."""
+    rng = np.random.default_rng(3)
+    bgr = cv2.GaussianBlur((rng.random((61, 83, 3)) * 255).astype(np.uint8), (5, 5), 1.5)
+    sampling = cv2.IMWRITE_JPEG_SAMPLING_FACTOR
+    first = None
+    for name, img, params in [
+            ("420", bgr, []),
+            ("422", bgr, [sampling, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422]),
+            ("444", bgr, [sampling, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]),
+            ("progressive", bgr, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
+            ("grey", bgr[:, :, 1], [])]:
+        ok, data = cv2.imencode(".jpg", img, params)
+        assert ok
+        first = data.tobytes() if first is None else first
+        yield name, data.tobytes()
+    yield "cut off", first[: len(first) * 2 // 3]
+
+
+def test_jpeg_decoder_is_the_fast_one_and_gives_opencvs_pixels(monkeypatch):
+    """The test environment installs simplejpeg (setup.py), so this checks the path robots take
+    with it against OpenCV's decoder, the path without it: same pixels, every variant."""
+    assert ic.jpeg_decoder().startswith("simplejpeg")
+    def decode(data):  # pixels, or the refusal (OpenCV's version decides whether a cut-off
+        try:           # JPEG is decoded as far as it goes or refused; both paths must agree)
+            return ic.decode_compressed("jpeg", data)
+        except ImageDecodeError as exc:
+            return str(exc)
+
+    fast = {name: decode(data) for name, data in _jpeg_variants()}
+    monkeypatch.setattr(ic, "_simplejpeg", None)
+    assert ic.jpeg_decoder().startswith("OpenCV")
+    for name, data in _jpeg_variants():
+        slow = decode(data)
+        if name == "cut off" and isinstance(slow, str):
+            assert fast[name] == slow
+            continue
+        assert fast[name].shape == slow.shape == (61, 83, 3) and fast[name].dtype == np.uint8, name
+        assert np.array_equal(fast[name], slow), name
+
+
+def test_jpeg_that_the_fast_decoder_refuses_goes_to_opencv(monkeypatch):
+    calls = []
+
+    class Refusing:  # stands in for simplejpeg on a JPEG kind it cannot convert (e.g. CMYK)
+        __version__ = "test"
+
+        @staticmethod
+        def decode_jpeg(*args, **kwargs):
+            calls.append(1)
+            raise ValueError("Unsupported color conversion request")
+
+    rgb = _known_rgb()
+    data = ic.encode_compressed(rgb, "jpeg", 95)
+    expected = ic.decode_compressed("jpeg", data)
+    monkeypatch.setattr(ic, "_simplejpeg", Refusing)
+    assert np.array_equal(ic.decode_compressed("jpeg", data), expected) and calls == [1]
+    with pytest.raises(ImageDecodeError, match="corrupt"):
+        ic.decode_compressed("jpeg", b"\xff\xd8\xff\xe0 not really a jpeg")
+    assert calls == [1, 1]
 
 
 def test_truncated_jpeg_is_refused_or_decoded_to_the_right_size():
