@@ -29,7 +29,9 @@ depends on wall-clock time).
 
 With 4 or more usable cores, reading + decoding and encoding + writing run in two threads
 beside the pipeline (the frame order is kept), so bag I/O overlaps the pipeline; with fewer, or
-with io_threads=False, everything runs in one thread. The summary splits the time per frame into
+with io_threads=False, everything else runs in one thread and only the image decoding runs one
+frame ahead in a worker thread (libjpeg-turbo and OpenCV release the GIL, so it fills the
+pipeline's idle moments instead of waiting for them). The summary splits the time per frame into
 the pipeline's own time and what offline processing adds, and gives the CPU time that bag I/O
 costs (see BagSummary.timing).
 """
@@ -258,6 +260,7 @@ class BagSummary:
     image_topic: str
     image_type: str
     io_threads: bool = True
+    image_decoder: str = ""  # the JPEG/PNG library, for CompressedImage input
     frames_in: int = 0
     results: int = 0
     dropped: Dict[str, int] = field(default_factory=dict)
@@ -340,8 +343,10 @@ class BagSummary:
             f"{t['wait_output']:.2f}, closing {t['finish']:.2f}, bookkeeping {t['other']:.2f})")
         lines.append(
             ("  I/O threads busy per frame (beside the pipeline): " if self.io_threads else
-             "  I/O per frame (no I/O threads): ")
-            + f"read {t['read']:.2f} ms, decode {t['decode']:.2f}, encode {t['encode']:.2f}, write {t['write']:.2f}")
+             "  I/O per frame (no I/O threads; images decoded one frame ahead beside the pipeline): ")
+            + f"read {t['read']:.2f} ms, decode {t['decode']:.2f}"
+            + (f" (JPEG: {self.image_decoder})" if self.image_decoder else "")
+            + f", encode {t['encode']:.2f}, write {t['write']:.2f}")
         if "cpu_io" in t:
             lines.append(f"  CPU per frame: bag I/O (read, decode, encode, write) {t['cpu_io']:.2f} ms = "
                          f"{t['cpu_io_pct']:.1f}% of the rest (the pipeline) {t['cpu_rest']:.2f} ms")
@@ -493,16 +498,24 @@ class _Outputs:
 
 
 SQLITE_CACHE_KIB = 64 * 1024
+SQLITE_PAGE_BYTES = 65536  # sqlite's largest page size
 
 
 def _speed_up_sqlite(writer) -> None:
-    """sqlite3 output: no rollback journal or fsyncs (the bag is written in a staging folder and
-    moved into place only when complete, so a crash leaves nothing half-written to recover) and
-    a 64 MB page cache (fewer spills of the megabyte blobs): blob writes 1.6-1.8 -> 1.2 ms per
-    640x480 frame (docs/benchmarks.md)."""
+    """sqlite3 output: 64 KiB pages (a 300 KB mask message fills 5 pages instead of 75 4-KiB
+    overflow pages, each a separate write), no rollback journal or fsyncs (the bag is written in
+    a staging folder and moved into place only when complete, so a crash leaves nothing
+    half-written to recover) and a 64 MB page cache. Blob writes per 640x480 frame: 1.6-1.8 ms
+    with sqlite's defaults, 1.2 with the journal and cache settings, 0.65 with the page size too
+    (docs/benchmarks.md). Any sqlite reader (rosbag2 included) reads any page size."""
     conn = getattr(getattr(writer, "storage", None), "conn", None)
     if conn is None or not hasattr(conn, "execute"):  # mcap, or a rosbags without this layout
         return
+    if not getattr(conn, "in_transaction", True):
+        # The page size of an existing database changes only by rebuilding it: instant while
+        # it holds nothing but the empty tables the writer has just created.
+        conn.execute(f"PRAGMA page_size={SQLITE_PAGE_BYTES}")
+        conn.execute("VACUUM")
     conn.execute("PRAGMA journal_mode=OFF")
     conn.execute("PRAGMA synchronous=OFF")
     conn.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
@@ -561,8 +574,8 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
     """Run the pipeline over IN_BAG's image topic and write OUT_BAG (see the module docstring).
 
     io_threads: read/decode and encode/write in two threads beside the pipeline (True), or
-    everything in the calling thread (False: the summary's overhead is then simply the sum of the
-    parts); None (default) = threads only when the process may use at least IO_THREADS_MIN_CORES
+    everything in the calling thread except image decoding, one frame ahead in a worker (False:
+    the summary's overhead is then the sum of the parts less the decoding it hid); None (default) = threads only when the process may use at least IO_THREADS_MIN_CORES
     cores. With fewer, the threads compete with the pipeline for the same cores and measured
     slower than doing the I/O in line (docs/benchmarks.md, "Offline bag processing").
     bench: first run the pipeline alone over the same frames (decoded, nothing written, no
@@ -631,7 +644,8 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
 
         out_storage = storage or bag_storage(in_bag)
         summary = BagSummary(str(in_bag), str(out_bag), out_storage, image_topic, image_type,
-                             io_threads=io_threads)
+                             io_threads=io_threads,
+                             image_decoder=image_codec.jpeg_decoder() if image_type == COMPRESSED_TYPE else "")
         if bench:
             # The pipeline alone on the same frames, same process, nothing beside it: the
             # reference for what the real run below adds.
@@ -721,6 +735,11 @@ class _InputThread(threading.Thread):
 
     def produce(self):
         """The items, read and decoded in this thread (the thread's loop, or a synchronous run)."""
+        return self._read_items(decode=True)
+
+    def _read_items(self, decode: bool = False):
+        """("copy", ...) for every message and, after each image's copy, its "image" item: with
+        pixels (decode=True) or with only the deserialized message (decode=False)."""
         clock, cpu = time.perf_counter, time.thread_time
         n_read = 0
         messages = self.reader.messages()
@@ -737,11 +756,13 @@ class _InputThread(threading.Thread):
                 return
             n_read += 1
             conn, bag_ns, raw = item
-            decoded = self._decode(conn, bag_ns, raw) if conn.id in self.image_ids else None
+            image = None
+            if conn.id in self.image_ids:
+                image = self._decode(conn, bag_ns, raw) if decode else self._deserialize(conn, bag_ns, raw)
             self.spent["cpu_input"] += cpu() - c0
             yield ("copy", conn, bag_ns, raw)
-            if decoded is not None:
-                yield decoded
+            if image is not None:
+                yield image
 
     def run(self) -> None:
         try:
@@ -757,20 +778,71 @@ class _InputThread(threading.Thread):
                 pass
 
     def _decode(self, conn, bag_ns, raw):
+        """An image message -> its "image" item, pixels decoded now."""
+        item = self._deserialize(conn, bag_ns, raw)
+        if item[3] is None:
+            return item
+        t0 = time.perf_counter()
+        rgb, error = self._pixels(item[3])
+        self.spent["decode"] += time.perf_counter() - t0
+        return item[:4] + (rgb, error)
+
+    def _deserialize(self, conn, bag_ns, raw):
+        """("image", conn, bag_ns, msg, None, None), or the item of an undecodable message."""
         t0 = time.perf_counter()
         try:
             msg = self.store.deserialize_cdr(raw, conn.msgtype)
+            return ("image", conn, bag_ns, msg, None, None)
         except Exception as exc:
-            self.spent["decode"] += time.perf_counter() - t0
             return ("image", conn, bag_ns, None, None,
                     ("bad_message", f"cannot deserialize {conn.msgtype}: {type(exc).__name__}: {exc}"))
+        finally:
+            self.spent["decode"] += time.perf_counter() - t0
+
+    def _pixels(self, msg):
+        """(rgb, None) or (None, ("bad_image", reason))."""
         try:
             rgb = image_codec.compressed_to_rgb(msg) if self.compressed else image_codec.image_to_rgb(msg)
-            error = None
+            return rgb, None
         except ImageDecodeError as exc:
-            rgb, error = None, ("bad_image", str(exc))
-        self.spent["decode"] += time.perf_counter() - t0
-        return ("image", conn, bag_ns, msg, rgb, error)
+            return None, ("bad_image", str(exc))
+
+    def produce_decoding_ahead(self):
+        """produce()'s items in the same order, with each image's pixels decoded in a worker thread
+        while the consumer still works on the previous image: the items up to an image are handed
+        out only once the next image's decoding has started. One frame ahead, so memory stays
+        bounded; decoding releases the GIL, so it overlaps the pipeline even on two cores."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def pixels_timed(msg):  # runs in the worker: its wall and CPU time are the decoding's cost
+            t0, c0 = time.perf_counter(), time.thread_time()
+            out = self._pixels(msg)
+            self.spent["decode_worker"] += time.perf_counter() - t0  # keys only the worker writes
+            self.spent["cpu_decode_worker"] += time.thread_time() - c0
+            return out
+
+        def ready(item):
+            if item[0] != "image" or not hasattr(item[4], "result"):
+                return item
+            t0 = time.perf_counter()
+            rgb, error = item[4].result()
+            self.spent["decode_wait"] += time.perf_counter() - t0
+            return item[:4] + (rgb, error)
+
+        held: List[tuple] = []  # items up to and including the image being decoded
+        with ThreadPoolExecutor(1, thread_name_prefix="hqsmem_bag_decode") as worker:
+            for item in self._read_items():
+                if item[0] == "image" and item[3] is not None:
+                    item = item[:4] + (worker.submit(pixels_timed, item[3]), None)
+                if item[0] == "image" and any(h[0] == "image" for h in held):
+                    for h in held:
+                        yield ready(h)
+                    held = []
+                held.append(item)
+            for h in held:
+                yield ready(h)
+        self.spent["decode"] += self.spent.pop("decode_worker", 0.0)
+        self.spent["cpu_input"] += self.spent.pop("cpu_decode_worker", 0.0)
 
 
 class _Sink:
@@ -953,7 +1025,7 @@ def _run(reader, open_writer, store, pipeline, summary: BagSummary, image_conns,
     else:
         sink = (_SinkThread if io_threads else _Sink)(open_writer, reader.connections, excluded, store, ns,
                                                       overlay, overlay_alpha, summary.out_bag)
-    items = None if io_threads else source.produce()
+    items = None if io_threads else source.produce_decoding_ahead()
 
     def next_item():
         if items is None:

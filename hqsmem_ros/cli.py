@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-random-weights", action="store_true",
                    help="run a config whose models have random_weights: true (speed tests only)")
     p.add_argument("--io-threads", choices=["auto", "on", "off"], default="auto",
-                   help="read/decode and encode/write in threads beside the pipeline (auto: with >= 4 cores)")
+                   help="read/decode and encode/write in threads beside the pipeline (auto: with >= 4 "
+                        "cores); off: only image decoding runs beside it, one frame ahead")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_bag)

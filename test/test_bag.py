@@ -130,6 +130,12 @@ def test_every_image_gets_one_mask_and_one_objects_message(tmp_path, capsys, sto
     assert [r for r in raw_out if not r[0].startswith("/hqsmem_node/")] == raw_in
     suffix = ".mcap" if storage == "mcap" else ".db3"
     assert (tmp_path / "out" / f"out{suffix}").is_file()
+    if storage == "sqlite3":  # written with large pages (faster blob writes), read by any sqlite
+        import sqlite3
+        with sqlite3.connect(tmp_path / "out" / "out.db3") as db:
+            assert db.execute("PRAGMA page_size").fetchone()[0] == 65536
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == len(raw_out)
     overlay = read_outputs(tmp_path / "out")["/hqsmem_node/overlay"]
     assert [stamp_ns(m) for _, m in overlay] == [s for _, s in bag_images(tmp_path / "in")]
     assert overlay[0][1].encoding == "rgb8"
