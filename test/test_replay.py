@@ -29,6 +29,7 @@ from hqsmem_ros.msg import TrackedObjectArray  # noqa: E402
 from hqsmem_ros.ros import image_codec as ic  # noqa: E402
 from hqsmem_ros.ros.node import HQSMemNode  # noqa: E402
 from hqsmem_ros.ros.replay import BagReplayer  # noqa: E402
+from hqsmem_ros.ros.spinning import BackgroundSpinner  # noqa: E402
 
 # A domain of its own (test_ros_node.py uses 1 + pid % 200), so parallel runs do not mix.
 DOMAIN_ID = 1 + (os.getpid() + 101) % 200
@@ -62,8 +63,7 @@ class LiveNode:
         self.executor = MultiThreadedExecutor(num_threads=4, context=self.ctx)
         self.executor.add_node(self.node)
         self.executor.add_node(self.listener)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.spinner = BackgroundSpinner(self.executor).start()
         # masks are only published while someone listens: be matched before the first frame
         self.wait_for(lambda: self.node.masks_pub.get_subscription_count() > 0
                       and self.masks_sub.get_publisher_count() > 0
@@ -87,11 +87,10 @@ class LiveNode:
 
     def close(self):
         self.node.stop()
-        self.executor.shutdown()
+        self.spinner.stop()
         self.node.destroy_node()
         self.listener.destroy_node()
         rclpy.shutdown(context=self.ctx)
-        self.thread.join(timeout=5)
 
 
 def _by_stamp(msgs):

@@ -23,6 +23,7 @@ from hqsmem_ros.msg import ObjectPrompt, ObjectPromptArray, TrackedObjectArray  
 from hqsmem_ros.ros import image_codec as ic  # noqa: E402
 from hqsmem_ros.core.config import ConfigError  # noqa: E402
 from hqsmem_ros.ros.node import HQSMemNode  # noqa: E402
+from hqsmem_ros.ros.spinning import BackgroundSpinner  # noqa: E402
 from hqsmem_ros.srv import AddObjects, RemoveObjects, Reset  # noqa: E402
 
 DOMAIN_ID = 1 + os.getpid() % 200  # 1..200, away from the default domain 0
@@ -56,8 +57,7 @@ class Harness:
         self.executor = MultiThreadedExecutor(num_threads=4, context=self.ctx)
         self.executor.add_node(self.node)
         self.executor.add_node(self.client)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
+        self.spinner = BackgroundSpinner(self.executor).start()
         self.results, self.masks, self.diags = [], [], []
         self.cv = threading.Condition()
         ns = f"/{name}"
@@ -151,11 +151,10 @@ class Harness:
 
     def close(self):
         self.node.stop()
-        self.executor.shutdown()
+        self.spinner.stop()
         self.node.destroy_node()
         self.client.destroy_node()
         rclpy.shutdown(context=self.ctx)
-        self.thread.join(timeout=5)
 
 
 def _prompt(oid=0, labels=None, label_value=None, box=None, text=""):
@@ -746,7 +745,7 @@ def test_every_node_parameter_is_in_the_docs_table_with_its_default_and_range():
         assert name in rows, f"docs/ros.md has no row for {name}"
         default = {True: "true", False: "false"}.get(p.default, p.default) if isinstance(p.default, bool) else p.default
         cells = [c.strip() for c in rows[name].split("|")]
-        assert cells[2] == (f'`""`' if default == "" else f"`{default}`"), (name, cells[2])
+        assert cells[2] == ('`""`' if default == "" else f"`{default}`"), (name, cells[2])
         assert cells[3].startswith("yes" if p.runtime else "no"), (name, cells[3])
         if p.int_range:
             assert f"({p.int_range[0]}..{p.int_range[1]})" in cells[4], (name, cells[4])

@@ -36,6 +36,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from hqsmem_ros.ros.spinning import BackgroundSpinner
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "config" / "track.yaml"
 NODE_NAME = "hqsmem_node"
@@ -148,10 +150,10 @@ class _Driver:
         self.arrivals: Dict[str, Dict[int, float]] = {}
         self.executor = MultiThreadedExecutor(num_threads=2, context=self.ctx)
         self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.spinner = BackgroundSpinner(self.executor)
 
     def start(self) -> None:
-        self.thread.start()
+        self.spinner.start()
 
     def record(self, name: str, extra=None):
         store = self.arrivals.setdefault(name, {})
@@ -179,10 +181,9 @@ class _Driver:
                 self.cv.wait(min(left, 0.05))
 
     def close(self) -> None:
-        self.executor.shutdown()
+        self.spinner.stop()
         self.node.destroy_node()
         self.rclpy.shutdown(context=self.ctx)
-        self.thread.join(timeout=5)
 
 
 # ---------------------------------------------------------------------------------- children

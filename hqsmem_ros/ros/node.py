@@ -229,9 +229,11 @@ class HQSMemNode(Node):
 
         self._started = True
         stats = self.pipeline.stats()
+        input_type = self.get_parameter('input_type').value
         self.get_logger().info(
-            f"tracking {self.image_sub.topic_name} ({self.get_parameter('input_type').value}, "
-            f"{self.get_parameter('qos_reliability').value}) with tracker={stats['tracker']} "
+            f"tracking {self.image_sub.topic_name} ({input_type}"
+            + (f", JPEG decoding: {image_codec.jpeg_decoder()}" if input_type == "compressed" else "")
+            + f", {self.get_parameter('qos_reliability').value}) with tracker={stats['tracker']} "
             f"refiner={stats['refiner']} features={stats['features']} ablation={stats['ablation']} "
             f"device={self._device()}")
         if self._random_weight_parts:

@@ -25,6 +25,7 @@ from sensor_msgs.msg import Image
 
 from hqsmem_ros.msg import TrackedObjectArray
 from hqsmem_ros.ros import image_codec
+from hqsmem_ros.ros.spinning import BackgroundSpinner
 
 _MSG_DIR_CANDIDATES = (Path(__file__).resolve().parents[2] / "msg",)
 
@@ -151,8 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     node = Recorder()
     executor = MultiThreadedExecutor(num_threads=2)
     executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spinner = BackgroundSpinner(executor).start()
     try:
         while not node.done.wait(0.2):
             if (node.idle_timeout and node.last_message is not None
@@ -163,7 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        executor.shutdown()
+        spinner.stop()
         node.close()
         node.get_logger().info(f"recorded {node.counts}")
         node.destroy_node()

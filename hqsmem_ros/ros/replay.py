@@ -30,6 +30,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
 
 from hqsmem_ros.bag import BagError, IMAGE_TYPE, COMPRESSED_TYPE, make_typestore, open_bag
+from hqsmem_ros.ros.spinning import BackgroundSpinner
 
 DEFAULT_RESULTS_TOPIC = "/hqsmem_node/objects"
 
@@ -238,8 +239,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     executor = SingleThreadedExecutor()
     executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spinner = BackgroundSpinner(executor).start()
     code = 0
     try:
         summary = node.run()
@@ -254,8 +254,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        executor.shutdown()
-        spinner.join(timeout=5)
+        spinner.stop()
         node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()

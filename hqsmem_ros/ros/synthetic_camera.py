@@ -25,6 +25,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from hqsmem_ros.data.synth import make_sequence
 from hqsmem_ros.ros import image_codec
+from hqsmem_ros.ros.spinning import BackgroundSpinner
 
 
 class SyntheticCamera(Node):
@@ -139,8 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     node = SyntheticCamera()
     executor = MultiThreadedExecutor(num_threads=2)
     executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spinner = BackgroundSpinner(executor).start()
     try:
         node.run()
         time.sleep(0.5)  # let the last messages leave before the process ends
@@ -150,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if rclpy.ok():
             raise  # a real error; otherwise we were interrupted while publishing
     finally:
-        executor.shutdown()
+        spinner.stop()
         node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()

@@ -1,0 +1,37 @@
+"""Spinning an rclpy executor in a background thread, and stopping it cleanly.
+
+rclpy's Executor.shutdown() destroys the executor's guard condition without waiting for the
+handlers that a spinning thread is still running (its wait is skipped once the shutdown flag is
+set), and such a handler then fails with "InvalidHandle: cannot use Destroyable because
+destruction was requested". So the spinning thread is stopped and joined first: it spins in
+short steps and checks a flag between them; only then is the executor shut down.
+"""
+from __future__ import annotations
+
+import threading
+
+
+class BackgroundSpinner:
+    """executor.spin() in a daemon thread; stop() ends it, joins it, then shuts the executor down."""
+
+    STEP_S = 0.05  # how long one spin_once waits for work: the latency of stop()
+
+    def __init__(self, executor, name: str = "hqsmem_spin"):
+        self.executor = executor
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._spin, name=name, daemon=True)
+
+    def _spin(self) -> None:
+        context = getattr(self.executor, "_context", None)
+        while not self._stop.is_set() and (context is None or context.ok()):
+            self.executor.spin_once(timeout_sec=self.STEP_S)
+
+    def start(self) -> "BackgroundSpinner":
+        self.thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=timeout_s)
+        self.executor.shutdown()
