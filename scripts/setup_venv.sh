@@ -5,6 +5,17 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 py="${PYTHON:-python3}"
+# PYTHON picks the interpreter of a new .venv (e.g. PYTHON=python3.12 in another clone); an
+# existing .venv made with another Python version is never silently used in its place.
+if [ -n "${PYTHON:-}" ] && [ -x "$venv/bin/python" ]; then
+  version='import sys; print("%d.%d" % sys.version_info[:2])'
+  have="$("$venv/bin/python" -c "$version")"
+  asked="$("$PYTHON" -c "$version")"
+  if [ "$have" != "$asked" ]; then
+    echo "setup_venv.sh: $venv has Python $have, PYTHON=$PYTHON is $asked: remove $venv or use another clone" >&2
+    exit 1
+  fi
+fi
 stamp="$venv/.hqsmem-setup"
 want="$(cat "$root/setup.py" "$root/scripts/setup_venv.sh" | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
