@@ -16,11 +16,11 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 not installed: run scripts/setup_ros.sh")
 from rclpy.context import Context  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from rosgraph_msgs.msg import Clock  # noqa: E402
-from sensor_msgs.msg import Image  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
 from hqsmem_ros.bag import BagError, process_bag, read_outputs, stamp_ns_of  # noqa: E402
 from hqsmem_ros.core.config import load_config  # noqa: E402
@@ -60,6 +60,10 @@ class LiveNode:
         self.objects_sub = self.listener.create_subscription(
             TrackedObjectArray, f"{NS}/objects", self._on(self.objects), reliable)
         self.listener.create_subscription(Clock, "/clock", self._on(self.clock), reliable)
+        # Also on the images, so that a replay waiting for 2 subscribers on the image topic and on
+        # /clock (the node and this listener) starts only when the listener hears /clock too.
+        self.listener.create_subscription(CompressedImage if compressed else Image, image_topic,
+                                          lambda msg: None, reliable)
         self.executor = MultiThreadedExecutor(num_threads=4, context=self.ctx)
         self.executor.add_node(self.node)
         self.executor.add_node(self.listener)
@@ -144,12 +148,17 @@ def test_replay_under_sim_time_gives_the_masks_of_hqsmem_bag(tmp_path, storage, 
         if player in ("in_process", "full_speed_queue"):
             lockstep = player == "in_process"
             replayer = BagReplayer(info["bag"], topic, rate=2.0 if lockstep else 50.0, lockstep=lockstep,
+                                   wait_for_subscribers=2,
                                    context=live.ctx)
-            live.executor.add_node(replayer)
+            # Its own executor and thread, stopped before the replayer is destroyed (a node taken
+            # out of a spinning executor can still be in the wait set that thread is building).
+            spinner = BackgroundSpinner(SingleThreadedExecutor(context=live.ctx))
+            spinner.executor.add_node(replayer)
+            spinner.start()
             try:
                 replay = replayer.run()
             finally:
-                live.executor.remove_node(replayer)
+                spinner.stop()
                 replayer.destroy_node()
             assert replay.image_stamps_ns == stamps and replay.published == {topic: FRAMES}
             assert not replay.without_result
@@ -158,7 +167,7 @@ def test_replay_under_sim_time_gives_the_masks_of_hqsmem_bag(tmp_path, storage, 
             env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID))
             done = subprocess.run(
                 [sys.executable, "-m", "hqsmem_ros.ros.replay", str(info["bag"]), "--image-topic", topic,
-                 "--rate", "2", "--lockstep", "--lockstep-timeout", "60"],
+                 "--rate", "2", "--lockstep", "--lockstep-timeout", "60", "--wait-for-subscribers", "2"],
                 env=env, capture_output=True, text=True, timeout=240)
             assert done.returncode == 0, done.stdout + done.stderr
             assert f"replayed {FRAMES} on {topic}" in done.stdout

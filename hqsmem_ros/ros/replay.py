@@ -224,15 +224,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="after each image, wait for the tracker's result with its stamp")
     ap.add_argument("--results-topic", default=DEFAULT_RESULTS_TOPIC)
     ap.add_argument("--lockstep-timeout", type=float, default=30.0)
+    ap.add_argument("--wait-for-subscribers", type=int, default=1, metavar="N",
+                    help="start once the image topic and /clock each have N subscribers (e.g. the "
+                         "tracker and a recorder): a node that joins later misses the first messages")
     ap.add_argument("--discovery-timeout", type=float, default=30.0,
-                    help="seconds to wait for a subscriber on the image topic (and /clock) before starting")
+                    help="seconds to wait for those subscribers before giving up")
     args = ap.parse_args(own)
     rclpy.init(args=["replay"] + ros_args)
     try:
         node = BagReplayer(args.bag, args.image_topic, rate=args.rate, extra_topics=args.topic,
                            clock=not args.no_clock, clock_hz=args.clock_hz, lockstep=args.lockstep,
                            results_topic=args.results_topic, lockstep_timeout=args.lockstep_timeout,
-                           discovery_timeout=args.discovery_timeout)
+                           discovery_timeout=args.discovery_timeout,
+                           wait_for_subscribers=args.wait_for_subscribers)
     except (BagError, ValueError) as exc:
         rclpy.shutdown()
         print(f"replay: {exc}", file=sys.stderr)
