@@ -96,13 +96,29 @@ def _frames(size, count: int, n_objects: int, seed: int):
     return frames, labels, order
 
 
+JPEG_QUALITY = 90  # a typical camera driver / image_transport setting
+
+
+def _image_class(encoding: str):
+    """(message class, the node's input topic, its input_type) for a bench encoding."""
+    from sensor_msgs.msg import CompressedImage, Image
+    if encoding == "jpeg":
+        return CompressedImage, "image/compressed", "compressed"
+    return Image, "image", "raw"
+
+
 def _image_msgs(frames, encoding: str):
-    from sensor_msgs.msg import Image
+    from sensor_msgs.msg import CompressedImage, Image
     from hqsmem_ros.ros import image_codec
     out = []
     for rgb in frames:
-        pixels = np.ascontiguousarray(rgb[..., ::-1]) if encoding == "bgr8" else rgb
-        msg = image_codec.fill_image_msg(Image(), image_codec.encode_image(pixels, encoding))
+        if encoding == "jpeg":
+            msg = CompressedImage()
+            msg.format = "jpeg"
+            msg.data = image_codec.encode_compressed(rgb, "jpeg", JPEG_QUALITY)
+        else:
+            pixels = np.ascontiguousarray(rgb[..., ::-1]) if encoding == "bgr8" else rgb
+            msg = image_codec.fill_image_msg(Image(), image_codec.encode_image(pixels, encoding))
         msg.header.frame_id = "camera"
         out.append(msg)
     return out
@@ -192,18 +208,18 @@ def _child_echo(args) -> int:
     import rclpy
     from rclpy.executors import ExternalShutdownException
     from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import Image
+    image_cls = _image_class(args.encoding)[0]
     rclpy.init(args=["bench_echo"])
     node = rclpy.create_node("bench_echo")
     qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-    pub = node.create_publisher(Image, ECHO_OUT, qos)
+    pub = node.create_publisher(image_cls, ECHO_OUT, qos)
     times: List[float] = []
 
     def on_image(msg):
         t0 = time.perf_counter()
         pub.publish(msg)
         times.append(time.perf_counter() - t0)
-    node.create_subscription(Image, ECHO_IN, on_image, qos)
+    node.create_subscription(image_cls, ECHO_IN, on_image, qos)
     try:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
@@ -249,6 +265,7 @@ def run_overhead(args) -> Dict:
     from rclpy.serialization import deserialize_message, serialize_message
     from sensor_msgs.msg import Image
     from hqsmem_ros.msg import TrackedObjectArray
+    image_cls, image_topic, input_type = _image_class(args.encoding)
 
     domain = _domain(args.domain)
     env = dict(os.environ, ROS_DOMAIN_ID=str(domain))
@@ -260,17 +277,18 @@ def run_overhead(args) -> Dict:
     me = [sys.executable, "-m", "hqsmem_ros.ros.bench_node"]
     node_proc = subprocess.Popen(
         me + ["_node", "--log", node_log, "--config", args.config, "--ros-args",
-              "-p", "qos_reliability:=reliable", "-p", "qos_depth:=10", "-p", f"initial_mask:={mask_png}"],
+              "-p", "qos_reliability:=reliable", "-p", "qos_depth:=10", "-p", f"initial_mask:={mask_png}",
+              "-p", f"input_type:={input_type}"],
         env=env, stdout=open(os.path.join(tmp, "node.out"), "w"), stderr=subprocess.STDOUT)
-    echo_proc = subprocess.Popen(me + ["_echo", "--log", echo_log], env=env,
+    echo_proc = subprocess.Popen(me + ["_echo", "--log", echo_log, "--encoding", args.encoding], env=env,
                                  stdout=open(os.path.join(tmp, "echo.out"), "w"), stderr=subprocess.STDOUT)
     driver = _Driver(domain)
     try:
         qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         n = driver.node
-        echo_pub = n.create_publisher(Image, ECHO_IN, qos)
-        node_pub = n.create_publisher(Image, "image", qos)
-        n.create_subscription(Image, ECHO_OUT, driver.record("echo"), qos)
+        echo_pub = n.create_publisher(image_cls, ECHO_IN, qos)
+        node_pub = n.create_publisher(image_cls, image_topic, qos)
+        n.create_subscription(image_cls, ECHO_OUT, driver.record("echo"), qos)
         n.create_subscription(Image, f"/{NODE_NAME}/masks", driver.record("masks"), qos)
         n.create_subscription(TrackedObjectArray, f"/{NODE_NAME}/objects", driver.record("objects"), qos)
         driver.start()
@@ -283,7 +301,7 @@ def run_overhead(args) -> Dict:
         raw = serialize_message(msgs[0])
         t0 = time.perf_counter()
         for _ in range(20):
-            deserialize_message(raw, Image)
+            deserialize_message(raw, image_cls)
         deserialize_s = (time.perf_counter() - t0) / 20
 
         echo_lat: Dict[int, float] = {}
@@ -396,8 +414,8 @@ _STOPPED = re.compile(r"stopped: (\d+) frames received, (\d+) processed, dropped
 def run_stream(args, qos_name: str) -> Dict:
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import Image
     from hqsmem_ros.msg import TrackedObjectArray
+    image_cls, image_topic, input_type = _image_class(args.encoding)
 
     domain = _domain(args.domain)
     env = dict(os.environ, ROS_DOMAIN_ID=str(domain))
@@ -407,7 +425,8 @@ def run_stream(args, qos_name: str) -> Dict:
     mask_png = _write_label_png(labels[0], tmp)
     node_out = os.path.join(tmp, "node.out")
     cmd = [sys.executable, "-m", "hqsmem_ros.cli", "node", "--config", args.config, "--ros-args",
-           "-p", f"qos_reliability:={qos_name}", "-p", f"initial_mask:={mask_png}"]
+           "-p", f"qos_reliability:={qos_name}", "-p", f"initial_mask:={mask_png}",
+           "-p", f"input_type:={input_type}"]
     if args.node_depth:
         cmd += ["-p", f"qos_depth:={args.node_depth}"]
     node_proc = subprocess.Popen(cmd, env=env, stdout=open(node_out, "w"), stderr=subprocess.STDOUT)
@@ -419,7 +438,7 @@ def run_stream(args, qos_name: str) -> Dict:
     try:
         reliability = ReliabilityPolicy.RELIABLE if qos_name == "reliable" else ReliabilityPolicy.BEST_EFFORT
         n = driver.node
-        pub = n.create_publisher(Image, "image", QoSProfile(depth=args.depth, reliability=reliability))
+        pub = n.create_publisher(image_cls, image_topic, QoSProfile(depth=args.depth, reliability=reliability))
 
         def on_result(msg):
             results[_key(msg)] = results.get(_key(msg), 0) + 1
@@ -556,6 +575,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.add_argument("role")
         ap.add_argument("--log", required=True)
         ap.add_argument("--config", default=str(DEFAULT_CONFIG))
+        ap.add_argument("--encoding", default="bgr8")
         ours, ros = (argv[:argv.index("--ros-args")], argv[argv.index("--ros-args"):]) \
             if "--ros-args" in argv else (argv, [])
         args = ap.parse_args(ours)
@@ -569,8 +589,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--size", type=_size, default=size)
         p.add_argument("--frames", type=int, default=frames)
         p.add_argument("--config", default=str(DEFAULT_CONFIG), help="node parameter file")
-        p.add_argument("--encoding", choices=["bgr8", "rgb8"], default="bgr8",
-                       help="input encoding (bgr8: what most camera drivers publish)")
+        p.add_argument("--encoding", choices=["bgr8", "rgb8", "jpeg"], default="bgr8",
+                       help="input encoding (bgr8: what most camera drivers publish; jpeg: "
+                            f"CompressedImage at quality {JPEG_QUALITY} on image/compressed)")
         p.add_argument("--objects", type=int, default=3)
         p.add_argument("--cycle", type=int, default=40, help="distinct synthetic frames (played back and forth)")
         p.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,7 @@ OpenCV, so it is tested (and usable) where ROS is not installed. The conversions
 OpenCV colour conversion codes as ROS's cv_bridge, so results match it; where cv_bridge is
 installed it is used only for encodings this module does not know (see ``image_to_rgb``).
 JPEGs are decoded with simplejpeg (libjpeg-turbo's TurboJPEG API) when it is installed: the same
-pixels as OpenCV's decoder, in half its time in the opencv-python wheels (docs/benchmarks.md).
+pixels as OpenCV's decoder, 15-23 % faster than the opencv-python wheels' (docs/benchmarks.md).
 
 All decoders return HxWx3 uint8 RGB arrays, the pipeline's input format.
 Bad input raises ``ImageDecodeError`` (a ValueError) whose message says what is wrong.
