@@ -1,6 +1,5 @@
 """The `hqsmem` command line as a user runs it: synth -> track -> eval, and its errors."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
