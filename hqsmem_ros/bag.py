@@ -575,8 +575,8 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
 
     io_threads: read/decode and encode/write in two threads beside the pipeline (True), or
     everything in the calling thread except image decoding, one frame ahead in a worker (False:
-    the summary's overhead is then the sum of the parts less the decoding it hid); None (default) = threads only when the process may use at least IO_THREADS_MIN_CORES
-    cores. With fewer, the threads compete with the pipeline for the same cores and measured
+    the summary's overhead is then the sum of the parts less the decoding it hid); None
+    (default) = threads only when the process may use at least IO_THREADS_MIN_CORES cores. With fewer, the threads compete with the pipeline for the same cores and measured
     slower than doing the I/O in line (docs/benchmarks.md, "Offline bag processing").
     bench: first run the pipeline alone over the same frames (decoded, nothing written, no
     threads), and report the real run's time per frame against that pass's pipeline time too.
@@ -821,24 +821,24 @@ class _InputThread(threading.Thread):
             self.spent["cpu_decode_worker"] += time.thread_time() - c0
             return out
 
-        def ready(item):
+        def ready(item):  # the main thread's wait for it counts as waiting for input (_run)
             if item[0] != "image" or not hasattr(item[4], "result"):
                 return item
-            t0 = time.perf_counter()
-            rgb, error = item[4].result()
-            self.spent["decode_wait"] += time.perf_counter() - t0
-            return item[:4] + (rgb, error)
+            return item[:4] + item[4].result()
 
-        held: List[tuple] = []  # items up to and including the image being decoded
+        held: List[tuple] = []  # items since the last hand-out: at most one image, being decoded
+        held_image = False
         with ThreadPoolExecutor(1, thread_name_prefix="hqsmem_bag_decode") as worker:
             for item in self._read_items():
-                if item[0] == "image" and item[3] is not None:
+                is_image = item[0] == "image"
+                if is_image and item[3] is not None:
                     item = item[:4] + (worker.submit(pixels_timed, item[3]), None)
-                if item[0] == "image" and any(h[0] == "image" for h in held):
+                if is_image and held_image:  # the next image is on its way: hand out the last one
                     for h in held:
                         yield ready(h)
                     held = []
                 held.append(item)
+                held_image = held_image or is_image
             for h in held:
                 yield ready(h)
         self.spent["decode"] += self.spent.pop("decode_worker", 0.0)

@@ -22,8 +22,8 @@ class BackgroundSpinner:
         self.thread = threading.Thread(target=self._spin, name=name, daemon=True)
 
     def _spin(self) -> None:
-        context = getattr(self.executor, "_context", None)
-        while not self._stop.is_set() and (context is None or context.ok()):
+        context = self.executor.context
+        while not self._stop.is_set() and context.ok():
             self.executor.spin_once(timeout_sec=self.STEP_S)
 
     def start(self) -> "BackgroundSpinner":
