@@ -202,6 +202,104 @@ def test_prediction_size_mismatch_is_an_error():
 # Folder evaluation
 
 
+# --------------------------------------------------------------------------------------------
+# Identity switches
+
+ID_SHAPE = (20, 40)
+
+
+def two_objects(left_id, right_id, shape=ID_SHAPE):
+    """Two 8x8 squares: `left_id` on the left, `right_id` on the right (0 leaves one out)."""
+    objects = [(i, m) for i, m in ((left_id, box(shape, 6, 14, 4, 12)), (right_id, box(shape, 6, 14, 28, 36))) if i]
+    return label_of(shape, *objects)
+
+
+def crossing(n_frames, swap_at=None):
+    """Objects 1 and 2 trade places; the prediction swaps their ids from frame `swap_at` on."""
+    gts, preds = [], []
+    for k in range(n_frames):
+        x1 = 4 + 4 * k  # object 1 walks right over object 2, which walks left
+        x2 = 28 - 4 * k
+        gt = label_of(ID_SHAPE, (2, box(ID_SHAPE, 6, 14, x2, x2 + 8)), (1, box(ID_SHAPE, 6, 14, x1, x1 + 8)))
+        pred = gt.copy()
+        if swap_at is not None and k >= swap_at:
+            pred = np.where(gt == 1, 2, np.where(gt == 2, 1, 0)).astype(np.uint8)
+        gts.append(gt)
+        preds.append(pred)
+    return preds, gts
+
+
+def test_match_ids_needs_iou_above_threshold_and_excludes_background():
+    gt = label_of(ID_SHAPE, (1, box(ID_SHAPE, 0, 10, 0, 10)), (2, box(ID_SHAPE, 0, 10, 20, 30)))
+    pred = label_of(ID_SHAPE, (5, box(ID_SHAPE, 0, 10, 0, 6)),  # 60 % of object 1: matched to id 5
+                    (2, box(ID_SHAPE, 0, 10, 20, 25)))  # exactly half of object 2: IoU 0.5, not above
+    assert metrics.match_ids(pred, gt) == {1: 5}
+    assert metrics.match_ids(pred, gt, min_iou=0.4) == {1: 5, 2: 2}
+    assert metrics.match_ids(np.zeros_like(gt), gt) == {}
+    # 16-bit predicted ids cost no table of id x id.
+    wide = pred.astype(np.uint16)
+    wide[wide == 5] = 60000
+    assert metrics.match_ids(wide, gt) == {1: 60000}
+
+
+def test_crossing_objects_keeping_their_ids_have_no_switch():
+    preds, gts = crossing(7)
+    res = metrics.evaluate_sequence_arrays(preds, gts)
+    assert res["id_switches"] == 0 and res["id_switch_events"] == []
+    assert res["JF"] == pytest.approx(1.0)
+
+
+def test_swap_between_two_crossing_objects_counts_two():
+    preds, gts = crossing(7, swap_at=5)  # after they passed each other (frame 3), ids swapped
+    res = metrics.evaluate_sequence_arrays(preds, gts)
+    assert res["id_switches"] == 2
+    assert res["id_switch_events"] == [["00005", 1, 1, 2], ["00005", 2, 2, 1]]
+    assert res["objects"][1]["id_switches"] == 1 and res["objects"][2]["id_switches"] == 1
+
+
+def test_occlusion_that_comes_back_with_its_own_id_is_no_switch():
+    gts = [two_objects(1, 2)] * 2 + [two_objects(1, 0)] * 30 + [two_objects(1, 2)] * 3
+    preds = [two_objects(1, 2)] * 2 + [two_objects(1, 0)] * 30 + [two_objects(1, 2)] * 3
+    assert metrics.evaluate_sequence_arrays(preds, gts)["id_switches"] == 0
+
+
+def test_occlusion_that_comes_back_as_another_id_is_one_switch_and_turning_back_is_not_counted():
+    gts = [two_objects(1, 2)] * 2 + [two_objects(1, 0)] * 30 + [two_objects(1, 2)] * 4
+    # Object 2 re-appears labelled 1 (the tracker moved id 1 over; object 1 is lost meanwhile),
+    # is lost for a frame, stays wrong, then gets its own id back.
+    back_wrong = two_objects(0, 1)
+    preds = ([two_objects(1, 2)] * 2 + [two_objects(1, 0)] * 30
+             + [back_wrong, two_objects(1, 0), back_wrong, two_objects(1, 2)])
+    res = metrics.evaluate_sequence_arrays(preds, gts)
+    assert res["id_switch_events"] == [["00032", 2, 2, 1]]
+    assert res["id_switches"] == 1
+
+
+def test_lost_object_picked_up_under_a_new_id_is_a_switch_and_chains_count_each_change():
+    gts = [two_objects(1, 2)] * 5
+    preds = [two_objects(1, 2), two_objects(1, 0), two_objects(1, 7), two_objects(1, 9), two_objects(1, 9)]
+    res = metrics.evaluate_sequence_arrays(preds, gts)
+    assert res["id_switch_events"] == [["00002", 2, 2, 7], ["00003", 2, 7, 9]]
+
+
+def test_switches_are_summed_over_sequences_and_shown_in_the_table(tmp_path):
+    preds, gts = crossing(7, swap_at=5)
+    write_sequence(tmp_path / "gt" / "swapped", gts)
+    write_sequence(tmp_path / "pred" / "swapped", preds)
+    good_preds, good_gts = crossing(7)
+    write_sequence(tmp_path / "gt" / "kept", good_gts)
+    write_sequence(tmp_path / "pred" / "kept", good_preds)
+    result = metrics.evaluate(tmp_path / "pred", tmp_path / "gt")
+    assert result["sequences"]["swapped"]["id_switches"] == 2
+    assert result["sequences"]["kept"]["id_switches"] == 0
+    assert result["id_switches"] == 2
+    lines = metrics.format_table(result).splitlines()
+    assert "IDsw" in lines[0]
+    column = lines[0].index("IDsw") + len("IDsw")
+    rows = {line.split()[0]: line for line in lines[2:6] if line.split()}
+    assert rows["swapped"][column - 1] == "2" and rows["kept"][column - 1] == "0" and rows["mean"][column - 1] == "2"
+
+
 def write_sequence(folder, labels):
     for k, label in enumerate(labels):
         davis_io.write_label(folder / f"{k:05d}.png", label)
