@@ -1,4 +1,5 @@
 """DAVIS and VOTS measures on hand-computed cases, and the DAVIS-layout reading and writing."""
+import json
 import math
 
 import numpy as np
@@ -298,6 +299,24 @@ def test_switches_are_summed_over_sequences_and_shown_in_the_table(tmp_path):
     column = lines[0].index("IDsw") + len("IDsw")
     rows = {line.split()[0]: line for line in lines[2:6] if line.split()}
     assert rows["swapped"][column - 1] == "2" and rows["kept"][column - 1] == "0" and rows["mean"][column - 1] == "2"
+
+
+def test_demo_scoring_prints_identity_switches(tmp_path, capsys):
+    from hqsmem_ros.ros import demo
+
+    preds, gts = crossing(7, swap_at=5)
+    truth = tmp_path / "truth"
+    write_sequence(truth / "labels", gts)
+    stamps = [1_000_000_000 + 33_000_000 * k for k in range(len(gts))]
+    (truth / "stamps.csv").write_text("frame,stamp_ns\n" + "".join(f"{k},{s}\n" for k, s in enumerate(stamps)))
+    by_stamp = tmp_path / "labels_by_stamp"
+    for stamp, pred in zip(stamps, preds):
+        davis_io.write_label(by_stamp / f"{stamp}.png", pred)
+    scores = tmp_path / "scores.json"
+    assert demo.main(["--truth", str(truth), "--labels", str(by_stamp), "--pred", str(tmp_path / "pred"),
+                      "--json", str(scores)]) == 0
+    assert "identity switches = 2" in capsys.readouterr().out
+    assert json.loads(scores.read_text())["id_switches"] == 2
 
 
 def write_sequence(folder, labels):
