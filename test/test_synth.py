@@ -132,7 +132,7 @@ def test_identity_objects_cross_paths_overlapping(small_suite):
     flips = sum(a != b for a, b in zip(order, order[1:]))
     assert flips >= 2  # they trade sides and back
     areas_2 = [np.count_nonzero(label == 2) for label in labels]
-    assert min(areas_2) < 0.6 * max(areas_2)  # object 1 passes in front of most of object 2
+    assert min(areas_2) < 0.1 * max(areas_2)  # object 2 passes (nearly) wholly behind object 1
 
 
 def test_identity_object_hidden_30_frames_then_reappears(small_suite):

@@ -5,8 +5,9 @@ gradient textures) move over a procedural background that pans slowly. Objects t
 scale, rotate, occlude each other (the label map holds the visible part, later objects on
 top), leave the view and come back (the id is then missing from the label), or split into two
 pieces that drift apart (both keep the id). The "identity" family tests who is who: look-alike
-objects (one hue, one texture kind) cross each other's path, and one of them stays fully hidden
-behind an unlabelled pillar for 30+ frames before it comes out on the other side. Frames carry a slow illumination change and sensor
+objects (one hue, one texture kind) cross each other's path, the smaller passing behind the
+larger, and one of them stays fully hidden behind an unlabelled pillar for 30+ frames before it
+comes out on the other side. Frames carry a slow illumination change and sensor
 noise, so a flow + colour tracker has texture to follow but no exact pixel copies.
 
 Everything is drawn from a numpy Generator seeded from (seed, scenario, size, object count,
@@ -328,13 +329,16 @@ def _build_scene(rng: np.random.Generator, scenario: str, width: int, height: in
 # hidden object rests behind its middle over HIDE (fractions of the motion period).
 PILLAR_X = (0.58, 0.80)
 HIDE = (0.22, 0.62)
+CROSS_Y, CROSS_SCALE = (0.70, 0.70), 0.6  # rows of objects 1 and 2; scale of 2 (it passes behind 1)
 
 
 def _identity_scene(rng, add, objects, hues, width, height, period, big, small, bg_hue) -> None:
     """Look-alikes: one hue (within +-0.015) and one texture kind for all objects. Objects 1 and 2
-    swap sides twice per period along nearly the same row (1 passes in front, overlapping most
-    of 2); object 3 walks behind the pillar, is fully hidden there for HIDE of the period (40 of
-    100 frames in the suite), then walks out on the far side. Further objects are small movers."""
+    swap sides twice per period along one row; 2 is smaller (CROSS_SCALE) and passes behind 1,
+    hidden (nearly) completely for a few frames at each crossing. Object 3 walks behind the
+    pillar, is fully hidden there for HIDE of the period (40 of 100 frames in the suite, 50 with
+    the frames it takes to pass the edges), then walks out on the far side. Further objects are
+    small movers."""
     hue = hues[0]
     hues[:] = (hue + rng.uniform(-0.015, 0.015, len(hues))) % 1.0
     kind = int(rng.integers(4))
@@ -342,10 +346,10 @@ def _identity_scene(rng, add, objects, hues, width, height, period, big, small, 
     left, right = 0.08 * width + radius, PILLAR_X[0] * width - radius * 0.6
     centre, amp = (left + right) / 2, (right - left) / 2
     crossers = [
-        lambda t, a0=rng.uniform(0, 360): (centre - amp * math.cos(2 * math.pi * t / period), height * 0.66,
+        lambda t, a0=rng.uniform(0, 360): (centre - amp * math.cos(2 * math.pi * t / period), height * CROSS_Y[0],
                                             0.85, a0 + 1.5 * t, 0.0),
-        lambda t, a0=rng.uniform(0, 360): (centre + amp * math.cos(2 * math.pi * t / period), height * 0.72,
-                                            0.85, a0 - 1.5 * t, 0.0),
+        lambda t, a0=rng.uniform(0, 360): (centre + amp * math.cos(2 * math.pi * t / period), height * CROSS_Y[1],
+                                            0.85 * CROSS_SCALE, a0 - 1.5 * t, 0.0),
     ]
     pillar_cx = sum(PILLAR_X) / 2 * width
     hidden_radius = min(radius, 0.4 * (PILLAR_X[1] - PILLAR_X[0]) * width / 0.85)

@@ -16,18 +16,18 @@ Choices where the definitions leave a gap, all applied below:
   overlaps it earns nothing) and undefined (NaN) when it never was; Rob/NRE/DRE with
   T+F+M = 0 are NaN; ADQ is computed only for an object with more than 10 absent frames
   (N+H > 10), else NaN. NaN values are left out of every mean; a mean over nothing is NaN.
-- Identity switches (not in either benchmark; counted per sequence and summed over sequences,
-  never averaged). On every frame with a ground-truth file, the first included, each
-  ground-truth object present there is matched to the predicted id that overlaps most of its
-  pixels, if their IoU is above ``ID_MATCH_IOU`` (0.5; above 0.5 no two objects can match one
-  id, nor one object two ids); otherwise it is unmatched on that frame. Each object starts
-  matched to its own id (the given first mask). A switch is counted on a frame where an object
-  is matched to an id that is neither its last matched id nor its own. Frames where the object
-  is absent from the ground truth (occluded, out of view) or unmatched (lost) leave its last
-  match as it was. So an object that re-appears under its own id is no switch, one that comes
-  back under another object's id (or a new id) is one, a swap of two objects counts 2 (one per
-  object), and turning back from a wrong id to the own id is not counted again. Each switch is
-  listed in ``id_switch_events`` as (frame, object, previous id, new id).
+- Identity switches (in neither benchmark; counted per sequence and summed over sequences, never
+  averaged). On every frame with a ground-truth file, the first included, a ground-truth object
+  o and a predicted id p (background excluded on both sides) are *associated* when their IoU is
+  above ``ID_MATCH_IOU`` (0.5: p is o's mask), or when more than half of p's pixels lie on o and
+  they are at least ``ID_MIN_SHARE`` (a tenth) of o (p has moved onto o, even if o keeps its own
+  id on the rest of it; crumbs below a tenth do not count). An association with p != o is a
+  wrong pair; the switches of a sequence are its distinct wrong pairs, each counted once, on the
+  first frame it appears (``id_switch_events``: [frame, object, id]). So: a swap of two objects
+  counts 2; an object absent from the ground truth (occluded, out of view) or lost by the tracker
+  adds nothing, and one that re-appears under its own id is no switch, under another object's
+  id (or a new id) is one; returning to the own id is not counted; the same wrong pair coming
+  back later is not counted again (repeated swaps of the same two objects count 2 in all).
 - A ground-truth frame without a prediction file is scored as an empty prediction and counted
   in ``missing_predictions`` and ``warnings``; a ground-truth sequence with no prediction folder
   has every frame missing. A prediction of another size than its ground truth is a DataError.
@@ -50,7 +50,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 BOUNDARY_FRACTION = 0.008  # DAVIS: tolerance = ceil(0.008 * image diagonal) pixels
 ADQ_MIN_ABSENT = 10  # VOTS: ADQ only where more than this many absent frames
-ID_MATCH_IOU = 0.5  # identity switches: an object is matched to a predicted id above this IoU
+ID_MATCH_IOU = 0.5  # identity: an object and a predicted id above this IoU are associated
+ID_MIN_SHARE = 0.1  # identity: an id mostly on an object is associated only above this part of it
 DAVIS_KEYS = ("J", "F", "JF", "J_recall", "J_decay", "F_recall", "F_decay")
 VOTS_KEYS = ("Q", "Acc", "Rob", "NRE", "DRE", "ADQ")
 
@@ -169,9 +170,11 @@ def davis_statistics(values: Sequence[float]) -> Tuple[float, float, float]:
 # Identity
 
 
-def match_ids(pred: np.ndarray, gt: np.ndarray, min_iou: float = ID_MATCH_IOU) -> Dict[int, int]:
-    """{ground-truth id: predicted id} for the objects of `gt` whose most-overlapping predicted
-    id (0 = background excluded) has IoU above `min_iou` with them; other objects are left out."""
+def associate(pred: np.ndarray, gt: np.ndarray, min_iou: float = ID_MATCH_IOU,
+              min_share: float = ID_MIN_SHARE) -> List[Tuple[int, int]]:
+    """Sorted (ground-truth id, predicted id) pairs associated on one frame (module docstring):
+    IoU above `min_iou`, or more than half of the predicted id on the object and at least
+    `min_share` of the object. 0 (background) is never associated."""
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"label shapes differ: {pred.shape} vs {gt.shape}")
@@ -180,37 +183,33 @@ def match_ids(pred: np.ndarray, gt: np.ndarray, min_iou: float = ID_MATCH_IOU) -
     pred_area = np.bincount(pred.ravel(), minlength=size)
     both = (gt > 0) & (pred > 0)
     # (gt id, pred id) pairs of overlapping pixels, by count: sparse, so 16-bit ids cost nothing.
-    keys, inter = np.unique(gt[both].astype(np.int64) * size + pred[both], return_counts=True)
-    best: Dict[int, Tuple[int, int]] = {}
-    for key, count in zip(keys.tolist(), inter.tolist()):
+    keys, counts = np.unique(gt[both].astype(np.int64) * size + pred[both], return_counts=True)
+    pairs = []
+    for key, inter in zip(keys.tolist(), counts.tolist()):
         obj, pid = divmod(key, size)
-        if count > best.get(obj, (0, 0))[1]:
-            best[obj] = (pid, count)
-    matches = {}
-    for obj, (pid, count) in best.items():
-        if count / (gt_area[obj] + pred_area[pid] - count) > min_iou:
-            matches[obj] = pid
-    return matches
+        iou = inter / (gt_area[obj] + pred_area[pid] - inter)
+        if iou > min_iou or (inter > 0.5 * pred_area[pid] and inter >= min_share * gt_area[obj]):
+            pairs.append((obj, pid))
+    return pairs
 
 
 class IdentityCounter:
     """Identity switches of one sequence, fed one frame at a time (definition: module docstring)."""
 
-    def __init__(self, min_iou: float = ID_MATCH_IOU):
-        self.min_iou = min_iou
-        self.last: Dict[int, int] = {}
-        self.events: List[Tuple[str, int, int, int]] = []
+    def __init__(self, min_iou: float = ID_MATCH_IOU, min_share: float = ID_MIN_SHARE):
+        self.min_iou, self.min_share = min_iou, min_share
+        self.wrong: set = set()
+        self.events: List[Tuple[str, int, int]] = []
 
     def add(self, name: str, pred: np.ndarray, gt: np.ndarray) -> None:
-        for obj, pid in match_ids(pred, gt, self.min_iou).items():
-            previous = self.last.get(obj, obj)
-            if pid != previous and pid != obj:
-                self.events.append((name, obj, previous, pid))
-            self.last[obj] = pid
+        for obj, pid in associate(pred, gt, self.min_iou, self.min_share):
+            if pid != obj and (obj, pid) not in self.wrong:
+                self.wrong.add((obj, pid))
+                self.events.append((name, obj, pid))
 
     def per_object(self) -> Dict[int, int]:
         counts: Dict[int, int] = {}
-        for _, obj, _, _ in self.events:
+        for _, obj, _ in self.events:
             counts[obj] = counts.get(obj, 0) + 1
         return counts
 
