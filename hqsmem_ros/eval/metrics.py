@@ -18,16 +18,17 @@ Choices where the definitions leave a gap, all applied below:
   (N+H > 10), else NaN. NaN values are left out of every mean; a mean over nothing is NaN.
 - Identity switches (in neither benchmark; counted per sequence and summed over sequences, never
   averaged). On every frame with a ground-truth file, the first included, a ground-truth object
-  o and a predicted id p (background excluded on both sides) are *associated* when their IoU is
-  above ``ID_MATCH_IOU`` (0.5: p is o's mask), or when more than half of p's pixels lie on o and
-  they are at least ``ID_MIN_SHARE`` (a tenth) of o (p has moved onto o, even if o keeps its own
-  id on the rest of it; crumbs below a tenth do not count). An association with p != o is a
-  wrong pair; the switches of a sequence are its distinct wrong pairs, each counted once, on the
-  first frame it appears (``id_switch_events``: [frame, object, id]). So: a swap of two objects
-  counts 2; an object absent from the ground truth (occluded, out of view) or lost by the tracker
-  adds nothing, and one that re-appears under its own id is no switch, under another object's
-  id (or a new id) is one; returning to the own id is not counted; the same wrong pair coming
-  back later is not counted again (repeated swaps of the same two objects count 2 in all).
+  o and a predicted id p (background excluded on both sides) are *associated* when their overlap
+  is more than half (``ID_MAJORITY``) of one of them and at least a tenth (``ID_MIN_SHARE``) of
+  the other: p is o's mask, or p has moved onto o (even if o keeps its own id on the rest of
+  it), or o is covered by p (even if p also covers other things); a few pixels bleeding from
+  one object onto another at a crossing are under a tenth and do not count. An association with
+  p != o is a wrong pair; the switches of a sequence are its distinct wrong pairs, each counted
+  once, on the first frame it appears (``id_switch_events``: [frame, object, id]). So: a swap of
+  two objects counts 2; an object absent from the ground truth (occluded, out of view) or lost
+  by the tracker adds nothing, and one that re-appears under its own id is no switch, under
+  another object's id (or a new id) is one; returning to the own id is not counted; the same
+  wrong pair coming back later is not counted again (repeated swaps of two objects count 2).
 - A ground-truth frame without a prediction file is scored as an empty prediction and counted
   in ``missing_predictions`` and ``warnings``; a ground-truth sequence with no prediction folder
   has every frame missing. A prediction of another size than its ground truth is a DataError.
@@ -50,8 +51,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 BOUNDARY_FRACTION = 0.008  # DAVIS: tolerance = ceil(0.008 * image diagonal) pixels
 ADQ_MIN_ABSENT = 10  # VOTS: ADQ only where more than this many absent frames
-ID_MATCH_IOU = 0.5  # identity: an object and a predicted id above this IoU are associated
-ID_MIN_SHARE = 0.1  # identity: an id mostly on an object is associated only above this part of it
+ID_MAJORITY = 0.5  # identity: the overlap must be more than this part of the object or the id ...
+ID_MIN_SHARE = 0.1  # ... and at least this part of the other
 DAVIS_KEYS = ("J", "F", "JF", "J_recall", "J_decay", "F_recall", "F_decay")
 VOTS_KEYS = ("Q", "Acc", "Rob", "NRE", "DRE", "ADQ")
 
@@ -170,11 +171,11 @@ def davis_statistics(values: Sequence[float]) -> Tuple[float, float, float]:
 # Identity
 
 
-def associate(pred: np.ndarray, gt: np.ndarray, min_iou: float = ID_MATCH_IOU,
+def associate(pred: np.ndarray, gt: np.ndarray, majority: float = ID_MAJORITY,
               min_share: float = ID_MIN_SHARE) -> List[Tuple[int, int]]:
     """Sorted (ground-truth id, predicted id) pairs associated on one frame (module docstring):
-    IoU above `min_iou`, or more than half of the predicted id on the object and at least
-    `min_share` of the object. 0 (background) is never associated."""
+    the overlap is more than `majority` of one and at least `min_share` of the other.
+    0 (background) is never associated."""
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"label shapes differ: {pred.shape} vs {gt.shape}")
@@ -187,8 +188,8 @@ def associate(pred: np.ndarray, gt: np.ndarray, min_iou: float = ID_MATCH_IOU,
     pairs = []
     for key, inter in zip(keys.tolist(), counts.tolist()):
         obj, pid = divmod(key, size)
-        iou = inter / (gt_area[obj] + pred_area[pid] - inter)
-        if iou > min_iou or (inter > 0.5 * pred_area[pid] and inter >= min_share * gt_area[obj]):
+        of_obj, of_id = inter / gt_area[obj], inter / pred_area[pid]
+        if (of_obj > majority and of_id >= min_share) or (of_id > majority and of_obj >= min_share):
             pairs.append((obj, pid))
     return pairs
 
@@ -196,13 +197,13 @@ def associate(pred: np.ndarray, gt: np.ndarray, min_iou: float = ID_MATCH_IOU,
 class IdentityCounter:
     """Identity switches of one sequence, fed one frame at a time (definition: module docstring)."""
 
-    def __init__(self, min_iou: float = ID_MATCH_IOU, min_share: float = ID_MIN_SHARE):
-        self.min_iou, self.min_share = min_iou, min_share
+    def __init__(self, majority: float = ID_MAJORITY, min_share: float = ID_MIN_SHARE):
+        self.majority, self.min_share = majority, min_share
         self.wrong: set = set()
         self.events: List[Tuple[str, int, int]] = []
 
     def add(self, name: str, pred: np.ndarray, gt: np.ndarray) -> None:
-        for obj, pid in associate(pred, gt, self.min_iou, self.min_share):
+        for obj, pid in associate(pred, gt, self.majority, self.min_share):
             if pid != obj and (obj, pid) not in self.wrong:
                 self.wrong.add((obj, pid))
                 self.events.append((name, obj, pid))
