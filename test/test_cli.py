@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hqsmem_ros.data.synth import write_sequence
+from hqsmem_ros.data.synth import SUITE, write_sequence
 from hqsmem_ros.eval.davis_io import read_label, write_label
 
 HQSMEM = [sys.executable, "-m", "hqsmem_ros.cli"]
@@ -117,7 +117,8 @@ def test_track_errors_name_the_file(seq, tmp_path):
 def test_synth_and_bad_config(tmp_path):
     r = run("synth", tmp_path / "s", "--seed", "1", "--size", "128x96")
     assert r.returncode == 0, r.stderr
-    assert len(list((tmp_path / "s" / "Annotations").iterdir())) == 5
+    written = sorted(p.name for p in (tmp_path / "s" / "Annotations").iterdir())
+    assert written == sorted(name for name, _, _ in SUITE) and "identity" in written and len(written) == 6
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tau_verify: 7\n")
     frames = tmp_path / "s" / "JPEGImages" / "split"
