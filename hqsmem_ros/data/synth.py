@@ -240,7 +240,8 @@ def _build_scene(rng: np.random.Generator, scenario: str, width: int, height: in
     hues = (bg_hue + rng.uniform(0.2, 0.8, n_objects)) % 1.0
     objects: List[_SceneObject] = []
 
-    def add(radius: float, pose, split: bool = False, z: Optional[float] = None, texture_kind: Optional[int] = None) -> None:
+    def add(radius: float, pose, split: bool = False, z: Optional[float] = None,
+            texture_kind: Optional[int] = None) -> None:
         idx = len(objects)
         parts, sprite_size = _make_parts(rng, radius, hues[idx], split, texture_kind)
         objects.append(_SceneObject(idx + 1, parts, sprite_size, pose, float(idx if z is None else z)))
