@@ -308,7 +308,7 @@ def _build_scene(rng: np.random.Generator, scenario: str, width: int, height: in
             add(small * 1.4, _mover(rng, width, height, small, period, cx=cx, cy=cy, ax=cell_w * 0.45,
                                     ay=cell_h * 0.4, scale=(0.85, 0.1), spin=rng.uniform(-4, 4)))
     elif scenario == "identity":
-        _identity_scene(rng, add, objects, hues, width, height, period, big, small, bg_hue)
+        _identity_scene(rng, add, objects, hues, width, height, period, big, small)
     elif scenario == "mixed":
         # One of each behaviour, then generic movers: for long soak runs.
         amp = 1.6 * (width / 2 + big)
@@ -333,7 +333,7 @@ HIDE = (0.22, 0.62)
 CROSS_Y, CROSS_SCALE = (0.70, 0.70), 0.6  # rows of objects 1 and 2; scale of 2 (it passes behind 1)
 
 
-def _identity_scene(rng, add, objects, hues, width, height, period, big, small, bg_hue) -> None:
+def _identity_scene(rng, add, objects, hues, width, height, period, big, small) -> None:
     """Look-alikes: one hue (within +-0.015) and one texture kind for all objects. Objects 1 and 2
     swap sides twice per period along one row; 2 is smaller (CROSS_SCALE) and passes behind 1,
     hidden (nearly) completely for a few frames at each crossing. Object 3 walks behind the
@@ -381,7 +381,8 @@ def _identity_scene(rng, add, objects, hues, width, height, period, big, small, 
     alpha = np.zeros((size, size), np.float32)
     x0, y0 = (size - w) // 2, (size - h) // 2
     alpha[y0 : y0 + h, x0 : x0 + w] = 1.0
-    colour = _object_texture(rng, size, bg_hue + 0.5, 2) * 0.6 * alpha[..., None]
+    # Opposite the objects' hue (so it is no look-alike itself), darkened.
+    colour = _object_texture(rng, size, hue + 0.5, 2) * 0.6 * alpha[..., None]
     centre_px = (size - 1) / 2.0  # sprite pixel j lands on image x = pose x - centre_px + j
     cx, cy = PILLAR_X[0] * width + centre_px - x0, -2.0 + centre_px - y0
     objects.append(_SceneObject(0, [_Part(colour, alpha, np.zeros(2, np.float32))], size,
