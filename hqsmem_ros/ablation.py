@@ -57,15 +57,17 @@ def run_ablation(data_root, rows: Optional[List[str]] = None, config=None) -> Di
     for row in rows:
         seqs = per_row[row]
         summary = {k: float(np.nanmean([s[k] for s in seqs])) for k in KEYS}
+        summary["id_switches"] = int(sum(s["id_switches"] for s in seqs))  # a total, not a mean
         summary["fps"] = float(np.mean(fps[row]))
-        summary["per_sequence"] = {s["name"]: {k: s[k] for k in ("J", "F", "JF", "Q")} for s in seqs}
+        summary["per_sequence"] = {s["name"]: {k: s[k] for k in ("J", "F", "JF", "Q", "id_switches")} for s in seqs}
         out["rows"][row] = summary
     return out
 
 
 def format_ablation(result: Dict) -> str:
-    head = f"{'row':10s} " + " ".join(f"{k:>6s}" for k in KEYS) + "    fps"
+    """One row per ablation: means over the sequences, IDsw = identity switches in total."""
+    head = f"{'row':10s} " + " ".join(f"{k:>6s}" for k in KEYS) + "   IDsw    fps"
     lines = [head, "-" * len(head)]
     for row, s in result["rows"].items():
-        lines.append(f"{row:10s} " + " ".join(f"{s[k]:6.3f}" for k in KEYS) + f" {s['fps']:6.1f}")
+        lines.append(f"{row:10s} " + " ".join(f"{s[k]:6.3f}" for k in KEYS) + f" {s['id_switches']:6d} {s['fps']:6.1f}")
     return "\n".join(lines)

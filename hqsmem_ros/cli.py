@@ -88,8 +88,10 @@ def cmd_eval(args) -> int:
 
     result = evaluate(args.pred_dir, args.gt_dir)
     if args.json:
-        keys = ("J", "F", "JF", "Q", "Acc", "Rob", "NRE", "DRE", "ADQ")
-        print(json.dumps({k: result[k] for k in keys if k in result}))
+        keys = ("J", "F", "JF", "Q", "Acc", "Rob", "NRE", "DRE", "ADQ", "id_switches")
+        summary = {k: result[k] for k in keys if k in result}
+        summary["id_switches_per_sequence"] = {n: s["id_switches"] for n, s in result["sequences"].items()}
+        print(json.dumps(summary))
     else:
         print(format_table(result))
     if args.plot:

@@ -3,7 +3,7 @@
 # three ROS 2 processes talking over DDS -- a synthetic camera, the tracking node with
 # config/track.yaml (seeded from the first frame's label PNG, as VOS benchmarks do) and a recorder
 # writing a rosbag2 file and an overlay video -- and score the tracking against the synthetic
-# truth (J&F, Q). Output: out/demo/ (bag/, overlay.mp4, pred/ label PNGs, truth/, logs).
+# truth (J&F, Q, identity switches). Output: out/demo/ (bag/, overlay.mp4, pred/ label PNGs, truth/, logs).
 #   bash scripts/demo.sh            FRAMES=150 SIZE=640x480 STORAGE=mcap|sqlite3 bash scripts/demo.sh
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hqsmem_ros.data.synth import write_sequence
+from hqsmem_ros.data.synth import SUITE, write_sequence
 from hqsmem_ros.eval.davis_io import read_label, write_label
 
 HQSMEM = [sys.executable, "-m", "hqsmem_ros.cli"]
@@ -36,10 +36,39 @@ def test_track_then_eval(seq, tmp_path):
     r = run("eval", out, annotations, "--json")
     assert r.returncode == 0, r.stderr
     scores = json.loads(r.stdout)
-    assert set(scores) == {"J", "F", "JF", "Q", "Acc", "Rob", "NRE", "DRE", "ADQ"}
+    assert set(scores) == {"J", "F", "JF", "Q", "Acc", "Rob", "NRE", "DRE", "ADQ", "id_switches",
+                           "id_switches_per_sequence"}
     assert scores["JF"] > 0.6  # copying the first mask scores about 0.01 on this sequence
+    assert scores["id_switches_per_sequence"] == {"translate_scale": scores["id_switches"]}
     r = run("eval", out, annotations)
-    assert r.returncode == 0 and "J" in r.stdout
+    assert r.returncode == 0 and "J" in r.stdout and "IDsw" in r.stdout
+
+
+def test_eval_counts_identity_switches_of_a_swapped_prediction(seq, tmp_path):
+    _, annotations = seq
+    out = tmp_path / "swapped"
+    out.mkdir()
+    for k, path in enumerate(sorted(annotations.iterdir())):
+        label = read_label(path)
+        if k >= 30:  # from frame 30 on, objects 1 and 2 carry each other's id
+            label = np.choose(label, [0, 2, 1, 3]).astype(np.uint8)
+        write_label(out / path.name, label)
+    r = run("eval", out, annotations, "--json")
+    assert r.returncode == 0, r.stderr
+    scores = json.loads(r.stdout)
+    assert scores["id_switches"] == 2 and scores["id_switches_per_sequence"] == {"translate_scale": 2}
+
+
+def test_ablate_table_shows_identity_switches(seq, tmp_path):
+    root = seq[0].parent.parent
+    r = run("ablate", root, "--rows", "base", "--json")
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)["rows"]["base"]
+    assert row["id_switches"] == sum(s["id_switches"] for s in row["per_sequence"].values())
+    r = run("ablate", root, "--rows", "base")
+    assert r.returncode == 0, r.stderr
+    head, _, line = r.stdout.splitlines()[:3]
+    assert head.split()[-2:] == ["IDsw", "fps"] and line.split()[-2] == str(row["id_switches"])
 
 
 def _assert_clean_failure(r, out: Path, needle: str):
@@ -88,7 +117,8 @@ def test_track_errors_name_the_file(seq, tmp_path):
 def test_synth_and_bad_config(tmp_path):
     r = run("synth", tmp_path / "s", "--seed", "1", "--size", "128x96")
     assert r.returncode == 0, r.stderr
-    assert len(list((tmp_path / "s" / "Annotations").iterdir())) == 5
+    written = sorted(p.name for p in (tmp_path / "s" / "Annotations").iterdir())
+    assert written == sorted(name for name, _, _ in SUITE) and "identity" in written and len(written) == 6
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tau_verify: 7\n")
     frames = tmp_path / "s" / "JPEGImages" / "split"

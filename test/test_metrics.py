@@ -1,4 +1,5 @@
 """DAVIS and VOTS measures on hand-computed cases, and the DAVIS-layout reading and writing."""
+import json
 import math
 
 import numpy as np
@@ -200,6 +201,165 @@ def test_prediction_size_mismatch_is_an_error():
 
 # --------------------------------------------------------------------------------------------
 # Folder evaluation
+
+
+# --------------------------------------------------------------------------------------------
+# Identity switches
+
+ID_SHAPE = (20, 40)
+
+
+def two_objects(left_id, right_id, shape=ID_SHAPE):
+    """Two 8x8 squares: `left_id` on the left, `right_id` on the right (0 leaves one out)."""
+    objects = [(i, m) for i, m in ((left_id, box(shape, 6, 14, 4, 12)), (right_id, box(shape, 6, 14, 28, 36))) if i]
+    return label_of(shape, *objects)
+
+
+def crossing(n_frames, swap_at=None):
+    """Objects 1 and 2 trade places; the prediction swaps their ids from frame `swap_at` on."""
+    gts, preds = [], []
+    for k in range(n_frames):
+        x1 = 4 + 4 * k  # object 1 walks right over object 2, which walks left
+        x2 = 28 - 4 * k
+        gt = label_of(ID_SHAPE, (2, box(ID_SHAPE, 6, 14, x2, x2 + 8)), (1, box(ID_SHAPE, 6, 14, x1, x1 + 8)))
+        pred = gt.copy()
+        if swap_at is not None and k >= swap_at:
+            pred = np.where(gt == 1, 2, np.where(gt == 2, 1, 0)).astype(np.uint8)
+        gts.append(gt)
+        preds.append(pred)
+    return preds, gts
+
+
+def test_associate_when_the_overlap_is_most_of_one_and_a_tenth_of_the_other():
+    gt = label_of(ID_SHAPE, (1, box(ID_SHAPE, 0, 10, 0, 10)), (2, box(ID_SHAPE, 0, 10, 20, 30)))
+    pred = label_of(ID_SHAPE, (5, box(ID_SHAPE, 0, 10, 0, 6)),  # 60 % of object 1, all of id 5
+                    (2, box(ID_SHAPE, 0, 20, 20, 25)))  # exactly half of object 2 and of id 2
+    assert metrics.associate(pred, gt) == [(1, 5)]
+    assert metrics.associate(pred, gt, majority=0.4) == [(1, 5), (2, 2)]
+    assert metrics.associate(np.zeros_like(gt), gt) == []
+    # An id wholly on a fifth of an object is associated with it ...
+    part = label_of(ID_SHAPE, (3, box(ID_SHAPE, 0, 2, 20, 30)))
+    assert metrics.associate(part, gt) == [(2, 3)]
+    # ... crumbs under a tenth of it are not ...
+    crumb = label_of(ID_SHAPE, (3, box(ID_SHAPE, 0, 1, 20, 29)))
+    assert metrics.associate(crumb, gt) == []
+    # ... and an id covering all of object 2 and three times as much background is.
+    cover = label_of(ID_SHAPE, (4, box(ID_SHAPE, 0, 20, 16, 36)))
+    assert metrics.associate(cover, gt) == [(2, 4)]
+    assert metrics.associate(cover, gt, min_share=0.3) == []
+    # 16-bit predicted ids cost no table of id x id.
+    wide = pred.astype(np.uint16)
+    wide[wide == 5] = 60000
+    assert metrics.associate(wide, gt) == [(1, 60000)]
+
+
+def test_an_id_spreading_over_a_returning_object_is_a_switch():
+    """The identity family's failure: object 2 comes out from behind object 1 and id 1 grows over
+    it (one id on both objects); a small bleed at the crossing before is not counted."""
+    gts = [two_objects(1, 2), two_objects(1, 2), two_objects(1, 0), two_objects(1, 2)]
+    bleed = label_of(ID_SHAPE, (1, box(ID_SHAPE, 6, 14, 4, 12)), (1, box(ID_SHAPE, 6, 9, 28, 30)),
+                     (2, box(ID_SHAPE, 9, 14, 28, 36)))  # 6 pixels of object 2 are id 1
+    both = label_of(ID_SHAPE, (1, box(ID_SHAPE, 6, 14, 4, 12)), (1, box(ID_SHAPE, 6, 14, 28, 36)))
+    res = metrics.evaluate_sequence_arrays([gts[0], bleed, gts[2], both], gts)
+    assert res["id_switch_events"] == [["00003", 2, 1]]
+
+
+def test_crossing_objects_keeping_their_ids_have_no_switch():
+    preds, gts = crossing(7)
+    res = metrics.evaluate_sequence_arrays(preds, gts)
+    assert res["id_switches"] == 0 and res["id_switch_events"] == []
+    assert res["JF"] == pytest.approx(1.0)
+
+
+def test_swap_between_two_crossing_objects_counts_two():
+    preds, gts = crossing(7, swap_at=5)  # after they passed each other (frame 3), ids swapped
+    res = metrics.evaluate_sequence_arrays(preds, gts)
+    assert res["id_switches"] == 2
+    assert res["id_switch_events"] == [["00005", 1, 2], ["00005", 2, 1]]
+    assert res["objects"][1]["id_switches"] == 1 and res["objects"][2]["id_switches"] == 1
+
+
+def test_occlusion_that_comes_back_with_its_own_id_is_no_switch():
+    gts = [two_objects(1, 2)] * 2 + [two_objects(1, 0)] * 30 + [two_objects(1, 2)] * 3
+    preds = [two_objects(1, 2)] * 2 + [two_objects(1, 0)] * 30 + [two_objects(1, 2)] * 3
+    assert metrics.evaluate_sequence_arrays(preds, gts)["id_switches"] == 0
+
+
+def test_occlusion_that_comes_back_as_another_id_is_one_switch_and_turning_back_is_not_counted():
+    gts = [two_objects(1, 2)] * 2 + [two_objects(1, 0)] * 30 + [two_objects(1, 2)] * 4
+    # Object 2 re-appears labelled 1 (the tracker moved id 1 over; object 1 is lost meanwhile),
+    # is lost for a frame, stays wrong, then gets its own id back.
+    back_wrong = two_objects(0, 1)
+    preds = ([two_objects(1, 2)] * 2 + [two_objects(1, 0)] * 30
+             + [back_wrong, two_objects(1, 0), back_wrong, two_objects(1, 2)])
+    res = metrics.evaluate_sequence_arrays(preds, gts)
+    assert res["id_switch_events"] == [["00032", 2, 1]]
+    assert res["id_switches"] == 1
+
+
+def test_lost_object_picked_up_under_a_new_id_is_a_switch_and_chains_count_each_change():
+    gts = [two_objects(1, 2)] * 5
+    preds = [two_objects(1, 2), two_objects(1, 0), two_objects(1, 7), two_objects(1, 9), two_objects(1, 9)]
+    res = metrics.evaluate_sequence_arrays(preds, gts)
+    assert res["id_switch_events"] == [["00002", 2, 7], ["00003", 2, 9]]
+
+
+def test_an_id_moving_onto_part_of_another_object_is_a_switch():
+    """The demo's failure: object 1 is hidden behind object 3 and its id stays on a piece of
+    object 3, which keeps its own id on the rest; object 1 comes back unlabelled."""
+    shape = (20, 40)
+    obj3 = box(shape, 4, 16, 10, 30)
+    piece = box(shape, 4, 16, 10, 15)  # a quarter of object 3
+    gts = [label_of(shape, (1, box(shape, 4, 16, 0, 8)), (3, obj3)), label_of(shape, (3, obj3)),
+           label_of(shape, (3, obj3)), label_of(shape, (1, box(shape, 4, 16, 32, 40)), (3, obj3))]
+    crumb = box(shape, 4, 5, 32, 34)  # 2 pixels of id 2 on the returning object 1: not counted
+    preds = [gts[0], label_of(shape, (3, obj3), (1, piece)), label_of(shape, (3, obj3), (1, piece)),
+             label_of(shape, (3, obj3), (1, piece), (2, crumb))]
+    res = metrics.evaluate_sequence_arrays(preds, gts)
+    assert res["id_switch_events"] == [["00001", 3, 1]]
+    assert res["objects"][3]["id_switches"] == 1 and res["objects"][1]["id_switches"] == 0
+
+
+def test_the_same_wrong_pair_is_counted_once():
+    preds, gts = crossing(7, swap_at=2)
+    preds[4] = gts[4]  # swapped, back, swapped again: still the pairs (1, 2) and (2, 1)
+    assert metrics.evaluate_sequence_arrays(preds, gts)["id_switches"] == 2
+
+
+def test_switches_are_summed_over_sequences_and_shown_in_the_table(tmp_path):
+    preds, gts = crossing(7, swap_at=5)
+    write_sequence(tmp_path / "gt" / "swapped", gts)
+    write_sequence(tmp_path / "pred" / "swapped", preds)
+    good_preds, good_gts = crossing(7)
+    write_sequence(tmp_path / "gt" / "kept", good_gts)
+    write_sequence(tmp_path / "pred" / "kept", good_preds)
+    result = metrics.evaluate(tmp_path / "pred", tmp_path / "gt")
+    assert result["sequences"]["swapped"]["id_switches"] == 2
+    assert result["sequences"]["kept"]["id_switches"] == 0
+    assert result["id_switches"] == 2
+    lines = metrics.format_table(result).splitlines()
+    assert "IDsw" in lines[0]
+    column = lines[0].index("IDsw") + len("IDsw")
+    rows = {line.split()[0]: line for line in lines[2:6] if line.split()}
+    assert rows["swapped"][column - 1] == "2" and rows["kept"][column - 1] == "0" and rows["mean"][column - 1] == "2"
+
+
+def test_demo_scoring_prints_identity_switches(tmp_path, capsys):
+    from hqsmem_ros.ros import demo
+
+    preds, gts = crossing(7, swap_at=5)
+    truth = tmp_path / "truth"
+    write_sequence(truth / "labels", gts)
+    stamps = [1_000_000_000 + 33_000_000 * k for k in range(len(gts))]
+    (truth / "stamps.csv").write_text("frame,stamp_ns\n" + "".join(f"{k},{s}\n" for k, s in enumerate(stamps)))
+    by_stamp = tmp_path / "labels_by_stamp"
+    for stamp, pred in zip(stamps, preds):
+        davis_io.write_label(by_stamp / f"{stamp}.png", pred)
+    scores = tmp_path / "scores.json"
+    assert demo.main(["--truth", str(truth), "--labels", str(by_stamp), "--pred", str(tmp_path / "pred"),
+                      "--json", str(scores)]) == 0
+    assert "identity switches = 2" in capsys.readouterr().out
+    assert json.loads(scores.read_text())["id_switches"] == 2
 
 
 def write_sequence(folder, labels):

@@ -4,7 +4,10 @@ Textured objects (ellipses, star polygons, blobs filled with noise, stripes, che
 gradient textures) move over a procedural background that pans slowly. Objects translate,
 scale, rotate, occlude each other (the label map holds the visible part, later objects on
 top), leave the view and come back (the id is then missing from the label), or split into two
-pieces that drift apart (both keep the id). Frames carry a slow illumination change and sensor
+pieces that drift apart (both keep the id). The "identity" family tests who is who: look-alike
+objects (one hue, one texture kind) cross each other's path, the smaller passing behind the
+larger, and one of them stays fully hidden behind an unlabelled pillar for 30+ frames before it
+comes out on the other side. Frames carry a slow illumination change and sensor
 noise, so a flow + colour tracker has texture to follow but no exact pixel copies.
 
 Everything is drawn from a numpy Generator seeded from (seed, scenario, size, object count,
@@ -26,7 +29,7 @@ import numpy as np
 
 from hqsmem_ros.eval.davis_io import DataError, write_frame, write_label
 
-SCENARIOS = ("translate_scale", "rotate_occlude", "leave_reenter", "split", "many_objects", "mixed")
+SCENARIOS = ("translate_scale", "rotate_occlude", "leave_reenter", "split", "many_objects", "identity", "mixed")
 
 # The suite written by `write_suite`: (scenario, frames, objects). About 280 frames in all.
 SUITE = (
@@ -35,6 +38,7 @@ SUITE = (
     ("leave_reenter", 70, 2),
     ("split", 50, 2),
     ("many_objects", 40, 9),
+    ("identity", 100, 3),
 )
 
 _BACKGROUND_PAD = 48  # background margin the view pans over, pixels
@@ -72,12 +76,20 @@ def _mix(a: np.ndarray, b: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return a[None, None, :] * (1.0 - weight[..., None]) + b[None, None, :] * weight[..., None]
 
 
-def _object_texture(rng: np.random.Generator, size: int, hue: float) -> np.ndarray:
-    """A saturated two-colour texture with fine grain (so optical flow has something to follow)."""
-    c1 = _hsv(hue, rng.uniform(0.55, 0.9), rng.uniform(0.55, 0.95))
-    c2 = _hsv(hue + rng.uniform(-0.08, 0.08), rng.uniform(0.5, 0.95), rng.uniform(0.25, 0.6))
+def _object_texture(rng: np.random.Generator, size: int, hue: float, kind: Optional[int] = None) -> np.ndarray:
+    """A saturated two-colour texture with fine grain (so optical flow has something to follow).
+
+    `kind` (0..3) forces the texture type and narrows the colour draws (look-alike objects share
+    one kind); None draws it."""
+    if kind is None:
+        c1 = _hsv(hue, rng.uniform(0.55, 0.9), rng.uniform(0.55, 0.95))
+        c2 = _hsv(hue + rng.uniform(-0.08, 0.08), rng.uniform(0.5, 0.95), rng.uniform(0.25, 0.6))
+    else:
+        c1 = _hsv(hue, rng.uniform(0.7, 0.8), rng.uniform(0.7, 0.8))
+        c2 = _hsv(hue + rng.uniform(-0.02, 0.02), rng.uniform(0.7, 0.8), rng.uniform(0.35, 0.45))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    kind = rng.integers(4)
+    drawn = rng.integers(4)
+    kind = drawn if kind is None else kind
     if kind == 0:  # blotchy noise
         weight = _fractal_noise(rng, size, size, (max(size // 4, 2), max(size // 8, 2), 3))
     elif kind == 1:  # soft stripes
@@ -157,7 +169,8 @@ class _SceneObject:
     z: float = 0.0
 
 
-def _make_parts(rng: np.random.Generator, radius: float, hue: float, split: bool) -> Tuple[List[_Part], int]:
+def _make_parts(rng: np.random.Generator, radius: float, hue: float, split: bool,
+                texture_kind: Optional[int] = None) -> Tuple[List[_Part], int]:
     """Sprites of one object at its largest size; a split object is cut into two halves."""
     size = 2 * int(math.ceil(radius)) + 5
     centre = (size - 1) / 2.0
@@ -166,7 +179,7 @@ def _make_parts(rng: np.random.Generator, radius: float, hue: float, split: bool
     # Subpixel outline (shift 4) with antialiasing gives soft, realistic edges.
     cv2.fillPoly(mask, [np.round(outline * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
     alpha = mask.astype(np.float32) / 255.0
-    colour = _object_texture(rng, size, hue) * alpha[..., None]
+    colour = _object_texture(rng, size, hue, texture_kind) * alpha[..., None]
     if not split:
         return [_Part(colour, alpha, np.zeros(2, np.float32))], size
     angle = rng.uniform(0, math.pi)
@@ -227,9 +240,10 @@ def _build_scene(rng: np.random.Generator, scenario: str, width: int, height: in
     hues = (bg_hue + rng.uniform(0.2, 0.8, n_objects)) % 1.0
     objects: List[_SceneObject] = []
 
-    def add(radius: float, pose, split: bool = False, z: Optional[float] = None) -> None:
+    def add(radius: float, pose, split: bool = False, z: Optional[float] = None,
+            texture_kind: Optional[int] = None) -> None:
         idx = len(objects)
-        parts, sprite_size = _make_parts(rng, radius, hues[idx], split)
+        parts, sprite_size = _make_parts(rng, radius, hues[idx], split, texture_kind)
         objects.append(_SceneObject(idx + 1, parts, sprite_size, pose, float(idx if z is None else z)))
 
     big, small = 0.13 * short, 0.05 * short
@@ -293,6 +307,8 @@ def _build_scene(rng: np.random.Generator, scenario: str, width: int, height: in
             # Moves about half a cell: neighbours meet and overlap now and then.
             add(small * 1.4, _mover(rng, width, height, small, period, cx=cx, cy=cy, ax=cell_w * 0.45,
                                     ay=cell_h * 0.4, scale=(0.85, 0.1), spin=rng.uniform(-4, 4)))
+    elif scenario == "identity":
+        _identity_scene(rng, add, objects, hues, width, height, period, big, small)
     elif scenario == "mixed":
         # One of each behaviour, then generic movers: for long soak runs.
         amp = 1.6 * (width / 2 + big)
@@ -308,6 +324,69 @@ def _build_scene(rng: np.random.Generator, scenario: str, width: int, height: in
     else:
         raise ValueError(f"unknown scenario {scenario!r}; expected one of {', '.join(SCENARIOS)}")
     return sorted(objects, key=lambda o: o.z)  # drawing order: later on top
+
+
+# The identity scene: the pillar covers x in PILLAR_X (fractions of the width), full height; the
+# hidden object rests behind its middle over HIDE (fractions of the motion period).
+PILLAR_X = (0.58, 0.80)
+HIDE = (0.22, 0.62)
+CROSS_Y, CROSS_SCALE = (0.70, 0.70), 0.6  # rows of objects 1 and 2; scale of 2 (it passes behind 1)
+
+
+def _identity_scene(rng, add, objects, hues, width, height, period, big, small) -> None:
+    """Look-alikes: one hue (within +-0.015) and one texture kind for all objects. Objects 1 and 2
+    swap sides twice per period along one row; 2 is smaller (CROSS_SCALE) and passes behind 1,
+    hidden (nearly) completely for a few frames at each crossing. Object 3 walks behind the
+    pillar, is fully hidden there for HIDE of the period (40 of 100 frames in the suite, 50 with
+    the frames it takes to pass the edges), then walks out on the far side. Further objects are
+    small movers."""
+    hue = hues[0]
+    hues[:] = (hue + rng.uniform(-0.015, 0.015, len(hues))) % 1.0
+    kind = int(rng.integers(4))
+    radius = big * 0.8
+    left, right = 0.08 * width + radius, PILLAR_X[0] * width - radius * 0.6
+    centre, amp = (left + right) / 2, (right - left) / 2
+    crossers = [
+        lambda t, a0=rng.uniform(0, 360): (centre - amp * math.cos(2 * math.pi * t / period), height * CROSS_Y[0],
+                                            0.85, a0 + 1.5 * t, 0.0),
+        lambda t, a0=rng.uniform(0, 360): (centre + amp * math.cos(2 * math.pi * t / period), height * CROSS_Y[1],
+                                            0.85 * CROSS_SCALE, a0 - 1.5 * t, 0.0),
+    ]
+    pillar_cx = sum(PILLAR_X) / 2 * width
+    hidden_radius = min(radius, 0.4 * (PILLAR_X[1] - PILLAR_X[0]) * width / 0.85)
+    x_start, x_end = 0.42 * width, min(0.93 * width, width - 0.5 * hidden_radius)
+
+    def walker(t: int, a0=rng.uniform(0, 360)) -> Pose:
+        phase = (t % period) / period
+        t_in, t_out = HIDE
+        if phase < t_in:  # in view, walking right towards the pillar's middle
+            x = x_start + (pillar_cx - x_start) * phase / t_in
+        elif phase < t_out:  # resting behind the pillar
+            x = pillar_cx
+        else:  # out on the far side, then back to the start for the next period
+            x = pillar_cx + (x_end - pillar_cx) * min((phase - t_out) / (0.9 - t_out), 1.0)
+        return (x, height * 0.28, 0.85, a0 + 1.0 * t, 0.0)
+
+    for k in range(len(hues)):
+        if k < 2:
+            add(radius, crossers[k], z=float(2 - k), texture_kind=kind)  # object 1 on top
+        elif k == 2:
+            add(hidden_radius, walker, z=0.0, texture_kind=kind)
+        else:
+            add(small * 1.5, _mover(rng, width, height, small * 1.5, period, cy=height * 0.5, ay=height * 0.1,
+                                    spin=rng.uniform(-3, 3)), z=-1.0, texture_kind=kind)
+    # The pillar: an unlabelled foreground element (id 0) drawn over every object.
+    w, h = int(round((PILLAR_X[1] - PILLAR_X[0]) * width)), height + 4
+    size = max(w, h) + 3
+    alpha = np.zeros((size, size), np.float32)
+    x0, y0 = (size - w) // 2, (size - h) // 2
+    alpha[y0 : y0 + h, x0 : x0 + w] = 1.0
+    # Opposite the objects' hue (so it is no look-alike itself), darkened.
+    colour = _object_texture(rng, size, hue + 0.5, 2) * 0.6 * alpha[..., None]
+    centre_px = (size - 1) / 2.0  # sprite pixel j lands on image x = pose x - centre_px + j
+    cx, cy = PILLAR_X[0] * width + centre_px - x0, -2.0 + centre_px - y0
+    objects.append(_SceneObject(0, [_Part(colour, alpha, np.zeros(2, np.float32))], size,
+                                lambda t: (cx, cy, 1.0, 0.0, 0.0), 1e9))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,19 @@ Choices where the definitions leave a gap, all applied below:
   overlaps it earns nothing) and undefined (NaN) when it never was; Rob/NRE/DRE with
   T+F+M = 0 are NaN; ADQ is computed only for an object with more than 10 absent frames
   (N+H > 10), else NaN. NaN values are left out of every mean; a mean over nothing is NaN.
+- Identity switches (in neither benchmark; counted per sequence and summed over sequences, never
+  averaged). On every frame with a ground-truth file, the first included, a ground-truth object
+  o and a predicted id p (background excluded on both sides) are *associated* when their overlap
+  is more than half (``ID_MAJORITY``) of one of them and at least a tenth (``ID_MIN_SHARE``) of
+  the other: p is o's mask, or p has moved onto o (even if o keeps its own id on the rest of
+  it), or o is covered by p (even if p also covers other things); a few pixels bleeding from
+  one object onto another at a crossing are under a tenth and do not count. An association with
+  p != o is a wrong pair; the switches of a sequence are its distinct wrong pairs, each counted
+  once, on the first frame it appears (``id_switch_events``: [frame, object, id]). So: a swap of
+  two objects counts 2; an object absent from the ground truth (occluded, out of view) or lost
+  by the tracker adds nothing, and one that re-appears under its own id is no switch, under
+  another object's id (or a new id) is one; returning to the own id is not counted; the same
+  wrong pair coming back later is not counted again (repeated swaps of two objects count 2).
 - A ground-truth frame without a prediction file is scored as an empty prediction and counted
   in ``missing_predictions`` and ``warnings``; a ground-truth sequence with no prediction folder
   has every frame missing. A prediction of another size than its ground truth is a DataError.
@@ -38,6 +51,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 BOUNDARY_FRACTION = 0.008  # DAVIS: tolerance = ceil(0.008 * image diagonal) pixels
 ADQ_MIN_ABSENT = 10  # VOTS: ADQ only where more than this many absent frames
+ID_MAJORITY = 0.5  # identity: the overlap must be more than this part of the object or the id ...
+ID_MIN_SHARE = 0.1  # ... and at least this part of the other
 DAVIS_KEYS = ("J", "F", "JF", "J_recall", "J_decay", "F_recall", "F_decay")
 VOTS_KEYS = ("Q", "Acc", "Rob", "NRE", "DRE", "ADQ")
 
@@ -153,6 +168,54 @@ def davis_statistics(values: Sequence[float]) -> Tuple[float, float, float]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Identity
+
+
+def associate(pred: np.ndarray, gt: np.ndarray, majority: float = ID_MAJORITY,
+              min_share: float = ID_MIN_SHARE) -> List[Tuple[int, int]]:
+    """Sorted (ground-truth id, predicted id) pairs associated on one frame (module docstring):
+    the overlap is more than `majority` of one and at least `min_share` of the other.
+    0 (background) is never associated."""
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"label shapes differ: {pred.shape} vs {gt.shape}")
+    size = int(max(pred.max(initial=0), gt.max(initial=0))) + 1
+    gt_area = np.bincount(gt.ravel(), minlength=size)
+    pred_area = np.bincount(pred.ravel(), minlength=size)
+    both = (gt > 0) & (pred > 0)
+    # (gt id, pred id) pairs of overlapping pixels, by count: sparse, so 16-bit ids cost nothing.
+    keys, counts = np.unique(gt[both].astype(np.int64) * size + pred[both], return_counts=True)
+    pairs = []
+    for key, inter in zip(keys.tolist(), counts.tolist()):
+        obj, pid = divmod(key, size)
+        of_obj, of_id = inter / gt_area[obj], inter / pred_area[pid]
+        if (of_obj > majority and of_id >= min_share) or (of_id > majority and of_obj >= min_share):
+            pairs.append((obj, pid))
+    return pairs
+
+
+class IdentityCounter:
+    """Identity switches of one sequence, fed one frame at a time (definition: module docstring)."""
+
+    def __init__(self, majority: float = ID_MAJORITY, min_share: float = ID_MIN_SHARE):
+        self.majority, self.min_share = majority, min_share
+        self.wrong: set = set()
+        self.events: List[Tuple[str, int, int]] = []
+
+    def add(self, name: str, pred: np.ndarray, gt: np.ndarray) -> None:
+        for obj, pid in associate(pred, gt, self.majority, self.min_share):
+            if pid != obj and (obj, pid) not in self.wrong:
+                self.wrong.add((obj, pid))
+                self.events.append((name, obj, pid))
+
+    def per_object(self) -> Dict[int, int]:
+        counts: Dict[int, int] = {}
+        for _, obj, _ in self.events:
+            counts[obj] = counts.get(obj, 0) + 1
+        return counts
+
+
+# ---------------------------------------------------------------------------------------------
 # Sequence evaluation
 
 
@@ -250,6 +313,7 @@ class _SequenceAccumulator:
         self.pred_ids: set = set()
         self.missing: List[str] = []
         self.names: List[str] = []
+        self.identity = IdentityCounter()
 
     def add(self, name: str, pred: Optional[np.ndarray], gt: np.ndarray, davis_frame: bool) -> None:
         gt = np.asarray(gt)
@@ -261,6 +325,7 @@ class _SequenceAccumulator:
             raise DataError(f"frame {name}: prediction size {pred.shape} differs from ground truth {gt.shape}")
         radius = boundary_tolerance(gt.shape, self.bound)
         records = _frame_records(pred, gt, davis_frame, radius)
+        self.identity.add(name, pred, gt)
         self.gt_ids.update(i for i, r in records.items() if r.present)
         self.pred_ids.update(i for i, r in records.items() if r.predicted)
         self.frames.append((davis_frame, records))
@@ -268,6 +333,7 @@ class _SequenceAccumulator:
 
     def result(self) -> Dict:
         objects = {}
+        switches = self.identity.per_object()
         for obj in sorted(self.gt_ids):
             records = [recs.get(obj, _EMPTY_RECORD) for _, recs in self.frames]
             davis_records = [recs.get(obj, _EMPTY_RECORD) for davis, recs in self.frames if davis]
@@ -279,6 +345,7 @@ class _SequenceAccumulator:
             # Per-frame values (for plots), one per entry of the sequence's ``frame_names``.
             entry["iou_series"] = [r.iou for r in records]
             entry["present_series"] = [r.present for r in records]
+            entry["id_switches"] = switches.get(obj, 0)
             objects[obj] = entry
         result = {key: _nanmean(o[key] for o in objects.values()) for key in DAVIS_KEYS + VOTS_KEYS}
         result["JF"] = (result["J"] + result["F"]) / 2
@@ -291,6 +358,8 @@ class _SequenceAccumulator:
             "missing_frames": list(self.missing),
             "frame_names": list(self.names),
             "extra_pred_ids": sorted(self.pred_ids - self.gt_ids),
+            "id_switches": len(self.identity.events),
+            "id_switch_events": [list(e) for e in self.identity.events],
         })
         return result
 
@@ -366,6 +435,7 @@ def evaluate(pred_dir: PathLike, gt_dir: PathLike, bound: Optional[float] = None
     result["decay"] = {"J": result["J_decay"], "F": result["F_decay"]}
     result["sequences"] = sequences
     result["n_sequences"] = len(sequences)
+    result["id_switches"] = sum(s["id_switches"] for s in sequences.values())
     result["missing_predictions"] = sum(s["missing_predictions"] for s in sequences.values())
     result["warnings"] = warnings
     return result
@@ -381,18 +451,23 @@ def format_table(result: Dict) -> str:
     titles = {"JF": "J&F"}
     sequences = result.get("sequences", {})
     width = max([len("sequence"), len("mean")] + [len(n) for n in sequences])
-    header = f"{'sequence':<{width}}  obj  frames  " + " ".join(f"{titles.get(c, c):>6}" for c in columns) + "  missing"
+    header = (f"{'sequence':<{width}}  obj  frames  " + " ".join(f"{titles.get(c, c):>6}" for c in columns)
+              + "   IDsw  missing")
     lines = [header, "-" * len(header)]
     for name, seq in sequences.items():
         values = " ".join(_fmt(seq[c]) for c in columns)
-        lines.append(f"{name:<{width}}  {seq['n_objects']:>3}  {seq['n_frames']:>6}  {values}  {seq['missing_predictions']:>7}")
+        lines.append(f"{name:<{width}}  {seq['n_objects']:>3}  {seq['n_frames']:>6}  {values}  "
+                     f"{seq['id_switches']:>5}  {seq['missing_predictions']:>7}")
     lines.append("-" * len(header))
     n_obj = sum(s["n_objects"] for s in sequences.values())
     n_frames = sum(s["n_frames"] for s in sequences.values())
     values = " ".join(_fmt(result[c]) for c in columns)
-    lines.append(f"{'mean':<{width}}  {n_obj:>3}  {n_frames:>6}  {values}  {result.get('missing_predictions', 0):>7}")
+    # The last row holds means, except IDsw and missing: totals over the sequences.
+    lines.append(f"{'mean':<{width}}  {n_obj:>3}  {n_frames:>6}  {values}  {result.get('id_switches', 0):>5}  "
+                 f"{result.get('missing_predictions', 0):>7}")
     lines.append(f"J recall {_fmt(result['J_recall']).strip()}  J decay {_fmt(result['J_decay']).strip()}  "
-                 f"F recall {_fmt(result['F_recall']).strip()}  F decay {_fmt(result['F_decay']).strip()}")
+                 f"F recall {_fmt(result['F_recall']).strip()}  F decay {_fmt(result['F_decay']).strip()}  "
+                 f"(IDsw: identity switches, total; missing: total)")
     for message in result.get("warnings", []):
         lines.append(f"warning: {message}")
     return "\n".join(lines)

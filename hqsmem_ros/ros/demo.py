@@ -40,9 +40,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = evaluate(args.pred, args.truth / "labels")
     print(format_table(result))
     print(f"results for {counts['with_result']} of {counts['frames']} frames; "
-          f"J&F = {result['JF']:.3f}  Q = {result['Q']:.3f}")
+          f"J&F = {result['JF']:.3f}  Q = {result['Q']:.3f}  identity switches = {result['id_switches']}")
     if args.json:
-        args.json.write_text(json.dumps({**counts, **{k: result[k] for k in ("J", "F", "JF", "Q")}}, indent=2))
+        keys = ("J", "F", "JF", "Q", "id_switches")
+        args.json.write_text(json.dumps({**counts, **{k: result[k] for k in keys}}, indent=2))
     return 0
 
 
