@@ -72,6 +72,18 @@ MODELS: Dict[str, Tuple[str, str]] = {
     "r50_dm_deaotl": ("r50_dm_deaotl", "R50-DMAOT weights (DeAOT-L architecture)"),
     "swinb_dm_deaotl": ("swinb_dm_deaotl", "SwinB-DMAOT weights (DeAOT-L architecture)"),
 }
+# Where users get the official weights (nothing is downloaded at run time).
+_ZOO = "github.com/yoxu515/aot-benchmark (MODEL_ZOO.md)"
+RELEASED: Dict[str, str] = {
+    "r50_deaotl": f"R50_DeAOTL_PRE_YTB_DAV.pth from the AOT/DeAOT model zoo, {_ZOO}",
+    "swinb_deaotl": f"SwinB_DeAOTL_PRE_YTB_DAV.pth from the AOT/DeAOT model zoo, {_ZOO}",
+    "deaott": f"DeAOTT_PRE_YTB_DAV.pth from the AOT/DeAOT model zoo, {_ZOO}",
+    "deaots": f"DeAOTS_PRE_YTB_DAV.pth from the AOT/DeAOT model zoo, {_ZOO}",
+    "deaotb": f"DeAOTB_PRE_YTB_DAV.pth from the AOT/DeAOT model zoo, {_ZOO}",
+    "deaotl": f"DeAOTL_PRE_YTB_DAV.pth from the AOT/DeAOT model zoo, {_ZOO}",
+    "r50_dm_deaotl": "the R50 DMAOT weights of DMAOT's VOTS 2023 release",
+    "swinb_dm_deaotl": "the SwinB DMAOT weights of DMAOT's VOTS 2023 release",
+}
 _PARAMS = ("model", "checkpoint", "sha256", "random_weights", "seed", "max_objects",
            "max_long_edge", "max_short_edge", "short_term_mem_skip")
 _REFUSED = {
@@ -207,7 +219,8 @@ class DeAOTTracker(BaseTracker):
         if not checkpoint and not random_weights:
             raise ConfigError(
                 f"tracker 'deaot': no checkpoint for model {model!r}; set checkpoint: <path to the official "
-                f"{MODELS[model][1]} .pth> (random_weights: true runs untrained weights, for speed benchmarks only)")
+                f"{MODELS[model][1]} .pth>, get {RELEASED[model]} (random_weights: true runs untrained "
+                "weights, for speed benchmarks only)")
         max_objects = p.get("max_objects", 10)
         if isinstance(max_objects, bool) or not isinstance(max_objects, int) or max_objects < 1:
             raise ConfigError(f"tracker 'deaot': max_objects must be a positive integer, got {max_objects!r}")
@@ -227,7 +240,8 @@ class DeAOTTracker(BaseTracker):
         if checkpoint:
             # The official files: {'state_dict': sd} (training saves, maybe with 'optimizer'),
             # {'model': sd} or sd, keys maybe prefixed 'module.'; load_state_dict unwraps them.
-            sd = load_state_dict(checkpoint, expected_model=f"deaot {model}", sha256=p.get("sha256"))
+            sd = load_state_dict(checkpoint, expected_model=f"deaot {model}", sha256=p.get("sha256"),
+                                 where=f"get {RELEASED[model]}")
             apply_state_dict(net, sd, checkpoint, f"deaot {model}")
         else:
             log.warning("tracker 'deaot' runs %s with RANDOM weights (seed %d): masks are meaningless", model, seed)

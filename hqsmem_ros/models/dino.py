@@ -65,6 +65,19 @@ ALIASES = {
 }
 
 
+def released(model_name: str) -> str:
+    """Which official file a model name needs and where users get it (for the errors)."""
+    name = ALIASES.get(model_name, model_name)
+    if "dinov2" in name:
+        size = {"small": "s", "base": "b", "large": "l", "giant": "g"}.get(name.split("_")[1], "s")
+        reg = "_reg4" if "_reg" in name else ""
+        return (f"get dinov2_vit{size}14{reg}_pretrain.pth (backbone only) from "
+                "github.com/facebookresearch/dinov2 (README, pretrained models)")
+    if name.endswith(".dino"):
+        return "get the backbone-only file (e.g. dino_deitsmall16_pretrain.pth) from github.com/facebookresearch/dino (README)"
+    return "any timm VisionTransformer state_dict of this architecture"
+
+
 def build_backbone(model_name: str):
     """The timm ViT for `model_name` (an alias or a timm name), random weights, no download."""
     import timm
@@ -161,7 +174,7 @@ class DinoFeatureExtractor(FeatureExtractor):
         dev = resolve_device(device)
         check_precision(dev, precision)
         if checkpoint:
-            sd = load_state_dict(checkpoint, model_name, sha256)  # checked before building anything
+            sd = load_state_dict(checkpoint, model_name, sha256, where=released(model_name))  # checked first
             model = build_backbone(model_name)
             from timm.models.vision_transformer import checkpoint_filter_fn
             try:
@@ -175,8 +188,8 @@ class DinoFeatureExtractor(FeatureExtractor):
                 torch.manual_seed(seed)
                 model = build_backbone(model_name)
         else:
-            raise ConfigError(f"features dino: no checkpoint given for {model_name}; set features.checkpoint, "
-                              "or random_weights: true for speed benchmarks only (features are then meaningless)")
+            raise ConfigError(f"features dino: no checkpoint given for {model_name}; set features.checkpoint "
+                              f"({released(model_name)}), or random_weights: true for speed benchmarks only (features are then meaningless)")
         return cls(model, input_size=input_size, device=dev, precision=precision, model_name=model_name)
 
     @property
