@@ -134,6 +134,27 @@ def build_model(model: str, seed: int = 0):
     return net.eval(), cfg
 
 
+def _float_gate_on_cpu_autocast(net) -> int:
+    """Let deaotpy's local attention run under CPU autocast (bf16).
+
+    `local2global` index-puts the softmax gate into a float32 tensor. Under CUDA autocast softmax
+    runs in float32, so the dtypes match; CPU autocast keeps it in bf16 and the index put raises
+    "Index put requires the source and destination dtypes match". The gate is cast to float32
+    before that call, which is what CUDA autocast does. Returns the number of layers adapted."""
+    count = 0
+    for module in net.modules():
+        original = getattr(type(module), "local2global", None)
+        if original is None:
+            continue
+
+        def local2global(local_attn, height, width, _module=module, _original=original):
+            return _original(_module, local_attn.float(), height, width)
+
+        module.local2global = local2global
+        count += 1
+    return count
+
+
 @dataclass
 class _StoredFrame:
     frame: int
@@ -186,6 +207,8 @@ class DeAOTTracker(BaseTracker):
         self.cfg = cfg
         self.device = device
         self.amp_dtype = amp_dtype
+        if amp_dtype is not None and torch.device(device).type == "cpu":
+            _float_gate_on_cpu_autocast(self.net)
         self.slots_per_bank = int(cfg.MODEL_MAX_OBJ_NUM)
         self.max_objects = int(max_objects) if max_objects is not None else self.slots_per_bank
         self.max_long_edge = cfg.TEST_MAX_LONG_EDGE if max_long_edge is None else float(max_long_edge)
