@@ -15,7 +15,9 @@
 #     -- from wheels in .whl/ if present (pip --no-index, into /tmp/hqsmem_site), else from PyPI
 #        with pip if the machine reaches it; else it stops and names what is missing.
 # torch is never installed or replaced: the machine's own build is used.
-# Planned time on an H100/H200 (from docs' GPU anchors): about 7-8 minutes with the defaults.
+# Planned time with the defaults: about 8 minutes on an H100/H200, ESTIMATED from the per-model
+# costs in the GPU anchors (never run on a GPU yet); give the device run timeout_s=600. Cut it with
+# e.g. --sam2-frames 5000 --memory-frames 2000 (the JSON records the frames actually run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -19,7 +19,8 @@ def test_dry_run_writes_every_figure(tmp_path):
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert report["dry"] is True
     stages = report["stages"]
-    assert set(stages) == {"dino", "hqsmem_step", "hqsmem_memory", "sam2"}
+    assert set(stages) == {"dino", "hqsmem_step", "hqsmem_memory", "sam2", "sam2_memory"}
+    assert report["concurrent"] == ["hqsmem_memory", "sam2_memory"]  # the child process's result came back
     assert not [k for k, v in stages.items() if "error" in v]
     step, mem, sam2 = stages["hqsmem_step"], stages["hqsmem_memory"], stages["sam2"]
     assert step["objects"] == 5 and step["full_ms"] > 0 and step["base_ms"] > 0
@@ -28,12 +29,13 @@ def test_dry_run_writes_every_figure(tmp_path):
     assert mem["base_growth_pct"] is not None
     for key in ("ours_over_predictor", "five_over_one", "ours_growth_pct", "predictor_growth_pct"):
         assert sam2[key] is not None, key
+    assert stages["sam2_memory"]["ours_frames"] == 4 and stages["sam2_memory"]["ours_growth_pct"] is not None
     assert stages["dino"]["cpu"]["official_ms"] > 0 and stages["dino"]["cpu"]["previous_ms"] > 0
     table = (tmp_path / "gpu_bench.md").read_text()
     assert "DRY RUN" in table
     for figure in ("Full HQ-SMem 96x64, 5 objects", "Full HQ-SMem / base tracker step", "GPU memory, full HQ-SMem",
                    "base tracker's own rule", "5-object / 1-object step", "SAM2's predictor latency",
-                   "SAM 2.1 tiny: GPU memory", "SAM2's own predictor: GPU memory", "DINO feature step (cpu"):
+                   "SAM 2.1 tiny streaming: GPU memory frame 4", "SAM2's own predictor: GPU memory", "DINO feature step (cpu"):
         assert figure in table, figure
 
 
