@@ -11,7 +11,7 @@ another fails:
 3. hqsmem_memory: the same full pipeline over --memory-frames (3,000) frames, allocated GPU
    memory at frame 500 and at the last; the base tracker's own memory over --base-frames.
 4. sam2: SAM 2.1 tiny streaming (bench_sam2), 1 object: this tracker and SAM2's own predictor
-   over --sam2-latency-frames (1,000) each, latency ratio, the predictor's memory growth from
+   over --sam2-latency-frames (800) each, latency ratio, the predictor's memory growth from
    frame 500; the 5-object step against the 1-object step.
 5. sam2_memory: this tracker alone over --sam2-frames (10,000), memory at frame 500 and the last.
 
@@ -247,13 +247,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dry", action="store_true", help="CPU, tiny sizes, a few frames: checks the script only")
     ap.add_argument("--stages", default="dino,hqsmem_step,sam2,hqsmem_memory,sam2_memory")
     ap.add_argument("--serial", action="store_true", help="run sam2_memory after hqsmem_memory, not beside it")
-    ap.add_argument("--step-frames", type=int, default=200)
+    ap.add_argument("--step-frames", type=int, default=150)
     ap.add_argument("--memory-frames", type=int, default=3000)
     ap.add_argument("--base-frames", type=int, default=300)
     ap.add_argument("--base-reference", type=int, default=100)
     ap.add_argument("--reference", type=int, default=500)
     ap.add_argument("--sam2-frames", type=int, default=10000)
-    ap.add_argument("--sam2-latency-frames", type=int, default=1000)
+    ap.add_argument("--sam2-latency-frames", type=int, default=800)
     ap.add_argument("--sam2-every", type=int, default=500)
     ap.add_argument("--batch-frames", type=int, default=30)
     a = ap.parse_args(argv)
