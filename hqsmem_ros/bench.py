@@ -38,6 +38,7 @@ def _run(cfg, frames_iter, n_frames: int, checkpoints=(1000, 10000)) -> Dict:
     total = 0.0
     memory_sizes = []
     rss_at = {}
+    gpu_at = {}
     peak_rss = proc.memory_info().rss
     # Per-frame series for plots (eval/plots.py plot_memory), about 200 samples, outside the timing.
     series = {"frame": [], "memory_bank": [], "memory_mb": [], "rss_mb": [], "gpu_mb": []}
@@ -67,6 +68,8 @@ def _run(cfg, frames_iter, n_frames: int, checkpoints=(1000, 10000)) -> Dict:
             peak_rss = max(peak_rss, rss)
             if k + 1 in checkpoints:
                 rss_at[k + 1] = rss
+                if cuda:
+                    gpu_at[k + 1] = torch.cuda.memory_allocated() / 2**20
     steady = max(1, n_frames - 1)
     per_stage_ms = {k: 1000 * v / steady for k, v in stages.items()}
     return {
@@ -75,6 +78,7 @@ def _run(cfg, frames_iter, n_frames: int, checkpoints=(1000, 10000)) -> Dict:
         "stage_ms": per_stage_ms,
         "peak_rss_mb": peak_rss / 2**20,
         "rss_mb_at_frame": {str(k): v / 2**20 for k, v in rss_at.items()},
+        "gpu_mb_at_frame": {str(k): v for k, v in gpu_at.items()},
         "memory_bank_max": int(max(memory_sizes)),
         "memory_bank_final": int(memory_sizes[-1]),
         "memory_bank_over_frames": memory_sizes[:: max(1, len(memory_sizes) // 50)],
@@ -98,7 +102,10 @@ def with_random_weights(cfg):
 
 def run_bench(size=(640, 480), objects: int = 3, frames: int = 300, config=None,
               one_core: bool = True, seed: int = 0, random_weights: bool = False,
-              device: Optional[str] = None, precision: Optional[str] = None) -> Dict:
+              device: Optional[str] = None, precision: Optional[str] = None,
+              base_frames: Optional[int] = None, checkpoints=(1000, 10000)) -> Dict:
+    """Full pipeline, then the base tracker alone (over `base_frames`, default `frames`), on the
+    same synthetic stream; RSS (and allocated GPU memory on CUDA) recorded at `checkpoints`."""
     from .data.synth import iter_frames
 
     core = _pin_one_core() if one_core else None
@@ -109,13 +116,15 @@ def run_bench(size=(640, 480), objects: int = 3, frames: int = 300, config=None,
         cfg = with_random_weights(cfg)
     base_cfg = cfg.replace(ablation="base", refine=None, teacher_forcing=None, smart_memory=None)
 
-    def stream():
-        return iter_frames(seed=seed, size=tuple(size), frames=frames, n_objects=objects)
+    base_frames = frames if base_frames is None else int(base_frames)
+
+    def stream(n=frames):
+        return iter_frames(seed=seed, size=tuple(size), frames=n, n_objects=objects)
 
     # Full first: RSS never shrinks, so the base rule's growth would otherwise hide whether the
     # full pipeline's memory stays flat.
-    full = _run(cfg, stream(), frames)
-    base = _run(base_cfg, stream(), frames)
+    full = _run(cfg, stream(), frames, checkpoints)
+    base = _run(base_cfg, stream(base_frames), base_frames, checkpoints)
     gpu = {}
     import sys
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
@@ -128,6 +137,7 @@ def run_bench(size=(640, 480), objects: int = 3, frames: int = 300, config=None,
         "gpu": gpu,
         "objects": objects,
         "frames": frames,
+        "base_frames": base_frames,
         "pinned_core": core,
         "config": {k: v for k, v in cfg.to_dict().items()},
         "fps": full["fps"],

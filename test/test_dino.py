@@ -28,25 +28,125 @@ def dinov2():
     return f
 
 
+def _keys_cubic(x, a=-0.75):
+    """The cubic convolution kernel (Keys, a = -0.75) that bicubic interpolation uses."""
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+
+
+def _bicubic_axis(n_in, n_out, scale):
+    """(n_out, n_in) resampling matrix along one axis, written from the definition: output pixel
+    d samples the input at (d + 0.5) / scale - 0.5, four taps, indices clamped at the borders."""
+    mat = np.zeros((n_out, n_in))
+    for d in range(n_out):
+        src = (d + 0.5) / scale - 0.5
+        base = int(np.floor(src))
+        for k in range(-1, 3):
+            mat[d, min(max(base + k, 0), n_in - 1)] += _keys_cubic(src - (base + k))
+    return mat
+
+
+def _official_pos_embed_reference(pos, prefix, grid):
+    """The official DINO/DINOv2 interpolate_pos_encoding in float64 NumPy, written independently:
+    scale factors (n + 0.1) / M, output floor(M * scale) = n per axis."""
+    pos = pos.detach().double().numpy()[0]
+    side = int(round(np.sqrt(pos.shape[0] - prefix)))
+    square = pos[prefix:].reshape(side, side, -1)
+    rows = _bicubic_axis(side, grid[0], (grid[0] + 0.1) / side)
+    cols = _bicubic_axis(side, grid[1], (grid[1] + 0.1) / side)
+    patches = np.einsum("ir,jc,rcd->ijd", rows, cols, square).reshape(grid[0] * grid[1], -1)
+    return np.concatenate([pos[:prefix], patches])[None]
+
+
 def _reference_tokens(extractor, image):
-    """Patch tokens computed by hand: ImageNet normalisation, one forward_features call."""
+    """Patch tokens of an independent model: timm's ViT built at exactly this input size (no
+    dynamic resampling), its pos_embed replaced by the NumPy reference resampling; ImageNet
+    normalisation by hand; its own forward_features."""
+    import timm
+
+    model = extractor.model
+    gh, gw = image.shape[0] // extractor.patch, image.shape[1] // extractor.patch
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    fixed = timm.create_model(model.pretrained_cfg["architecture"], pretrained=False, num_classes=0,
+                              img_size=image.shape[:2]).eval()
+    sd = dict(model.state_dict())
+    sd["pos_embed"] = torch.from_numpy(_official_pos_embed_reference(model.pos_embed, prefix, (gh, gw))).float()
+    fixed.load_state_dict(sd)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
     with torch.no_grad():
-        tokens = extractor.model.forward_features((x - mean) / std)
-    gh, gw = image.shape[0] // extractor.patch, image.shape[1] // extractor.patch
-    return tokens[0, extractor.model.num_prefix_tokens:].reshape(gh, gw, -1).numpy()
+        tokens = fixed.forward_features((x - mean) / std)
+    return tokens[0, model.num_prefix_tokens:].reshape(gh, gw, -1).numpy()
 
 
 def _unit(v):
     return v / np.linalg.norm(v)
 
 
+@pytest.mark.parametrize("model_name, input_size, shape", [
+    ("dino_vits16", 64, (64, 96)),       # 4 x 6 patches, trained grid 14 x 14
+    ("dino_vits16", 48, (80, 48)),       # 5 x 3
+    ("dinov2_vits14", 56, (56, 70)),     # 4 x 5, trained grid 37 x 37
+    ("dinov2_vits14", 42, (70, 42)),     # 5 x 3
+    ("dinov2_vits14_reg", 42, (42, 56)),  # registers: position embedding without the class entry
+])
+def test_tokens_equal_official_resampling_at_non_native_grids(model_name, input_size, shape):
+    f = DinoFeatureExtractor.from_config({"model_name": model_name, "random_weights": True, "seed": 3,
+                                          "input_size": input_size}, device="cpu")
+    model = f.model
+    grid = (shape[0] // f.patch, shape[1] // f.patch)
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+    reference = _official_pos_embed_reference(model.pos_embed, prefix, grid)
+    ours = f.pos_embed_for(grid).double().numpy()
+    assert ours.shape == reference.shape
+    ours_err = float(np.abs(ours - reference).max())
+    assert ours_err < 1e-5 * float(np.abs(reference).max())  # float32 rounding of the taps
+    # timm's own resampling (exact size, antialiased) is measurably different on the same weights.
+    from timm.layers import resample_abs_pos_embed
+    timm_pos = resample_abs_pos_embed(model.pos_embed.detach(), new_size=grid, old_size=model.patch_embed.grid_size,
+                                      num_prefix_tokens=prefix).double().numpy()
+    assert float(np.abs(timm_pos - reference).max()) > 100 * max(ours_err, 1e-9)
+
+    image = _image(*shape, seed=4)
+    f.set_image(image)
+    ref = _reference_tokens(f, image)
+    assert f.token_map.shape == ref.shape
+    np.testing.assert_allclose(f.token_map.numpy(), ref, rtol=0, atol=2e-5)
+
+
+def test_native_grid_uses_the_trained_embedding():
+    f = DinoFeatureExtractor.from_config({"model_name": "dino_vits16", "random_weights": True, "input_size": 224},
+                                         device="cpu")
+    assert torch.equal(f.pos_embed_for((14, 14)), f.model.pos_embed.detach())
+
+
 def test_token_map_is_the_models_patch_tokens(dino16):
     ref = _reference_tokens(dino16, _image(64, 96))
     assert dino16.token_map.shape == (4, 6, 384)
     np.testing.assert_allclose(dino16.token_map.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_weights_are_exact_area_fractions(dinov2):
+    # 50 x 130 frame on a 4 x 10 grid: a patch spans 12.5 x 13 pixels of the frame.
+    dinov2.set_image(_image(50, 130, seed=8))
+    masks = np.zeros((3, 50, 130), bool)
+    masks[0, 0:12, 0:13] = True        # 12 of the 12.5 rows of patch (0, 0), all 13 columns
+    masks[1, 12, 13] = True            # one pixel: half in patch row 0, half in row 1 (column 1)
+    masks[2] = np.random.default_rng(2).random((50, 130)) < 0.3
+    wts = dinov2.pool_weights(masks).numpy().reshape(3, 4, 10)
+    assert wts[0, 0, 0] == pytest.approx(12 / 12.5, abs=1e-6) and wts[0].sum() == pytest.approx(12 / 12.5, abs=1e-6)
+    assert wts[1, 0, 1] == pytest.approx(0.5 / (12.5 * 13), abs=1e-7)
+    assert wts[1, 1, 1] == pytest.approx(0.5 / (12.5 * 13), abs=1e-7)
+    assert np.count_nonzero(wts[1]) == 2
+    # Mean weight over the grid is the covered fraction of the frame, for any mask.
+    assert wts[2].mean() == pytest.approx(masks[2].mean(), abs=1e-6)
+    # Brute force on a 2x supersampled mask: patch edges at 12.5 rows fall on sample edges.
+    fine = masks[2].repeat(2, axis=0).repeat(2, axis=1)
+    brute = fine.reshape(4, 25, 10, 26).mean(axis=(1, 3))
+    np.testing.assert_allclose(wts[2], brute, atol=1e-6)
 
 
 def test_masked_pooling_matches_hand_computation(dino16):

@@ -8,6 +8,11 @@ N x 3 proposals plus the N coarse masks (`embed_torch`). On CUDA every stage is 
 is reported. Medians over `iters` frames after `warmup` frames.
 
     python -m hqsmem_ros.models.bench_models --size 854x480 --objects 5 --device cuda --precision fp16
+
+`bench_dino_resampling` (``--dino-compare``) times the DINO feature step (set_image + pooling of
+4 masks per object) with the official position-embedding resampling and exact patch weights
+against the previous code path (timm's own resampling, adaptive average pooling), alternating
+the two on the same frames in one run, and prints the ratio.
 """
 from __future__ import annotations
 
@@ -106,6 +111,60 @@ def bench_neural(size: Tuple[int, int] = (854, 480), n_objects: int = 5, device:
     return result
 
 
+def bench_dino_resampling(size: Tuple[int, int] = (854, 480), n_objects: int = 5, device: str = "cpu",
+                          iters: int = 10, warmup: int = 2, dino_model: str = "dinov2_vits14",
+                          dino_input_size: int = 448, seed: int = 0) -> Dict:
+    """Median ms of the feature step, official resampling vs the previous timm path, same run."""
+    import torch.nn.functional as F
+
+    from .dino import DinoFeatureExtractor
+
+    class _Previous(DinoFeatureExtractor):
+        """The code before the official resampling: timm's forward, adaptive average pooling."""
+
+        def forward_tokens(self, x):
+            return self.model.forward_features(x)
+
+        def pool_weights(self, masks):
+            m = masks.to(self.device).float().unsqueeze(1)
+            return F.adaptive_avg_pool2d(m, tuple(self._tokens.shape[:2])).flatten(1)
+
+    width, height = int(size[0]), int(size[1])
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    now = DinoFeatureExtractor.from_config(
+        {"model_name": dino_model, "random_weights": True, "input_size": dino_input_size, "seed": seed},
+        device=str(dev))
+    before = _Previous(now.model, input_size=dino_input_size, device=dev, model_name=dino_model)
+    rng = np.random.default_rng(seed)
+    frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(2)]
+    masks = np.zeros((4 * n_objects, height, width), bool)
+    for k, (x0, y0, x1, y1) in enumerate(_boxes(4 * n_objects, width, height, rng).astype(int)):
+        masks[k, y0:y1, x0:x1] = True
+    masks_t = torch.from_numpy(masks).to(dev)
+    times = {"official": [], "previous": []}
+    for i in range(warmup + iters):
+        image = frames[i % 2]
+        order = (("official", now), ("previous", before)) if i % 2 == 0 else (("previous", before), ("official", now))
+        for name, f in order:
+            if cuda:
+                torch.cuda.synchronize(dev)
+            t = time.perf_counter()
+            f.set_image(image)
+            f.embed_torch(masks_t)
+            if cuda:
+                torch.cuda.synchronize(dev)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+    official = 1000 * statistics.median(times["official"])
+    previous = 1000 * statistics.median(times["previous"])
+    return {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "size": f"{width}x{height}",
+            "dino_model": dino_model, "dino_input_size": dino_input_size, "masks": 4 * n_objects,
+            "dino_grid": list(now.token_map.shape[:2]), "iters": iters, "threads": torch.get_num_threads(),
+            "official_ms": round(official, 2), "previous_ms": round(previous, 2),
+            "official_over_previous": round(official / previous, 4)}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="854x480", help="WxH")
@@ -117,8 +176,13 @@ def main(argv=None) -> None:
     ap.add_argument("--sam", default="vit_tiny", choices=("vit_tiny", "vit_b", "vit_l", "vit_h"))
     ap.add_argument("--dino", default="dinov2_vits14")
     ap.add_argument("--dino-input", type=int, default=448)
+    ap.add_argument("--dino-compare", action="store_true",
+                    help="time only the DINO feature step: official resampling vs the previous timm path")
     a = ap.parse_args(argv)
     w, h = (int(v) for v in a.size.lower().split("x"))
+    if a.dino_compare:
+        print(json.dumps(bench_dino_resampling((w, h), a.objects, a.device, a.iters, a.warmup, a.dino, a.dino_input)))
+        return
     print(json.dumps(bench_neural((w, h), a.objects, a.device, a.precision, a.iters, a.warmup,
                                   a.sam, a.dino, a.dino_input)))
 

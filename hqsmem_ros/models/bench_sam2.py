@@ -221,6 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="tiny", help="tiny, small, base_plus, large (SAM 2.1)")
     ap.add_argument("--checkpoint", help="official SAM 2.1 .pt (default: random weights)")
     ap.add_argument("--frames", type=int, default=10000)
+    ap.add_argument("--predictor-frames", type=int, help="frames for SAM2's own predictor (default: --frames)")
     ap.add_argument("--every", type=int, default=500)
     ap.add_argument("--reference", type=int, default=500, help="growth is measured from this frame")
     ap.add_argument("--objects", type=int, default=1, help="objects in the long run")
@@ -257,7 +258,8 @@ def main(argv=None) -> int:
             from .checkpoints import apply_state_dict, load_state_dict
             apply_state_dict(net, load_state_dict(args.checkpoint, f"sam2 {args.model}"), args.checkpoint,
                              f"sam2 {args.model}")
-        report["predictor"] = run_predictor(net, frames, label0, args.frames, args.every, device, amp)
+        report["predictor"] = run_predictor(net, frames, label0, args.predictor_frames or args.frames, args.every,
+                                            device, amp)
         del net
         if device.type == "cuda":
             torch.cuda.empty_cache()

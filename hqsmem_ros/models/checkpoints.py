@@ -51,14 +51,18 @@ def _describe(path: Path, expected_model: str) -> str:
     return f"checkpoint {str(path)!r} (for model {expected_model})"
 
 
-def load_state_dict(path, expected_model: str, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Read a state_dict from `path` without running pickled code; see the module docstring."""
+def load_state_dict(path, expected_model: str, sha256: Optional[str] = None,
+                    where: str = "") -> Dict[str, torch.Tensor]:
+    """Read a state_dict from `path` without running pickled code; see the module docstring.
+    `where` (which file the model needs and where users get it) is added to the errors for a
+    missing path or file."""
+    get = f"; {where}" if where else ""
     if path is None or str(path) == "":
-        raise CheckpointError(f"no checkpoint path given for model {expected_model}")
+        raise CheckpointError(f"no checkpoint path given for model {expected_model}{get}")
     path = Path(path).expanduser()
     what = _describe(path, expected_model)
     if not path.exists():
-        raise CheckpointError(f"{what}: file not found")
+        raise CheckpointError(f"{what}: file not found{get}")
     if not path.is_file():
         raise CheckpointError(f"{what}: not a regular file")
 

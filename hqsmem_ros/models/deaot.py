@@ -72,6 +72,18 @@ MODELS: Dict[str, Tuple[str, str]] = {
     "r50_dm_deaotl": ("r50_dm_deaotl", "R50-DMAOT weights (DeAOT-L architecture)"),
     "swinb_dm_deaotl": ("swinb_dm_deaotl", "SwinB-DMAOT weights (DeAOT-L architecture)"),
 }
+# Where users get the official weights (nothing is downloaded at run time).
+_ZOO = "github.com/yoxu515/aot-benchmark (MODEL_ZOO.md)"
+RELEASED: Dict[str, str] = {
+    "r50_deaotl": f"R50_DeAOTL_PRE_YTB_DAV.pth from the AOT/DeAOT model zoo, {_ZOO}",
+    "swinb_deaotl": f"SwinB_DeAOTL_PRE_YTB_DAV.pth from the AOT/DeAOT model zoo, {_ZOO}",
+    "deaott": f"DeAOTT_PRE_YTB_DAV.pth from the AOT/DeAOT model zoo, {_ZOO}",
+    "deaots": f"DeAOTS_PRE_YTB_DAV.pth from the AOT/DeAOT model zoo, {_ZOO}",
+    "deaotb": f"DeAOTB_PRE_YTB_DAV.pth from the AOT/DeAOT model zoo, {_ZOO}",
+    "deaotl": f"DeAOTL_PRE_YTB_DAV.pth from the AOT/DeAOT model zoo, {_ZOO}",
+    "r50_dm_deaotl": "the R50 DMAOT weights of DMAOT's VOTS 2023 release",
+    "swinb_dm_deaotl": "the SwinB DMAOT weights of DMAOT's VOTS 2023 release",
+}
 _PARAMS = ("model", "checkpoint", "sha256", "random_weights", "seed", "max_objects",
            "max_long_edge", "max_short_edge", "short_term_mem_skip")
 _REFUSED = {
@@ -120,6 +132,27 @@ def build_model(model: str, seed: int = 0):
     if "spatial_correlation_sampler" in notices.getvalue():
         log.info("spatial-correlation-sampler is not installed: DeAOT uses its unfold-based local attention")
     return net.eval(), cfg
+
+
+def _float_gate_on_cpu_autocast(net) -> int:
+    """Let deaotpy's local attention run under CPU autocast (bf16).
+
+    `local2global` index-puts the softmax gate into a float32 tensor. Under CUDA autocast softmax
+    runs in float32, so the dtypes match; CPU autocast keeps it in bf16 and the index put raises
+    "Index put requires the source and destination dtypes match". The gate is cast to float32
+    before that call, which is what CUDA autocast does. Returns the number of layers adapted."""
+    count = 0
+    for module in net.modules():
+        original = getattr(type(module), "local2global", None)
+        if original is None:
+            continue
+
+        def local2global(local_attn, height, width, _module=module, _original=original):
+            return _original(_module, local_attn.float(), height, width)
+
+        module.local2global = local2global
+        count += 1
+    return count
 
 
 @dataclass
@@ -174,6 +207,8 @@ class DeAOTTracker(BaseTracker):
         self.cfg = cfg
         self.device = device
         self.amp_dtype = amp_dtype
+        if amp_dtype is not None and torch.device(device).type == "cpu":
+            _float_gate_on_cpu_autocast(self.net)
         self.slots_per_bank = int(cfg.MODEL_MAX_OBJ_NUM)
         self.max_objects = int(max_objects) if max_objects is not None else self.slots_per_bank
         self.max_long_edge = cfg.TEST_MAX_LONG_EDGE if max_long_edge is None else float(max_long_edge)
@@ -207,7 +242,8 @@ class DeAOTTracker(BaseTracker):
         if not checkpoint and not random_weights:
             raise ConfigError(
                 f"tracker 'deaot': no checkpoint for model {model!r}; set checkpoint: <path to the official "
-                f"{MODELS[model][1]} .pth> (random_weights: true runs untrained weights, for speed benchmarks only)")
+                f"{MODELS[model][1]} .pth>, get {RELEASED[model]} (random_weights: true runs untrained "
+                "weights, for speed benchmarks only)")
         max_objects = p.get("max_objects", 10)
         if isinstance(max_objects, bool) or not isinstance(max_objects, int) or max_objects < 1:
             raise ConfigError(f"tracker 'deaot': max_objects must be a positive integer, got {max_objects!r}")
@@ -227,7 +263,8 @@ class DeAOTTracker(BaseTracker):
         if checkpoint:
             # The official files: {'state_dict': sd} (training saves, maybe with 'optimizer'),
             # {'model': sd} or sd, keys maybe prefixed 'module.'; load_state_dict unwraps them.
-            sd = load_state_dict(checkpoint, expected_model=f"deaot {model}", sha256=p.get("sha256"))
+            sd = load_state_dict(checkpoint, expected_model=f"deaot {model}", sha256=p.get("sha256"),
+                                 where=f"get {RELEASED[model]}")
             apply_state_dict(net, sd, checkpoint, f"deaot {model}")
         else:
             log.warning("tracker 'deaot' runs %s with RANDOM weights (seed %d): masks are meaningless", model, seed)

@@ -4,13 +4,23 @@ The backbone is a timm VisionTransformer built with ``pretrained=False`` (nothin
 downloaded) and ``dynamic_img_size=True``, so one forward pass per frame handles any aspect ratio:
 the frame is resized so that its short side is ``input_size`` (rounded to a multiple of the
 patch size; the long side keeps the aspect ratio, rounded the same way), normalised with the
-model's mean/std, and ``forward_features`` gives the final-norm tokens. The patch tokens are kept
+model's mean/std, and run through timm's modules to the final norm. The patch tokens are kept
 as an (h, w, C) map.
 
-`embed(masks)` pools that map under every mask in one batched operation: each mask is resized to
-the patch grid by area averaging (the fraction of each patch's pixels inside the mask is that
-patch's weight), the weighted mean of the patch tokens is taken, and the result is L2-normalised.
-An empty mask gives an all-zero row.
+Position embeddings at a grid other than the trained one are resampled as the official
+facebookresearch DINO and DINOv2 code does it, not as timm does (timm asks for the exact output
+size with antialiasing, which gives other tokens): the M x M patch embedding is interpolated
+bicubically (no antialias, half-pixel centres) with scale factors ((h + 0.1) / M, (w + 0.1) / M),
+so the output is h x w and the sampling positions follow the scale factor, not h / M. The class
+token's embedding is not resampled; at the trained grid the embedding is used as it is. The
+resampled embedding is computed once per grid and cached (`official_pos_embed`).
+
+`embed(masks)` pools that map under every mask in one batched operation. Patch (i, j) covers
+rows [i H/h, (i+1) H/h) and columns [j W/w, (j+1) W/w) of the H x W frame (its pixels before the
+resize); its weight is the exact fraction of that rectangle covered by the mask, each pixel a
+unit square (separable: two products with the row and column overlap matrices, cached per
+frame size). The weighted mean of the patch tokens is taken and L2-normalised. An empty mask gives an
+all-zero row.
 
 Models: any timm VisionTransformer name, plus the official hub names as aliases
 (``dino_vits16`` -> ``vit_small_patch16_224.dino``, ``dinov2_vits14`` ->
@@ -28,7 +38,8 @@ accepted: extract the teacher backbone first.
 """
 from __future__ import annotations
 
-from typing import Tuple
+import math
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -54,6 +65,19 @@ ALIASES = {
 }
 
 
+def released(model_name: str) -> str:
+    """Which official file a model name needs and where users get it (for the errors)."""
+    name = ALIASES.get(model_name, model_name)
+    if "dinov2" in name:
+        size = {"small": "s", "base": "b", "large": "l", "giant": "g"}.get(name.split("_")[1], "s")
+        reg = "_reg4" if "_reg" in name else ""
+        return (f"get dinov2_vit{size}14{reg}_pretrain.pth (backbone only) from "
+                "github.com/facebookresearch/dinov2 (README, pretrained models)")
+    if name.endswith(".dino"):
+        return "get the backbone-only file (e.g. dino_deitsmall16_pretrain.pth) from github.com/facebookresearch/dino (README)"
+    return "any timm VisionTransformer state_dict of this architecture"
+
+
 def build_backbone(model_name: str):
     """The timm ViT for `model_name` (an alias or a timm name), random weights, no download."""
     import timm
@@ -70,6 +94,34 @@ def build_backbone(model_name: str):
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"features dino: {model_name!r} is not a timm VisionTransformer")
     return model.eval()
+
+
+def official_pos_embed(patch_pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(1, M*M, C) patch position embeddings of the trained M x M grid -> (1, h*w, C) for `grid`
+    (h, w), with the official DINO/DINOv2 arithmetic (see the module docstring)."""
+    n, dim = patch_pos.shape[1], patch_pos.shape[2]
+    side = int(round(math.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"position embedding of {n} patches is not a square grid")
+    h, w = int(grid[0]), int(grid[1])
+    if (h, w) == (side, side):
+        return patch_pos
+    square = patch_pos.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    out = F.interpolate(square, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic",
+                        align_corners=False, recompute_scale_factor=False)
+    if tuple(out.shape[-2:]) != (h, w):  # cannot happen for h, w >= 1; the official code asserts it too
+        raise RuntimeError(f"position embedding resampled to {tuple(out.shape[-2:])}, expected {(h, w)}")
+    return out.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(patch_pos.dtype)
+
+
+def _overlap_matrix(pixels: int, cells: int, device) -> torch.Tensor:
+    """(cells, pixels): the length of pixel p's unit interval inside cell c's interval
+    [c * pixels / cells, (c + 1) * pixels / cells), divided by that cell's length."""
+    edges = torch.arange(cells + 1, dtype=torch.float64) * (pixels / cells)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    p = torch.arange(pixels, dtype=torch.float64)[None, :]
+    overlap = (torch.minimum(hi, p + 1) - torch.maximum(lo, p)).clamp_min(0)
+    return (overlap / (pixels / cells)).to(device=device, dtype=torch.float32)
 
 
 def grid_size(height: int, width: int, input_size: int, patch: int) -> Tuple[int, int]:
@@ -93,6 +145,13 @@ class DinoFeatureExtractor(FeatureExtractor):
         self._mean = torch.tensor(cfg["mean"], device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(cfg["std"], device=self.device).view(1, 3, 1, 1)
         self._interp = cfg.get("interpolation", "bicubic")
+        if getattr(self.model, "pos_embed", None) is None or getattr(self.model, "rope", None) is not None:
+            raise ConfigError(f"features dino: {model_name!r} has no learned absolute position embedding")
+        # The official code resamples the patch part only: timm keeps the class token's entry in
+        # pos_embed unless no_embed_class (DINOv2 with registers: folded into cls_token on load).
+        self._pos_prefix = 0 if self.model.no_embed_class else int(self.model.num_prefix_tokens)
+        self._pos_cache: Dict[Tuple[int, int], torch.Tensor] = {}
+        self._pool_cache: Dict[Tuple[int, int, int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
         self._tokens = None
         self._shape = None
 
@@ -115,7 +174,7 @@ class DinoFeatureExtractor(FeatureExtractor):
         dev = resolve_device(device)
         check_precision(dev, precision)
         if checkpoint:
-            sd = load_state_dict(checkpoint, model_name, sha256)  # checked before building anything
+            sd = load_state_dict(checkpoint, model_name, sha256, where=released(model_name))  # checked first
             model = build_backbone(model_name)
             from timm.models.vision_transformer import checkpoint_filter_fn
             try:
@@ -129,8 +188,8 @@ class DinoFeatureExtractor(FeatureExtractor):
                 torch.manual_seed(seed)
                 model = build_backbone(model_name)
         else:
-            raise ConfigError(f"features dino: no checkpoint given for {model_name}; set features.checkpoint, "
-                              "or random_weights: true for speed benchmarks only (features are then meaningless)")
+            raise ConfigError(f"features dino: no checkpoint given for {model_name}; set features.checkpoint "
+                              f"({released(model_name)}), or random_weights: true for speed benchmarks only (features are then meaningless)")
         return cls(model, input_size=input_size, device=dev, precision=precision, model_name=model_name)
 
     @property
@@ -143,6 +202,32 @@ class DinoFeatureExtractor(FeatureExtractor):
         if self._tokens is None:
             raise RuntimeError("set_image() must be called before embed()")
         return self._tokens
+
+    def pos_embed_for(self, grid: Tuple[int, int]) -> torch.Tensor:
+        """The position embedding added to the tokens at patch grid (h, w): (1, prefix + h*w, C)."""
+        grid = (int(grid[0]), int(grid[1]))
+        cached = self._pos_cache.get(grid)
+        if cached is None:
+            pos = self.model.pos_embed.detach()
+            patches = official_pos_embed(pos[:, self._pos_prefix:], grid)
+            cached = torch.cat([pos[:, :self._pos_prefix], patches], dim=1)
+            self._pos_cache = {grid: cached}  # one camera, one grid: keep only the latest
+        return cached
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's forward_features with the official position-embedding resampling: (B, T, C)."""
+        m = self.model
+        x = m.patch_embed(x)  # (B, h, w, C): dynamic_img_size keeps the grid
+        b, gh, gw, c = x.shape
+        x = x.reshape(b, gh * gw, c)
+        pos = self.pos_embed_for((gh, gw)).to(x.dtype)
+        prefix = [t.expand(b, -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
+        if m.no_embed_class:
+            x = torch.cat(prefix + [x + pos], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos
+        x = m.norm_pre(m.patch_drop(m.pos_drop(x)))
+        return m.norm(m.blocks(x))
 
     def set_image(self, image: np.ndarray) -> None:
         image = np.asarray(image)
@@ -158,21 +243,29 @@ class DinoFeatureExtractor(FeatureExtractor):
                 x = F.interpolate(x, size=size, mode=self._interp, align_corners=False, antialias=True)
             x = (x - self._mean) / self._std
             with autocast_context(self.device, self.precision):
-                tokens = self.model.forward_features(x)
+                tokens = self.forward_tokens(x)
             patches = tokens[0, self.model.num_prefix_tokens:].float()
             self._tokens = patches.reshape(gh, gw, -1)
         self._shape = (h, w)
 
     def pool_weights(self, masks) -> torch.Tensor:
-        """(M,H,W) masks -> (M, h*w) patch weights: each patch's fraction of pixels in the mask."""
+        """(M,H,W) masks -> (M, h*w) patch weights: the fraction of each patch's footprint in the
+        frame covered by the mask (exact, see the module docstring)."""
         if self._tokens is None:
             raise RuntimeError("set_image() must be called before embed()")
         m = masks if isinstance(masks, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(masks, dtype=bool))
         if m.ndim != 3 or tuple(m.shape[1:]) != self._shape:
             raise ValueError(f"masks must be (M,{self._shape[0]},{self._shape[1]}), got {tuple(m.shape)}")
         gh, gw = self._tokens.shape[:2]
-        m = m.to(self.device, non_blocking=True).float().unsqueeze(1)
-        return F.adaptive_avg_pool2d(m, (gh, gw)).flatten(1)
+        h, w = self._shape
+        key = (h, w, gh, gw)
+        mats = self._pool_cache.get(key)
+        if mats is None:
+            mats = (_overlap_matrix(h, gh, self.device), _overlap_matrix(w, gw, self.device).T.contiguous())
+            self._pool_cache = {key: mats}
+        rows, cols = mats
+        m = m.to(self.device, non_blocking=True).float()
+        return (rows @ (m @ cols)).flatten(1)
 
     def embed_torch(self, masks) -> torch.Tensor:
         """Like `embed`, on the device: (M, D) float32."""

@@ -86,6 +86,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 log = logging.getLogger(__name__)
 
 # config name -> (sam2 hydra config, what it is, official checkpoint file name)
+RELEASED = "from github.com/facebookresearch/sam2 (checkpoints/download_ckpts.sh lists the files)"
 MODELS: Dict[str, Tuple[str, str, str]] = {
     "sam2.1_hiera_tiny": ("configs/sam2.1/sam2.1_hiera_t.yaml", "SAM 2.1 Hiera-T", "sam2.1_hiera_tiny.pt"),
     "sam2.1_hiera_small": ("configs/sam2.1/sam2.1_hiera_s.yaml", "SAM 2.1 Hiera-S", "sam2.1_hiera_small.pt"),
@@ -271,7 +272,8 @@ class SAM2Tracker(BaseTracker):
         if not checkpoint and not random_weights:
             raise ConfigError(
                 f"tracker 'sam2': no checkpoint for model {model!r}; set checkpoint: <path to the official "
-                f"{MODELS[model][2]}> (random_weights: true runs untrained weights, for speed benchmarks only)")
+                f"{MODELS[model][2]}>, get it {RELEASED} (random_weights: true runs untrained weights, for speed "
+                "benchmarks only)")
         image_size = p.get("image_size")
         if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
                                        or image_size < 64 or image_size % 32):
@@ -294,7 +296,8 @@ class SAM2Tracker(BaseTracker):
         net = build_model(model, image_size, seed)
         if checkpoint:
             # Official files hold {'model': state_dict}; load_state_dict unwraps it without pickle code.
-            sd = load_state_dict(checkpoint, expected_model=f"sam2 {model}", sha256=p.get("sha256"))
+            sd = load_state_dict(checkpoint, expected_model=f"sam2 {model}", sha256=p.get("sha256"),
+                                 where=f"get {MODELS[model][2]} {RELEASED}")
             apply_state_dict(net, sd, checkpoint, f"sam2 {model}",
                              hint=f"The official SAM 2.1 files are {', '.join(m[2] for m in MODELS.values())}.")
         else:

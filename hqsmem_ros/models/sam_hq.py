@@ -52,6 +52,7 @@ with warnings.catch_warnings():
 
 MODEL_TYPES = ("vit_tiny", "vit_b", "vit_l", "vit_h")
 # TinyViT's classifier head exists in the module but SAM never runs it; a checkpoint may omit it.
+RELEASED = "from SAM-HQ's model checkpoints, github.com/SysCV/sam-hq (README)"
 _OPTIONAL_KEYS = (r"image_encoder\.norm_head\..*", r"image_encoder\.head\..*")
 
 
@@ -106,7 +107,8 @@ class SamHQRefiner(Refiner):
         check_precision(dev, precision)
         model_name = f"SAM-HQ {model_type}"
         if checkpoint:
-            sd = load_state_dict(checkpoint, model_name, sha256)  # checked before building anything
+            sd = load_state_dict(checkpoint, model_name, sha256,  # checked before building anything
+                                 where=f"get sam_hq_{model_type}.pth {RELEASED}")
             model = sam_model_registry[model_type](checkpoint=None)
             apply_state_dict(model, sd, checkpoint, model_name, optional_missing=_OPTIONAL_KEYS,
                              hint=guess_model_type(sd))
@@ -116,7 +118,7 @@ class SamHQRefiner(Refiner):
                 model = sam_model_registry[model_type](checkpoint=None)
         else:
             raise ConfigError(f"refiner sam_hq: no checkpoint given for {model_type}; set refiner.checkpoint "
-                              f"to the sam_hq_{model_type}.pth file, or random_weights: true for speed "
+                              f"to the sam_hq_{model_type}.pth file (get it {RELEASED}), or random_weights: true for speed "
                               "benchmarks only (the masks are then meaningless)")
         return cls(model, dev, precision, hq_token_only=hq_token_only, multimask=multimask)
 
