@@ -434,7 +434,7 @@ class LocalPool:
     the parent knows which bag a worker holds; a worker that dies fails only that bag and is
     replaced. (concurrent.futures' pool fails every pending task when one worker dies.)"""
 
-    def __init__(self, n: int, cfg, options, cuda: Optional[List[str]] = None, pin: bool = True):
+    def __init__(self, n: int, cfg, options, cuda: Optional[List[str]] = None, pin: bool = False):
         import multiprocessing as mp
 
         self.ctx = mp.get_context("spawn")

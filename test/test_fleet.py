@@ -274,3 +274,30 @@ def test_ray_failing_bag_does_not_stop_the_others(fleet, ray_cluster, tmp_path):
     rows = {b["name"]: b for b in report["bags"]}
     assert rows["b_sqlite"]["status"] == "done" and rows["cut"]["status"] == "failed"
     assert "cut.mcap" in rows["cut"]["error"] and not report["totals"]["all_ok"]
+
+
+def test_a_worker_builds_neural_models_once_and_gives_fresh_runs_output(tmp_path, capsys):
+    """DeAOT (random weights) keeps memory per stream: a worker hands the same model to each bag's
+    pipeline, which resets it; the outputs equal fresh single-bag runs, bag for bag."""
+    pytest.importorskip("aot")  # deaotpy, installed by scripts/setup_venv.sh
+    cfg = tmp_path / "deaot.yaml"
+    cfg.write_text("tracker: {type: deaot, model: r50_deaotl, random_weights: true}\ndevice: cpu\n")
+    bags = tmp_path / "bags"
+    bags.mkdir()
+    refs = {}
+    for k, name in enumerate(("a", "b")):
+        info = write_synthetic_bag(bags / name, frames=2, size=SIZE, seed=10 + k, prompts="file",
+                                   camera_info=False)
+        ref = tmp_path / "ref" / name
+        assert main(["bag", str(bags / name), str(ref), "--image-topic", TOPIC, "--prompts",
+                     str(info["prompts_file"]), "--config", str(cfg), "--allow-random-weights", "--quiet"]) == 0
+        refs[name] = all_raw(ref)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    code, text, err = hqsmem(capsys, "bags", bags, "--out", out, "--prompts-dir", bags, "--config", cfg,
+                             "--allow-random-weights", "--workers", 1, "--json", "--quiet")
+    assert code == 0, err
+    report = json.loads(text)
+    assert len(report["worker_load_s"]) == 1  # one worker, models built once
+    assert len({b["worker"] for b in report["bags"]}) == 1
+    assert_same_as_single_runs(out, refs, ("a", "b"))
