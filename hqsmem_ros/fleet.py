@@ -319,10 +319,14 @@ class WorkerState:
         _WORKER = state
 
     def load(self) -> float:
-        """Build the models (once); returns the seconds it took."""
+        """Build the models (once); returns the seconds it took (importing the bag code included)."""
+        from . import bag
         from .core.pipeline import HQSMemPipeline
 
         t0 = time.perf_counter()
+        warm = getattr(bag, "make_typestore", None)  # the message types, parsed once per process
+        if warm is not None:
+            warm()
         HQSMemPipeline(self.cfg)
         if "torch" in sys.modules and self.threads:
             sys.modules["torch"].set_num_threads(self.threads)
@@ -881,9 +885,12 @@ def _execute(todo, rows, report, cfg, options, workers, ray_address, ship, progr
     sent: Dict[int, float] = {}
     t_first = [None]
 
+    t_exec = time.perf_counter()
+
     def on_event(kind, wid, *args):
         if kind == "ready":
             report["worker_load_s"].append(round(args[0], 3))
+            report["workers_ready_s"] = time.perf_counter() - t_exec  # start-up of the last one ready
             say(f"hqsmem bags: worker {args[1]} ready, models built in {args[0]:.2f} s")
         elif kind == "dispatch":
             sent[args[0]] = time.perf_counter()

@@ -10,7 +10,8 @@ count on a local Ray instance (ray.init(num_cpus=N)), each into a fresh output f
 removed afterwards. Prints frames/s over all bags (frames in / time from the first bag handed
 out to the last result), the ratios between the runs, the scheduling overhead per bag (a bag's
 round trip from the parent minus process_bag's own run: opening, pipeline set-up, manifest,
-rename, result) and each worker's model-load time. With --neural-config it also builds that
+rename, result), each worker's model-load time and when the last worker was ready (workers
+start in parallel with the first bags; with few, short bags that start-up weighs on the figure). With --neural-config it also builds that
 config's models (random weights, CPU) three times in this process: cold (imports and first
 construction), again (what a per-bag rebuild would cost without the worker's model cache) and
 through the cache.
@@ -60,7 +61,8 @@ def run_once(bags: Path, out: Path, workers: int, ray_address=None) -> Dict[str,
     return {"backend": report["backend"], "workers": report["workers"], "frames": t["frames_in"],
             "processing_s": report["processing_s"], "frames_per_s": t["frames_per_s"],
             "overhead_s_mean": sum(over) / len(over), "overhead_s_max": max(over),
-            "worker_load_s": report["worker_load_s"], "wall_s": report["wall_s"]}
+            "worker_load_s": report["worker_load_s"], "wall_s": report["wall_s"],
+            "workers_ready_s": report.get("workers_ready_s")}
 
 
 def neural_load(config: str) -> Dict[str, float]:
@@ -150,7 +152,8 @@ def main(argv=None) -> int:
         print(f"  {r['backend']:<5} {r['workers']} workers: {r['frames_per_s']:7.1f} frames/s over all bags "
               f"({r['frames']} frames in {r['processing_s']:.1f} s); overhead per bag mean "
               f"{r['overhead_s_mean']:.3f} s, max {r['overhead_s_max']:.3f} s; model load per worker "
-              + ", ".join(f"{v:.2f}" for v in r["worker_load_s"]) + " s")
+              + ", ".join(f"{v:.2f}" for v in r["worker_load_s"]) + " s; last worker ready after "
+              f"{r['workers_ready_s']:.2f} s")
     for n, s in (result.get("speedup_over_1_worker") or {}).items():
         print(f"  local {n} workers / 1 worker: {s:.2f}x")
     if "ray_over_local" in result:
