@@ -301,3 +301,32 @@ def test_a_worker_builds_neural_models_once_and_gives_fresh_runs_output(tmp_path
     assert len(report["worker_load_s"]) == 1  # one worker, models built once
     assert len({b["worker"] for b in report["bags"]}) == 1
     assert_same_as_single_runs(out, refs, ("a", "b"))
+
+
+def test_ray_ship_checkpoints_through_the_object_store(fleet, ray_cluster, tmp_path):
+    """A config naming a checkpoint (DINO ViT-S/16, random weights saved by this test, with its
+    sha256): with --ship-checkpoints the actors get the file's bytes from Ray's object store and
+    load them from their own copy (the checksum is checked there); same output as a single run.
+    (On this one-machine cluster the actors could also read the path; the copy is what they use.)"""
+    torch = pytest.importorskip("torch")
+    from hqsmem_ros.models.checkpoints import sha256_of_file
+    from hqsmem_ros.models.dino import DinoFeatureExtractor
+
+    ckpt = tmp_path / "dino_vits16.pth"
+    extractor = DinoFeatureExtractor.from_config({"model_name": "dino_vits16", "random_weights": True,
+                                                  "input_size": 64}, device="cpu")
+    torch.save(extractor.model.state_dict(), ckpt)
+    cfg = tmp_path / "dino.yaml"
+    cfg.write_text(f"features: {{type: dino, model_name: dino_vits16, input_size: 64, checkpoint: {ckpt}, "
+                   f"sha256: {sha256_of_file(ckpt)}}}\ndevice: cpu\n")
+    bag = fleet["bags"] / "a_mcap"
+    ref = tmp_path / "ref"
+    assert main(["bag", str(bag), str(ref), "--image-topic", TOPIC, "--prompts",
+                 str(fleet["bags"] / "a_mcap.prompts.yaml"), "--config", str(cfg), "--quiet"]) == 0
+    out = tmp_path / "out"
+    report = run_bags([bag], out, prompts_dir=fleet["bags"], config=str(cfg), ray_address="auto", workers=1,
+                      ship_checkpoints=True, progress=False, log=lambda text: None)
+    assert report["totals"]["all_ok"], report["bags"][0]["error"]
+    assert all_raw(out / "a_mcap") == all_raw(ref)
+    manifest = json.loads((out / ("a_mcap" + MANIFEST_SUFFIX)).read_text())
+    assert manifest["key"]["checkpoints"][0]["file"] == str(ckpt.resolve())
