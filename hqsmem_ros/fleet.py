@@ -600,6 +600,11 @@ class _RayWorker:
     def run(self, job: Job) -> Dict[str, Any]:
         return self.state.run(job, self.options)
 
+    def close(self) -> None:
+        """Remove the shipped checkpoints' copies (ray.kill skips Python's own clean-up)."""
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
 
 def run_ray(jobs: List[Job], cfg, options, address: str, workers: int, cuda: bool, ship: bool,
             on_event: Callable) -> None:
@@ -680,6 +685,9 @@ def run_ray(jobs: List[Job], cfg, options, address: str, workers: int, cuda: boo
                 break  # no actor could start
         drain()
     finally:
+        if shipped:
+            closing = [a.close.remote() for a in actors]
+            ray.wait(closing, num_returns=len(closing), timeout=30)
         for a in actors:
             ray.kill(a)
         progress.shutdown()

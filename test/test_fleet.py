@@ -324,8 +324,13 @@ def test_ray_ship_checkpoints_through_the_object_store(fleet, ray_cluster, tmp_p
     assert main(["bag", str(bag), str(ref), "--image-topic", TOPIC, "--prompts",
                  str(fleet["bags"] / "a_mcap.prompts.yaml"), "--config", str(cfg), "--quiet"]) == 0
     out = tmp_path / "out"
+    import glob
+    import tempfile
+    copies = os.path.join(tempfile.gettempdir(), "hqsmem-ckpt-*")
+    before = set(glob.glob(copies))
     report = run_bags([bag], out, prompts_dir=fleet["bags"], config=str(cfg), ray_address="auto", workers=1,
                       ship_checkpoints=True, progress=False, log=lambda text: None)
+    assert set(glob.glob(copies)) <= before  # the actors' copies are removed at the end
     assert report["totals"]["all_ok"], report["bags"][0]["error"]
     assert all_raw(out / "a_mcap") == all_raw(ref)
     manifest = json.loads((out / ("a_mcap" + MANIFEST_SUFFIX)).read_text())
