@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -381,7 +381,8 @@ def run_job(state: WorkerState, job: Job, options: Dict[str, Any]) -> Dict[str, 
     except (BagError, PromptsFileError, ConfigError, OSError) as exc:
         row["error"] = str(exc)
     except Exception as exc:  # a bug or a model failing on this bag: reported, the others go on
-        row["error"] = f"{type(exc).__name__}: {exc} ({traceback.format_exc(limit=-2).strip().splitlines()[-3]})"
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        row["error"] = f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})"
     finally:
         if row["status"] != "done":
             shutil.rmtree(work, ignore_errors=True)
