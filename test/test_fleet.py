@@ -334,3 +334,39 @@ def test_ray_ship_checkpoints_through_the_object_store(fleet, ray_cluster, tmp_p
     assert all_raw(out / "a_mcap") == all_raw(ref)
     manifest = json.loads((out / ("a_mcap" + MANIFEST_SUFFIX)).read_text())
     assert manifest["key"]["checkpoints"][0]["file"] == str(ckpt.resolve())
+
+
+def test_a_worker_killed_mid_bag_fails_that_bag_only(fleet, tmp_path):
+    """The worker process dies (SIGKILL) while it writes the first bag: that bag is reported
+    failed with the reason, a new worker takes the next bag, the exit status is 1."""
+    import psutil
+
+    bags = tmp_path / "bags"
+    bags.mkdir()
+    write_synthetic_bag(bags / "a_long", frames=400, size=(160, 120), seed=6)
+    shutil.copytree(fleet["bags"] / "b_sqlite", bags / "b_sqlite")
+    for f in ("b_sqlite.prompts.yaml", "b_sqlite.prompt0.png"):
+        shutil.copy(fleet["bags"] / f, bags)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "hqsmem_ros.cli", "bags", str(bags), "--out", str(out), "--prompts-dir", str(bags),
+           "--workers", "1", "--quiet", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        work = out / ".hqsmem-bags-work"
+        deadline = time.time() + 300
+        while not (work.is_dir() and any(work.iterdir())) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)  # the staging folder of a_long's output: the worker is writing it
+        workers = [c for c in psutil.Process(proc.pid).children()
+                   if any("spawn_main" in part for part in c.cmdline())]  # not multiprocessing's resource tracker
+        assert len(workers) == 1, proc.communicate(timeout=60)
+        workers[0].kill()
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, stderr
+    rows = {b["name"]: b for b in json.loads(stdout)["bags"]}
+    assert rows["a_long"]["status"] == "failed" and "worker process died" in rows["a_long"]["error"]
+    assert rows["b_sqlite"]["status"] == "done"
+    assert all_raw(out / "b_sqlite") == fleet["refs"]["b_sqlite"]
+    assert not (out / "a_long").exists() and not (out / ".hqsmem-bags-work").exists()
