@@ -607,7 +607,7 @@ class _RayWorker:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def run_ray(jobs: List[Job], cfg, options, address: str, workers: int, cuda: bool, ship: bool,
+def run_ray(jobs: List[Job], cfg, options, address: str, workers: int, cuda: Optional[bool], ship: bool,
             on_event: Callable) -> None:
     ray = _import_ray()
     from ray.util.queue import Queue
@@ -621,6 +621,8 @@ def run_ray(jobs: List[Job], cfg, options, address: str, workers: int, cuda: boo
         except Exception as exc:
             raise FleetError(f"cannot connect to the Ray cluster at {address!r}: {exc}")
     res = ray.cluster_resources()
+    if cuda is None:  # device auto with neural models: the GPUs are where the cluster has them
+        cuda = bool(res.get("GPU"))
     n = workers or (int(res.get("GPU", 0)) if cuda else int(res.get("CPU", 1)))
     if cuda and not res.get("GPU"):
         raise FleetError("the config runs on CUDA but the Ray cluster has no GPU resources")
@@ -929,7 +931,9 @@ def _execute(todo, rows, report, cfg, options, workers, ray_address, ship, progr
 
     try:
         if ray_address is not None:
-            cuda = _uses_cuda(cfg)
+            dev = str(cfg.get("device", "auto"))
+            neural = any(cfg[k].get("type") in NEURAL_TYPES for k in ("tracker", "refiner", "features"))
+            cuda = True if dev.startswith("cuda") else (None if dev == "auto" and neural else False)
             report["workers"] = workers or 0
             run_ray(todo, cfg, options, ray_address, workers or 0, cuda, ship, on_event)
         else:
