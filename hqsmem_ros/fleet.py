@@ -732,7 +732,8 @@ def usable_cores() -> int:
 
 
 class _Bar:
-    """Frames done over all bags, frames/s and ETA (tqdm when installed, else a plain line)."""
+    """Frames done over all bags, frames/s and ETA: tqdm's bar on a terminal when tqdm is
+    installed, else a plain line every 10 s (and one at the end)."""
 
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled = total, enabled
@@ -742,12 +743,13 @@ class _Bar:
         self.last = 0.0
         if not enabled:
             return
+        if not getattr(sys.stderr, "isatty", lambda: False)():
+            return  # a log file: a plain line every 10 s
         try:
             from tqdm import tqdm
-            tty = sys.stderr.isatty()
             self.tqdm = tqdm(total=total or None, unit="frames", desc="hqsmem bags", file=sys.stderr,
-                             mininterval=0.2 if tty else 10.0, dynamic_ncols=True)
-        except ImportError:
+                             mininterval=0.2, dynamic_ncols=True)
+        except ImportError:  # not a dependency of this package: the plain line then
             self.tqdm = None
 
     def update(self, done: int) -> None:
@@ -772,6 +774,10 @@ class _Bar:
     def close(self) -> None:
         if self.tqdm is not None:
             self.tqdm.close()
+        elif self.enabled and self.done:
+            self.last = -math.inf
+            done, self.done = self.done, 0
+            self.update(done)
 
 
 def _lock(out: Path):
