@@ -6,6 +6,7 @@
   hqsmem bench [--size WxH --objects N --frames F --json]
   hqsmem ablate DATA_DIR [--rows ...] [--json]
   hqsmem bag IN_BAG OUT_BAG --image-topic TOPIC [--prompts FILE | --prompt-topic TOPIC]
+  hqsmem bags INPUT... --out DIR [--workers N | --ray ADDRESS] [--force]   (hqsmem_ros/fleet.py)
   hqsmem node [--config FILE] [--ros-args ...]     (needs rclpy)
 """
 from __future__ import annotations
@@ -156,6 +157,15 @@ def cmd_bag(args) -> int:
     return 0
 
 
+def cmd_bags(args) -> int:
+    from .fleet import FleetError, run_from_args
+
+    try:
+        return run_from_args(args)
+    except FleetError as exc:
+        raise CliError(str(exc))
+
+
 def cmd_node(argv: List[str]) -> int:
     try:
         from .ros.main import main as node_main
@@ -243,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_bag)
+
+    p = sub.add_parser("bags", help="many bags (or folders of bags) on all local cores, or on a Ray cluster")
+    from .fleet import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=cmd_bags)
 
     sub.add_parser("node", help="run the ROS 2 node (arguments after 'node' go to it)", add_help=False)
     return ap

@@ -25,7 +25,8 @@ fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --upgrade pip setuptools wheel >/dev/null
 # torch is deliberately unpinned (Jetson users bring NVIDIA's wheels); torchvision must match it.
-"${pip[@]}" install -e "$root[test,models]"
+# cluster: Ray for `hqsmem bags --ray` and its tests (a wheel; about 6 s to install here).
+"${pip[@]}" install -e "$root[test,models,cluster]"
 # DeAOT's official code (deaotpy, BSD-3) without its declared spatial-correlation-sampler
 # dependency: a CUDA extension built from source that the engine only uses, when present, for speed.
 "${pip[@]}" install --no-deps "deaotpy>=1.11"
