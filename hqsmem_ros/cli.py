@@ -147,7 +147,8 @@ def cmd_bag(args) -> int:
                               exclude_topics=args.exclude_topic, progress=not args.quiet,
                               io_threads={"auto": None, "on": True, "off": False}[args.io_threads],
                               bench=args.bench,
-                              allow_random_weights=args.allow_random_weights)
+                              allow_random_weights=args.allow_random_weights,
+                              max_image_pixels=args.max_image_pixels)
     except (BagError, PromptsFileError) as exc:
         raise CliError(str(exc))
     print(json.dumps(summary.to_dict()) if args.json else summary.format())
@@ -235,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first run the pipeline alone over the frames, and report this run against it")
     p.add_argument("--allow-random-weights", action="store_true",
                    help="run a config whose models have random_weights: true (speed tests only)")
+    p.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help="images over N pixels (width x height, read from the message or the "
+                        "compressed header before decoding) are dropped as bad_image "
+                        "(default: 40000000, as the node's max_image_pixels)")
     p.add_argument("--io-threads", choices=["auto", "on", "off"], default="auto",
                    help="read/decode and encode/write in threads beside the pipeline (auto: with >= 4 "
                         "cores); off: only image decoding runs beside it, one frame ahead")

@@ -415,3 +415,28 @@ def test_prompt_events_after_the_last_image_are_reported(tmp_path, capsys, scene
                           "--prompts", tmp_path / "p.yaml", "--quiet")
     assert code == 0
     assert "never applied 1" in out and "prompts[1] (id 2) at frame 40" in out
+
+
+def test_decompression_bomb_and_the_pixel_limit(tmp_path, capsys, scene):
+    from hqsmem_ros.bench_bomb import jpeg_claiming
+
+    frames, _ = scene
+    frames = list(frames[:6])
+    frames[4] = jpeg_claiming(60000, 60000, pad_to=12_000)
+    write_frames_bag(tmp_path / "in", frames, image_format="jpeg")
+    code, out, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out", "--image-topic", TOPIC,
+                            "--quiet", "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert (s["results"], s["dropped"]) == (5, {"bad_image": 1})
+    assert "frame 4" in s["dropped_examples"][0] and "60000x60000" in s["dropped_examples"][0]
+    # a limit under the frames' own 160x120 = 19200 pixels refuses every frame, each counted
+    code, out, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out2", "--image-topic", TOPIC,
+                            "--quiet", "--json", "--max-image-pixels", 19199)
+    assert code == 0, err
+    s = json.loads(out)
+    assert (s["results"], s["dropped"]) == (0, {"bad_image": 6})
+    assert "exceeds the limit of 19199 pixels" in s["dropped_examples"][0]
+    code, _, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out3", "--image-topic", TOPIC,
+                          "--max-image-pixels", 0)
+    assert code == 2 and "--max-image-pixels must be at least 1" in err

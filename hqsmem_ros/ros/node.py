@@ -77,6 +77,10 @@ NODE_PARAMS: Dict[str, _NodeParam] = {
     "prompts_file": _NodeParam("", "YAML prompts file (docs/prompts.md), the format of `hqsmem bag "
                                "--prompts`: objects to start, correct or remove at given stamps "
                                "(or indices of the frames this node processes)", False),
+    "max_image_pixels": _NodeParam(image_codec.DEFAULT_MAX_PIXELS, "Largest image (width x height) "
+                                   "decoded; larger ones (by their size fields or compressed "
+                                   "header, checked before decoding) are dropped as bad_image",
+                                   False, int_range=(1, 1_000_000_000)),
     "use_camera_info": _NodeParam(False, "Subscribe to camera_info and check its size against the images", False),
     "diagnostics_period": _NodeParam(1.0, "Seconds between /diagnostics messages", False,
                                      float_range=(0.1, 60.0)),
@@ -615,8 +619,9 @@ class HQSMemNode(Node):
         stamp = stamp_seconds(msg.header.stamp)
         t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
-            rgb = (image_codec.compressed_to_rgb(msg) if isinstance(msg, CompressedImage)
-                   else image_codec.image_to_rgb(msg))
+            max_pixels = self.get_parameter("max_image_pixels").value
+            rgb = (image_codec.compressed_to_rgb(msg, max_pixels) if isinstance(msg, CompressedImage)
+                   else image_codec.image_to_rgb(msg, max_pixels))
         except ImageDecodeError as exc:
             self._drop("bad_image", f"frame at {stamp:.6f} dropped: {exc}")
             if req is not None:
