@@ -42,7 +42,6 @@ import os
 import queue
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -59,6 +58,7 @@ from hqsmem_ros.prompts_file import (PromptEntry, PromptSchedule, PromptsFileErr
 from hqsmem_ros.ros import image_codec, prompt_msgs
 from hqsmem_ros.ros.prompt_msgs import MAX_ID
 from hqsmem_ros.ros.image_codec import ImageDecodeError
+from hqsmem_ros.staging import make_staging
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
@@ -669,7 +669,8 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
         pipeline = HQSMemPipeline(cfg)
         try:
             out_bag.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{out_bag.name}.partial-", dir=out_bag.parent))
+            # (a killed run's folder is removed here: staging.make_staging)
+            staging = make_staging(out_bag.parent, f".{out_bag.name}.partial-")
         except OSError as exc:
             raise BagError(f"cannot write beside output bag {out_bag}: {exc.strerror or exc}") from exc
         plugin = StoragePlugin.MCAP if out_storage == "mcap" else StoragePlugin.SQLITE3

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -40,6 +39,7 @@ def cmd_track(args) -> int:
     from .core.config import load_config
     from .core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt
     from .eval.davis_io import list_frames, read_frame, read_label, write_label
+    from .staging import make_staging
 
     frames = list_frames(args.frames_dir)
     init = read_label(args.init_mask)
@@ -54,7 +54,7 @@ def cmd_track(args) -> int:
     # a failed run leaves nothing that looks like complete output.
     try:
         out.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+        partial = make_staging(out, ".partial-")  # removes killed runs' folders first
     except OSError as exc:
         raise CliError(f"cannot write to output folder {out}: {exc.strerror or exc}")
     try:

@@ -117,3 +117,34 @@ def test_bench_sam2_compares_the_predictor_and_the_tracker(tmp_path):
     assert rep["predictor"][1]["state_mb"] > rep["predictor"][0]["state_mb"]  # keeps every frame
     assert rep["passes_5_objects"] == [[1, 2, 3, 4, 5]] and rep["passes_5_staggered"] == [[1, 2, 3, 4, 5]]
     assert run("bench-sam2", "--frames", "x").returncode == 2
+
+
+def _kill_when(proc, ready, timeout=120.0):
+    """SIGKILL `proc` as soon as ready() is true (a real killed run, not a simulated one)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def test_a_killed_track_leaves_a_hidden_folder_that_the_next_run_removes(seq, tmp_path):
+    import os
+    frames, annotations = seq
+    out = tmp_path / "pred"
+    out.mkdir()
+    alive = out / f".partial-{os.getpid()}-keep"  # a run still going (this process): left alone
+    alive.mkdir()
+    args = [*HQSMEM, "track", str(frames), "--init-mask", str(annotations / "00000.png"), "--out",
+            str(out), "--quiet"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stale = lambda: [p for p in out.glob(".partial-*") if p != alive]
+    _kill_when(proc, lambda: any(p.is_dir() and any(p.iterdir()) for p in stale()))
+    assert proc.returncode == -9 and len(stale()) == 1  # what a killed run leaves
+    r = run(*args[3:])
+    assert r.returncode == 0, r.stderr
+    assert stale() == [] and alive.is_dir()
+    assert len(list(out.glob("*.png"))) == len(list(frames.iterdir()))
