@@ -71,12 +71,19 @@ def cmd_track(args) -> int:
                 result = pipeline.process(image, prompts=prompts)
             except FrameError as exc:
                 raise CliError(f"{path}: {exc}")
-            write_label(partial / (path.stem + ".png"), result.label_map())
+            try:
+                write_label(partial / (path.stem + ".png"), result.label_map())
+            except OSError as exc:  # a full disk (ENOSPC), quota, I/O error: one line, exit 2
+                raise CliError(f"cannot write the result for {path.name} in {out}: {exc.strerror or exc}"
+                               "; nothing was written to the output folder")
             if not args.quiet and (k % 50 == 0 or k == len(frames) - 1):
                 print(f"frame {k + 1}/{len(frames)} objects visible: "
                       f"{sum(o.visible for o in result.objects)}/{len(result.objects)}", file=sys.stderr)
-        for f in sorted(partial.iterdir()):
-            os.replace(f, out / f.name)
+        try:
+            for f in sorted(partial.iterdir()):
+                os.replace(f, out / f.name)
+        except OSError as exc:
+            raise CliError(f"cannot move the results into {out}: {exc.strerror or exc}")
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     print(f"wrote {len(frames)} label images to {out}")

@@ -394,7 +394,12 @@ def test_invalid_startup_parameters_name_the_parameter():
         for overrides, words in [({"pipeline.tau_verify": 7.0}, "tau_verify"),
                                  ({"input_type": "mjpeg"}, "input_type"),
                                  ({"frame_queue_size": 0}, "frame_queue_size"),
-                                 ({"initial_mask": "/nonexistent/m.png"}, "/nonexistent/m.png")]:
+                                 ({"initial_mask": "/nonexistent/m.png"}, "/nonexistent/m.png"),
+                                 # typos: every parameter the node does not declare, with a hint
+                                 ({"qos_dpeth": 3}, "unknown key 'qos_dpeth'; did you mean 'qos_depth'?"),
+                                 ({"pipeline.tau_verfy": 0.5}, "did you mean 'pipeline.tau_verify'?"),
+                                 # a GPU this machine does not have: refused, never the CPU instead
+                                 ({"pipeline.device": "cuda:999"}, "cuda:999")]:
             with pytest.raises(ValueError) as e:
                 HQSMemNode(context=ctx, parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
             assert words in str(e.value)
@@ -527,6 +532,39 @@ def test_hqsmem_node_process_with_config_file_and_ros_args(tmp_path):
         rclpy.shutdown(context=ctx)
     assert proc.returncode == 0, out
     assert "reliable" in out and "stopped:" in out, out
+    assert "Failed to publish log message" not in out, out
+
+
+def test_hqsmem_node_refuses_unknown_keys_and_wrong_types_before_starting(tmp_path):
+    """One rule, whatever the source: parameter file, plain pipeline YAML, -p (with or without
+    --config). Exit 2 and one line naming the key and where it came from."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    track = os.path.join(root, "config", "track.yaml")
+    (tmp_path / "ros.yaml").write_text("/**:\n  ros__parameters:\n    qos_dpeth: 3\n"
+                                       "    pipeline:\n      tau_verify: 0.5\n")
+    (tmp_path / "ros_pipe.yaml").write_text("/**:\n  ros__parameters:\n    pipeline:\n      tau_verfy: 0.5\n")
+    (tmp_path / "plain.yaml").write_text("tau_verify: 0.5\nmemory_capacty: 4\n")
+    (tmp_path / "latin1.yaml").write_bytes("tau_verify: 0.5 # caf\xe9\n".encode("latin-1"))
+    cases = [
+        (["--config", tmp_path / "ros.yaml"], ["ros.yaml", "'qos_dpeth'", "did you mean 'qos_depth'"]),
+        (["--config", tmp_path / "ros_pipe.yaml"], ["ros_pipe.yaml", "did you mean 'pipeline.tau_verify'"]),
+        (["--config", tmp_path / "plain.yaml"], ["plain.yaml", "memory_capacty", "memory_capacity"]),
+        (["--config", track, "--ros-args", "-p", "qos_depth:=abc"], ["qos_depth", "integer", "'abc'"]),
+        (["--ros-args", "-p", "qos_depth:=abc"], ["qos_depth", "integer", "'abc'"]),
+        (["--config", track, "--ros-args", "-p", "pipeline.tau_verify:=abc"], ["tau_verify", "'abc'"]),
+        (["--ros-args", "-p", "pipeline.tau_verify:=abc"], ["tau_verify", "'abc'"]),
+        (["--ros-args", "--params-file", tmp_path / "ros.yaml"], ["ros.yaml", "'qos_dpeth'"]),
+        (["--config", tmp_path / "latin1.yaml"], ["latin1.yaml", "UTF-8"]),
+        (["--config", tmp_path / "missing.yaml"], ["missing.yaml", "not found"]),
+    ]
+    for args, words in cases:
+        r = subprocess.run([sys.executable, "-m", "hqsmem_ros.ros.main", *map(str, args)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert all(w in r.stderr for w in words), (args, r.stderr)
 
 
 def _spin_some(node, ctx, seconds):

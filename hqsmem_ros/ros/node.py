@@ -21,6 +21,7 @@ as gaps in the publisher's sequence numbers and are counted as lost in transport
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -36,6 +37,7 @@ from rclpy.node import Node
 from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
+from hqsmem_ros.core import config_check
 from hqsmem_ros.core.config import ConfigError, PipelineConfig
 from hqsmem_ros.core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt, PromptError
 from hqsmem_ros.prompts_file import PromptsFileError, load_prompts_file
@@ -140,6 +142,9 @@ class HQSMemNode(Node):
     def __init__(self, node_name: str = "hqsmem_node", **kwargs):
         super().__init__(node_name, **kwargs)
         self._declare_parameters()
+        # Typos are errors at start (a key nobody reads would otherwise pass silently).
+        config_check.refuse_unknown_overrides(getattr(self, "_parameter_overrides", {}) or {},
+                                              self._parameters, sys.argv, self.get_name())
         self.config = self._pipeline_config_from_parameters()
         self._random_weight_parts = self._check_random_weights(self.config)
         self.pipeline = HQSMemPipeline(self.config)
@@ -891,7 +896,7 @@ class HQSMemNode(Node):
             dev = getattr(part, "device", None)
             if dev is not None:
                 return str(dev)
-        return "cpu" if self.config.device == "auto" else self.config.device
+        return "cpu"  # no part has a device of its own: the weight-free models run on the CPU
 
     def counters(self) -> Dict[str, Any]:
         """Frame accounting (also in /diagnostics): received == processed + dropped + pending."""
