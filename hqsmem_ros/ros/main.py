@@ -103,6 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     prefer_short_gil_slices()
     reuse_large_buffers()
+    from hqsmem_ros.ros import dds_transport
+    transport = dds_transport.apply()  # before the DDS participant exists (rclpy.init)
     rclpy.init(args=[sys.argv[0] if sys.argv else "hqsmem_node"] + ros_args)
     node = None
     try:
@@ -111,6 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (ConfigError, ValueError) as exc:
             print(f"hqsmem node: {exc}", file=sys.stderr)
             return 2
+        node.get_logger().info(f"DDS transport: {transport}")
         executor = MultiThreadedExecutor(num_threads=6)  # processing, intake, waiting services
         executor.add_node(node)
         try:

@@ -42,7 +42,7 @@ from hqsmem_ros.core.config import ConfigError, PipelineConfig
 from hqsmem_ros.core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt, PromptError
 from hqsmem_ros.prompts_file import PromptsFileError, load_prompts_file
 from hqsmem_ros.msg import ObjectPromptArray, TrackedObject, TrackedObjectArray
-from hqsmem_ros.ros import image_codec, prompt_msgs
+from hqsmem_ros.ros import dds_transport, image_codec, prompt_msgs
 from hqsmem_ros.ros.prompt_msgs import MAX_ID
 from hqsmem_ros.ros.image_codec import ImageDecodeError
 from hqsmem_ros.ros.overlay import render_overlay
@@ -927,8 +927,11 @@ class HQSMemNode(Node):
         status = DiagnosticStatus()
         status.name = f"{self.get_fully_qualified_name()}: tracking"
         status.hardware_id = self._device()
+        transport_loss = dds_transport.loss_warning(c["received"], c["lost_in_transport"])
         if recent_error:
             status.level, status.message = DiagnosticStatus.WARN, self._last_error[:500]
+        elif transport_loss:
+            status.level, status.message = DiagnosticStatus.WARN, transport_loss
         elif self._random_weight_parts:
             status.level = DiagnosticStatus.WARN
             status.message = (f"random weights in {', '.join(self._random_weight_parts)}: "
