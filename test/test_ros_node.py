@@ -349,6 +349,48 @@ def test_compressed_input_and_corrupt_data(harness):
     assert c["processed"] == 2 and c["dropped"] == {"bad_image": 1}
 
 
+def test_decompression_bomb_and_oversized_raw_frames_are_dropped_and_the_node_goes_on(harness):
+    from hqsmem_ros.bench_bomb import jpeg_claiming
+    h = harness(input_type="compressed")
+    bomb = CompressedImage(format="jpeg", data=jpeg_claiming(60000, 60000, pad_to=12_000))
+    bomb.header.stamp.sec = 1
+    h.send(bomb)
+    assert "60000x60000" in h.node._last_error and "max_image_pixels" in h.node._last_error
+    rgb, _ = _scene(0)
+    good = CompressedImage(format="jpeg", data=ic.encode_compressed(rgb, "jpeg"))
+    good.header.stamp.sec = 2
+    h.send(good)
+    c = h.node.counters()
+    assert c["processed"] == 1 and c["dropped"] == {"bad_image": 1}
+    # a limit of its own, for raw frames: 160x120 = 19200 pixels is over 19199
+    h2 = Harness({"max_image_pixels": 19199}, name="small_limit")
+    try:
+        h2.send(h2.image_msg(rgb, 3.0))
+        assert h2.node.counters()["dropped"] == {"bad_image": 1}
+        assert "exceeds the limit of 19199" in h2.node._last_error
+    finally:
+        h2.close()
+
+
+def test_transport_losses_over_a_few_percent_warn_with_the_hint(harness):
+    h = harness()
+    a = {"publisher_gid": {"data": b"A" * 16}}
+    h.node._count_sequence_gap(dict(a, publication_sequence_number=1))
+    for k in range(40):  # 40 frames arrive, 1 of 41 lost (2.4 %): under the warning's 3 %
+        h.send(h.image_msg(_scene(k)[0], 10.0 + k))
+    h.node._count_sequence_gap(dict(a, publication_sequence_number=3))
+    h.node._last_error = None
+    n = len(h.diags)
+    h.wait_for(lambda: len(h.diags) > n + 1, "diagnostics")
+    assert h.diags[-1].status[0].level == DiagnosticStatus.OK
+    h.node._count_sequence_gap(dict(a, publication_sequence_number=10))  # 7 of 47 lost
+    n = len(h.diags)
+    h.wait_for(lambda: len(h.diags) > n + 1, "diagnostics")
+    status = h.diags[-1].status[0]
+    assert status.level == DiagnosticStatus.WARN and "lost in transport" in status.message
+    assert "fastdds.xml" in status.message
+
+
 def test_bad_prompts_are_refused_and_tracking_continues(harness):
     h = harness()
     h.send(h.image_msg(_scene(0)[0], 1.0))
