@@ -54,13 +54,15 @@ def check_parameters(config: Optional[str], ros_args: List[str], node_name: str)
                           {name: p.default for name, p in NODE_PARAMS.items()})
 
 
-class _console_logger:
+class _ConsoleLogger:
     """The node's last line once ROS is shut down: printed like a ROS log line, not sent to
     /rosout (whose publisher belongs to the gone context)."""
 
-    @staticmethod
-    def info(text: str) -> None:
-        print(f"[INFO] [hqsmem_node]: {text}", file=sys.stderr, flush=True)
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def info(self, text: str) -> None:
+        print(f"[INFO] [{self.name}]: {text}", file=sys.stderr, flush=True)
 
 
 def _split(argv: List[str]):
@@ -127,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             c = node.counters()
             # Logged while the node and its context are still valid: after an external shutdown
             # (SIGINT) the context is gone, and the line goes to the console only.
-            logger = node.get_logger() if rclpy.ok() else _console_logger()
+            logger = node.get_logger() if rclpy.ok() else _ConsoleLogger(node.get_logger().name)
             logger.info(f"stopped: {c['received']} frames received, {c['processed']} processed, "
                         f"dropped {c['dropped'] or 0}")
             node.destroy_node()
