@@ -20,6 +20,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import cv2
 import numpy as np
+# Header parsers for the size check before decoding (imported here, not on the first frame: the
+# first refusal must be as quick as the others).
+from PIL import JpegImagePlugin, PngImagePlugin
 
 try:  # optional: a faster JPEG decoder with OpenCV's output (see decode_compressed)
     import simplejpeg as _simplejpeg
@@ -201,8 +204,6 @@ def compressed_size(buf: np.ndarray, fmt: str = "") -> Tuple[str, int, int]:
     hide the size. Data of any other kind (which OpenCV would decode too, e.g. TIFF or WebP,
     with size fields of their own) is refused.
     """
-    from PIL import JpegImagePlugin, PngImagePlugin
-
     head = buf[:8].tobytes()
     reader = (JpegImagePlugin.JpegImageFile if head.startswith(_JPEG_MAGIC)
               else PngImagePlugin.PngImageFile if head == _PNG_MAGIC else None)
