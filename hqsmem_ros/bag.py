@@ -42,7 +42,6 @@ import os
 import queue
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -59,6 +58,7 @@ from hqsmem_ros.prompts_file import (PromptEntry, PromptSchedule, PromptsFileErr
 from hqsmem_ros.ros import image_codec, prompt_msgs
 from hqsmem_ros.ros.prompt_msgs import MAX_ID
 from hqsmem_ros.ros.image_codec import ImageDecodeError
+from hqsmem_ros.staging import make_staging
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
@@ -570,7 +570,8 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
                 storage: Optional[str] = None, ns: str = DEFAULT_NS,
                 exclude_topics: Sequence[str] = (), progress: bool = True, log=None,
                 io_threads: Optional[bool] = None, bench: bool = False,
-                allow_random_weights: bool = False) -> BagSummary:
+                allow_random_weights: bool = False,
+                max_image_pixels: Optional[int] = None) -> BagSummary:
     """Run the pipeline over IN_BAG's image topic and write OUT_BAG (see the module docstring).
 
     io_threads: read/decode and encode/write in two threads beside the pipeline (True), or
@@ -580,6 +581,10 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
     slower than doing the I/O in line (docs/benchmarks.md, "Offline bag processing").
     bench: first run the pipeline alone over the same frames (decoded, nothing written, no
     threads), and report the real run's time per frame against that pass's pipeline time too.
+
+    max_image_pixels: images larger than this (width x height, from the message or the
+    compressed header, checked before decoding) are dropped as bad_image; None = the node's
+    default (image_codec.DEFAULT_MAX_PIXELS).
 
     Raises BagError (input/output problems), PromptsFileError (prompts file), ConfigError.
     """
@@ -595,6 +600,8 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
         raise BagError(f"output bag {out_bag} is the input bag")
     if io_threads is None:
         io_threads = usable_cores() >= IO_THREADS_MIN_CORES
+    if max_image_pixels is not None and max_image_pixels < 1:
+        raise BagError(f"--max-image-pixels must be at least 1, got {max_image_pixels}")
     if not 0.0 <= overlay_alpha <= 1.0:
         raise BagError(f"--overlay-alpha must be in 0..1, got {overlay_alpha}")
     if storage is not None and storage not in STORAGES:
@@ -655,13 +662,15 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
                       if prompt_topic is not None else None)
             log("hqsmem bag --bench: first pass, the pipeline alone (no output)")
             _run(reader, None, store, HQSMemPipeline(cfg), alone, image_conns, again, replay, excluded, ns,
-                 False, overlay_alpha, Progress(total, enabled=progress), lambda text: None, False)
+                 False, overlay_alpha, Progress(total, enabled=progress), lambda text: None, False,
+                 max_pixels=max_image_pixels)
             summary.bench_pipeline_alone_s = alone.seconds["pipeline"]
             log("hqsmem bag --bench: second pass, the real run")
         pipeline = HQSMemPipeline(cfg)
         try:
             out_bag.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{out_bag.name}.partial-", dir=out_bag.parent))
+            # (a killed run's folder is removed here: staging.make_staging)
+            staging = make_staging(out_bag.parent, f".{out_bag.name}.partial-")
         except OSError as exc:
             raise BagError(f"cannot write beside output bag {out_bag}: {exc.strerror or exc}") from exc
         plugin = StoragePlugin.MCAP if out_storage == "mcap" else StoragePlugin.SQLITE3
@@ -674,7 +683,8 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
 
         try:
             _run(reader, open_writer, store, pipeline, summary, image_conns, schedule, recorded,
-                 excluded, ns, overlay, overlay_alpha, Progress(total, enabled=progress), log, io_threads)
+                 excluded, ns, overlay, overlay_alpha, Progress(total, enabled=progress), log, io_threads,
+                 max_pixels=max_image_pixels)
             try:
                 os.replace(staging / out_bag.name, out_bag)
             except OSError as exc:  # e.g. OUT_BAG was created by someone else meanwhile
@@ -716,9 +726,11 @@ class _InputThread(threading.Thread):
     order, keeps the output identical to a single-threaded run.
     """
 
-    def __init__(self, reader, store, image_ids, compressed: bool, bag_path: str, depth: int = 8):
+    def __init__(self, reader, store, image_ids, compressed: bool, bag_path: str, depth: int = 8,
+                 max_pixels: Optional[int] = None):
         super().__init__(name="hqsmem_bag_input", daemon=True)
         self.reader, self.store, self.image_ids, self.compressed = reader, store, image_ids, compressed
+        self.max_pixels = max_pixels
         self.bag_path = bag_path
         self.queue: "queue.Queue" = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
@@ -802,7 +814,8 @@ class _InputThread(threading.Thread):
     def _pixels(self, msg):
         """(rgb, None) or (None, ("bad_image", reason))."""
         try:
-            rgb = image_codec.compressed_to_rgb(msg) if self.compressed else image_codec.image_to_rgb(msg)
+            rgb = (image_codec.compressed_to_rgb(msg, self.max_pixels) if self.compressed
+                   else image_codec.image_to_rgb(msg, self.max_pixels))
             return rgb, None
         except ImageDecodeError as exc:
             return None, ("bad_image", str(exc))
@@ -1010,7 +1023,8 @@ class _Discard(_Sink):
 
 
 def _run(reader, open_writer, store, pipeline, summary: BagSummary, image_conns, schedule, recorded,
-         excluded, ns, overlay, overlay_alpha, progress: Progress, log, io_threads: bool = True) -> None:
+         excluded, ns, overlay, overlay_alpha, progress: Progress, log, io_threads: bool = True,
+         max_pixels: Optional[int] = None) -> None:
     """The frame loop. open_writer: () -> an opened rosbags Writer, or None for --bench's first pass."""
     clock = time.perf_counter
     spent = Counter()
@@ -1019,7 +1033,7 @@ def _run(reader, open_writer, store, pipeline, summary: BagSummary, image_conns,
     node = _NodeState(pipeline, summary, log)
     objects_seen = set()
     source = _InputThread(reader, store, {c.id for c in image_conns}, summary.image_type == COMPRESSED_TYPE,
-                          summary.in_bag)
+                          summary.in_bag, max_pixels=max_pixels)
     if open_writer is None:
         sink: _Sink = _Discard()
     else:

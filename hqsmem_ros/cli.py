@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -41,6 +40,7 @@ def cmd_track(args) -> int:
     from .core.config import load_config
     from .core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt
     from .eval.davis_io import list_frames, read_frame, read_label, write_label
+    from .staging import make_staging
 
     frames = list_frames(args.frames_dir)
     init = read_label(args.init_mask)
@@ -55,7 +55,7 @@ def cmd_track(args) -> int:
     # a failed run leaves nothing that looks like complete output.
     try:
         out.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
+        partial = make_staging(out, ".partial-")  # removes killed runs' folders first
     except OSError as exc:
         raise CliError(f"cannot write to output folder {out}: {exc.strerror or exc}")
     try:
@@ -72,12 +72,19 @@ def cmd_track(args) -> int:
                 result = pipeline.process(image, prompts=prompts)
             except FrameError as exc:
                 raise CliError(f"{path}: {exc}")
-            write_label(partial / (path.stem + ".png"), result.label_map())
+            try:
+                write_label(partial / (path.stem + ".png"), result.label_map())
+            except OSError as exc:  # a full disk (ENOSPC), quota, I/O error: one line, exit 2
+                raise CliError(f"cannot write the result for {path.name} in {out}: {exc.strerror or exc}"
+                               "; nothing was written to the output folder")
             if not args.quiet and (k % 50 == 0 or k == len(frames) - 1):
                 print(f"frame {k + 1}/{len(frames)} objects visible: "
                       f"{sum(o.visible for o in result.objects)}/{len(result.objects)}", file=sys.stderr)
-        for f in sorted(partial.iterdir()):
-            os.replace(f, out / f.name)
+        try:
+            for f in sorted(partial.iterdir()):
+                os.replace(f, out / f.name)
+        except OSError as exc:
+            raise CliError(f"cannot move the results into {out}: {exc.strerror or exc}")
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     print(f"wrote {len(frames)} label images to {out}")
@@ -150,7 +157,8 @@ def cmd_bag(args) -> int:
                               exclude_topics=args.exclude_topic, progress=not args.quiet,
                               io_threads={"auto": None, "on": True, "off": False}[args.io_threads],
                               bench=args.bench,
-                              allow_random_weights=args.allow_random_weights)
+                              allow_random_weights=args.allow_random_weights,
+                              max_image_pixels=args.max_image_pixels)
     except (BagError, PromptsFileError) as exc:
         raise CliError(str(exc))
     print(json.dumps(summary.to_dict()) if args.json else summary.format())
@@ -247,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first run the pipeline alone over the frames, and report this run against it")
     p.add_argument("--allow-random-weights", action="store_true",
                    help="run a config whose models have random_weights: true (speed tests only)")
+    p.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help="images over N pixels (width x height, read from the message or the "
+                        "compressed header before decoding) are dropped as bad_image "
+                        "(default: 40000000, as the node's max_image_pixels)")
     p.add_argument("--io-threads", choices=["auto", "on", "off"], default="auto",
                    help="read/decode and encode/write in threads beside the pipeline (auto: with >= 4 "
                         "cores); off: only image decoding runs beside it, one frame ahead")

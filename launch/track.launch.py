@@ -23,6 +23,16 @@ def _node(context, *args, **kwargs):
     compressed = image_topic.rstrip("/").endswith("/compressed")
     if compressed:
         overrides["input_type"] = "compressed"
+    # Fast DDS transport settings for large raw images (config/fastdds.xml): the launch argument
+    # dds_profile, or nothing when it is empty or FASTDDS_DEFAULT_PROFILES_FILE is already set.
+    dds_profile = LaunchConfiguration("dds_profile").perform(context)
+    env = {}
+    if dds_profile and not os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE"):
+        env["FASTDDS_DEFAULT_PROFILES_FILE"] = dds_profile
+        if os.environ.get("ROS_DISTRO", "") in ("humble", "iron", "jazzy"):  # Fast DDS 2.x
+            env["FASTRTPS_DEFAULT_PROFILES_FILE"] = dds_profile
+    elif not dds_profile:
+        env["HQSMEM_DDS_DEFAULTS"] = "1"  # the node must not apply it either
     return [Node(
         package="hqsmem_ros",
         executable="hqsmem_node",
@@ -32,11 +42,13 @@ def _node(context, *args, **kwargs):
         remappings=[("image/compressed" if compressed else "image", image_topic)],
         output="screen",
         emulate_tty=True,
+        additional_env=env,
     )]
 
 
 def generate_launch_description():
     default_config = os.path.join(get_package_share_directory("hqsmem_ros"), "config", "track.yaml")
+    default_profile = os.path.join(get_package_share_directory("hqsmem_ros"), "config", "fastdds.xml")
     return LaunchDescription([
         DeclareLaunchArgument("image_topic", default_value="image",
                               description="camera image topic (sensor_msgs/Image); a topic ending "
@@ -47,6 +59,10 @@ def generate_launch_description():
                               description="namespace of the node and its topics"),
         DeclareLaunchArgument("device", default_value="",
                               description="override pipeline.device: cpu, cuda, cuda:N (empty: from config)"),
+        DeclareLaunchArgument("dds_profile", default_value=default_profile,
+                              description="Fast DDS XML profile for large raw images between "
+                                          "processes (empty: Fast DDS defaults); the camera "
+                                          "driver's process needs it too"),
         DeclareLaunchArgument("use_sim_time", default_value="false",
                               description="use /clock (bag replay with --clock)"),
         OpaqueFunction(function=_node),

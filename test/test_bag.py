@@ -415,3 +415,55 @@ def test_prompt_events_after_the_last_image_are_reported(tmp_path, capsys, scene
                           "--prompts", tmp_path / "p.yaml", "--quiet")
     assert code == 0
     assert "never applied 1" in out and "prompts[1] (id 2) at frame 40" in out
+
+
+def test_decompression_bomb_and_the_pixel_limit(tmp_path, capsys, scene):
+    from hqsmem_ros.bench_bomb import jpeg_claiming
+
+    frames, _ = scene
+    frames = list(frames[:6])
+    frames[4] = jpeg_claiming(60000, 60000, pad_to=12_000)
+    write_frames_bag(tmp_path / "in", frames, image_format="jpeg")
+    code, out, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out", "--image-topic", TOPIC,
+                            "--quiet", "--json")
+    assert code == 0, err
+    s = json.loads(out)
+    assert (s["results"], s["dropped"]) == (5, {"bad_image": 1})
+    assert "frame 4" in s["dropped_examples"][0] and "60000x60000" in s["dropped_examples"][0]
+    # a limit under the frames' own 160x120 = 19200 pixels refuses every frame, each counted
+    code, out, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out2", "--image-topic", TOPIC,
+                            "--quiet", "--json", "--max-image-pixels", 19199)
+    assert code == 0, err
+    s = json.loads(out)
+    assert (s["results"], s["dropped"]) == (0, {"bad_image": 6})
+    assert "exceeds the limit of 19199 pixels" in s["dropped_examples"][0]
+    code, _, err = hqsmem(capsys, "bag", tmp_path / "in", tmp_path / "out3", "--image-topic", TOPIC,
+                          "--max-image-pixels", 0)
+    assert code == 2 and "--max-image-pixels must be at least 1" in err
+
+
+def test_a_killed_bag_run_leaves_a_hidden_folder_that_the_next_run_removes(tmp_path, scene):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    frames, _ = scene
+    write_frames_bag(tmp_path / "in", list(frames) * 10)  # 200 frames: seconds of work
+    args = [sys.executable, "-m", "hqsmem_ros.cli", "bag", str(tmp_path / "in"), str(tmp_path / "out"),
+            "--image-topic", TOPIC, "--quiet"]
+    alive = tmp_path / f".out.partial-{os.getpid()}-keep"  # a run still going: left alone
+    alive.mkdir()
+    stale = lambda: [p for p in tmp_path.glob(".out.partial-*") if p != alive]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.is_dir() and any(p.rglob("*")) for p in stale()):  # the bag is being written
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert len(stale()) == 1 and not (tmp_path / "out").exists()
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert stale() == [] and alive.is_dir() and (tmp_path / "out").is_dir()

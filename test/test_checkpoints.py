@@ -90,7 +90,26 @@ def test_corrupt_files_give_clear_error(tmp_path, content):
     with pytest.raises(CheckpointError) as err:
         ck.load_state_dict(path, "SAM-HQ vit_b")
     assert "bad.pth" in str(err.value) and "SAM-HQ vit_b" in str(err.value)
-    assert "truncated or corrupt" in str(err.value)
+    assert ("truncated or corrupt" if content == "truncated" else "not a PyTorch checkpoint") in str(err.value)
+
+
+@pytest.mark.parametrize("content,words", [
+    ("random", ["not a PyTorch checkpoint", "unknown data"]),
+    ("html", ["not a PyTorch checkpoint", "HTML"]),
+    ("lfs", ["not a PyTorch checkpoint", "git lfs pull"]),
+])
+def test_files_that_are_not_checkpoints_say_so(tmp_path, content, words):
+    """Random bytes or a saved web page are not "pickled objects other than tensors"."""
+    data = {"random": bytes(range(7, 256)) * 40,  # fixed bytes: never a zip or pickle header
+            "html": b"\n  <!DOCTYPE html><html><head><title>Sign in</title></head></html>",
+            "lfs": b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 9\n"}[content]
+    path = tmp_path / "sam_hq_vit_b.pth"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError) as err:
+        ck.load_state_dict(path, "SAM-HQ vit_b")
+    msg = str(err.value)
+    assert all(w in msg for w in words), msg
+    assert "pickled objects" not in msg and "sam_hq_vit_b.pth" in msg
 
 
 def test_safetensors_roundtrip_and_corrupt(tmp_path):

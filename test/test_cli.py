@@ -147,3 +147,85 @@ def test_bench_sam2_compares_the_predictor_and_the_tracker(tmp_path):
     assert rep["predictor"][1]["state_mb"] > rep["predictor"][0]["state_mb"]  # keeps every frame
     assert rep["passes_5_objects"] == [[1, 2, 3, 4, 5]] and rep["passes_5_staggered"] == [[1, 2, 3, 4, 5]]
     assert run("bench-sam2", "--frames", "x").returncode == 2
+
+
+def _kill_when(proc, ready, timeout=120.0):
+    """SIGKILL `proc` as soon as ready() is true (a real killed run, not a simulated one)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def test_a_killed_track_leaves_a_hidden_folder_that_the_next_run_removes(seq, tmp_path):
+    import os
+    frames, annotations = seq
+    out = tmp_path / "pred"
+    out.mkdir()
+    alive = out / f".partial-{os.getpid()}-keep"  # a run still going (this process): left alone
+    alive.mkdir()
+    args = [*HQSMEM, "track", str(frames), "--init-mask", str(annotations / "00000.png"), "--out",
+            str(out), "--quiet"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stale = lambda: [p for p in out.glob(".partial-*") if p != alive]
+    _kill_when(proc, lambda: any(p.is_dir() and any(p.iterdir()) for p in stale()))
+    assert proc.returncode == -9 and len(stale()) == 1  # what a killed run leaves
+    r = run(*args[3:])
+    assert r.returncode == 0, r.stderr
+    assert stale() == [] and alive.is_dir()
+    assert len(list(out.glob("*.png"))) == len(list(frames.iterdir()))
+
+
+def test_full_disk_during_track_is_a_one_line_error(seq, tmp_path, monkeypatch):
+    """The real thing where this test may mount a tiny tmpfs (root); else the write fails with
+    the same OSError(ENOSPC) as a full disk gives."""
+    import errno
+    import os
+    frames, annotations = seq
+    out = tmp_path / "tiny"
+    out.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(out)], capture_output=True).returncode == 0
+    try:
+        if mounted:
+            r = run("track", frames, "--init-mask", annotations / "00000.png", "--out", out, "--quiet")
+            code, err = r.returncode, r.stderr
+        else:
+            import hqsmem_ros.eval.davis_io as davis_io
+            from hqsmem_ros.cli import main
+
+            def full(*args, **kwargs):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            monkeypatch.setattr(davis_io, "write_label", full)
+            import io
+            from contextlib import redirect_stderr
+            buf = io.StringIO()
+            with redirect_stderr(buf):
+                code = main(["track", str(frames), "--init-mask", str(annotations / "00000.png"),
+                             "--out", str(out), "--quiet"])
+            err = buf.getvalue()
+        assert code == 2, err
+        assert "No space left on device" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+        assert list(out.glob("*.png")) == [] and list(out.glob(".partial-*")) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(out)], check=True)
+
+
+def test_config_problems_are_one_line_errors(seq, tmp_path):
+    frames, annotations = seq
+    (tmp_path / "latin1.yaml").write_bytes("ablation: full\n# caf\xe9\n".encode("latin-1"))
+    (tmp_path / "gpu.yaml").write_text("device: cuda:999\n")
+    (tmp_path / "typo.yaml").write_text("tau_verfy: 0.5\n")
+    for name, words in [("latin1.yaml", ["latin1.yaml", "utf-8"]), ("missing.yaml", ["not found"]),
+                        ("gpu.yaml", ["cuda:999"]), ("typo.yaml", ["tau_verfy", "tau_verify"])]:
+        r = run("track", frames, "--init-mask", annotations / "00000.png", "--out", tmp_path / "o",
+                "--config", tmp_path / name, "--quiet")
+        assert r.returncode == 2, (name, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert all(w in r.stderr for w in words), (name, r.stderr)

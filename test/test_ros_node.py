@@ -349,6 +349,48 @@ def test_compressed_input_and_corrupt_data(harness):
     assert c["processed"] == 2 and c["dropped"] == {"bad_image": 1}
 
 
+def test_decompression_bomb_and_oversized_raw_frames_are_dropped_and_the_node_goes_on(harness):
+    from hqsmem_ros.bench_bomb import jpeg_claiming
+    h = harness(input_type="compressed")
+    bomb = CompressedImage(format="jpeg", data=jpeg_claiming(60000, 60000, pad_to=12_000))
+    bomb.header.stamp.sec = 1
+    h.send(bomb)
+    assert "60000x60000" in h.node._last_error and "max_image_pixels" in h.node._last_error
+    rgb, _ = _scene(0)
+    good = CompressedImage(format="jpeg", data=ic.encode_compressed(rgb, "jpeg"))
+    good.header.stamp.sec = 2
+    h.send(good)
+    c = h.node.counters()
+    assert c["processed"] == 1 and c["dropped"] == {"bad_image": 1}
+    # a limit of its own, for raw frames: 160x120 = 19200 pixels is over 19199
+    h2 = Harness({"max_image_pixels": 19199}, name="small_limit")
+    try:
+        h2.send(h2.image_msg(rgb, 3.0))
+        assert h2.node.counters()["dropped"] == {"bad_image": 1}
+        assert "exceeds the limit of 19199" in h2.node._last_error
+    finally:
+        h2.close()
+
+
+def test_transport_losses_over_a_few_percent_warn_with_the_hint(harness):
+    h = harness()
+    a = {"publisher_gid": {"data": b"A" * 16}}
+    h.node._count_sequence_gap(dict(a, publication_sequence_number=1))
+    for k in range(40):  # 40 frames arrive, 1 of 41 lost (2.4 %): under the warning's 3 %
+        h.send(h.image_msg(_scene(k)[0], 10.0 + k))
+    h.node._count_sequence_gap(dict(a, publication_sequence_number=3))
+    h.node._last_error = None
+    n = len(h.diags)
+    h.wait_for(lambda: len(h.diags) > n + 1, "diagnostics")
+    assert h.diags[-1].status[0].level == DiagnosticStatus.OK
+    h.node._count_sequence_gap(dict(a, publication_sequence_number=10))  # 7 of 47 lost
+    n = len(h.diags)
+    h.wait_for(lambda: len(h.diags) > n + 1, "diagnostics")
+    status = h.diags[-1].status[0]
+    assert status.level == DiagnosticStatus.WARN and "lost in transport" in status.message
+    assert "fastdds.xml" in status.message
+
+
 def test_bad_prompts_are_refused_and_tracking_continues(harness):
     h = harness()
     h.send(h.image_msg(_scene(0)[0], 1.0))
@@ -394,7 +436,12 @@ def test_invalid_startup_parameters_name_the_parameter():
         for overrides, words in [({"pipeline.tau_verify": 7.0}, "tau_verify"),
                                  ({"input_type": "mjpeg"}, "input_type"),
                                  ({"frame_queue_size": 0}, "frame_queue_size"),
-                                 ({"initial_mask": "/nonexistent/m.png"}, "/nonexistent/m.png")]:
+                                 ({"initial_mask": "/nonexistent/m.png"}, "/nonexistent/m.png"),
+                                 # typos: every parameter the node does not declare, with a hint
+                                 ({"qos_dpeth": 3}, "unknown key 'qos_dpeth'; did you mean 'qos_depth'?"),
+                                 ({"pipeline.tau_verfy": 0.5}, "did you mean 'pipeline.tau_verify'?"),
+                                 # a GPU this machine does not have: refused, never the CPU instead
+                                 ({"pipeline.device": "cuda:999"}, "cuda:999")]:
             with pytest.raises(ValueError) as e:
                 HQSMemNode(context=ctx, parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
             assert words in str(e.value)
@@ -527,6 +574,39 @@ def test_hqsmem_node_process_with_config_file_and_ros_args(tmp_path):
         rclpy.shutdown(context=ctx)
     assert proc.returncode == 0, out
     assert "reliable" in out and "stopped:" in out, out
+    assert "Failed to publish log message" not in out, out
+
+
+def test_hqsmem_node_refuses_unknown_keys_and_wrong_types_before_starting(tmp_path):
+    """One rule, whatever the source: parameter file, plain pipeline YAML, -p (with or without
+    --config). Exit 2 and one line naming the key and where it came from."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    track = os.path.join(root, "config", "track.yaml")
+    (tmp_path / "ros.yaml").write_text("/**:\n  ros__parameters:\n    qos_dpeth: 3\n"
+                                       "    pipeline:\n      tau_verify: 0.5\n")
+    (tmp_path / "ros_pipe.yaml").write_text("/**:\n  ros__parameters:\n    pipeline:\n      tau_verfy: 0.5\n")
+    (tmp_path / "plain.yaml").write_text("tau_verify: 0.5\nmemory_capacty: 4\n")
+    (tmp_path / "latin1.yaml").write_bytes("tau_verify: 0.5 # caf\xe9\n".encode("latin-1"))
+    cases = [
+        (["--config", tmp_path / "ros.yaml"], ["ros.yaml", "'qos_dpeth'", "did you mean 'qos_depth'"]),
+        (["--config", tmp_path / "ros_pipe.yaml"], ["ros_pipe.yaml", "did you mean 'pipeline.tau_verify'"]),
+        (["--config", tmp_path / "plain.yaml"], ["plain.yaml", "memory_capacty", "memory_capacity"]),
+        (["--config", track, "--ros-args", "-p", "qos_depth:=abc"], ["qos_depth", "integer", "'abc'"]),
+        (["--ros-args", "-p", "qos_depth:=abc"], ["qos_depth", "integer", "'abc'"]),
+        (["--config", track, "--ros-args", "-p", "pipeline.tau_verify:=abc"], ["tau_verify", "'abc'"]),
+        (["--ros-args", "-p", "pipeline.tau_verify:=abc"], ["tau_verify", "'abc'"]),
+        (["--ros-args", "--params-file", tmp_path / "ros.yaml"], ["ros.yaml", "'qos_dpeth'"]),
+        (["--config", tmp_path / "latin1.yaml"], ["latin1.yaml", "UTF-8"]),
+        (["--config", tmp_path / "missing.yaml"], ["missing.yaml", "not found"]),
+    ]
+    for args, words in cases:
+        r = subprocess.run([sys.executable, "-m", "hqsmem_ros.ros.main", *map(str, args)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert all(w in r.stderr for w in words), (args, r.stderr)
 
 
 def _spin_some(node, ctx, seconds):

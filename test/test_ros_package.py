@@ -43,8 +43,42 @@ def test_launch_file_compiles_and_declares_its_arguments():
     tree = ast.parse(path.read_text())
     declared = {node.args[0].value for node in ast.walk(tree)
                 if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "DeclareLaunchArgument"}
-    assert declared == {"image_topic", "config", "namespace", "device", "use_sim_time"}
+    assert declared == {"image_topic", "config", "namespace", "device", "use_sim_time", "dds_profile"}
+    assert "additional_env" in path.read_text() and "fastdds.xml" in path.read_text()
     assert "generate_launch_description" in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+
+def test_fastdds_profile_holds_large_frames_and_is_the_default_profile():
+    from hqsmem_ros.ros import dds_transport
+    ns = {"d": "http://www.eprosima.com"}
+    root = ET.parse(ROOT / "config" / "fastdds.xml").getroot()
+    shm = [t for t in root.iterfind(".//d:transport_descriptor", ns) if t.findtext("d:type", namespaces=ns) == "SHM"]
+    assert len(shm) == 1
+    segment = int(shm[0].findtext("d:segment_size", namespaces=ns))
+    assert segment == dds_transport.SEGMENT_BYTES >= 8 * 1280 * 720 * 3  # several 720p rgb8 frames
+    participant = root.find(".//d:participant", ns)
+    assert participant.get("is_default_profile") == "true"
+    used = [e.text for e in participant.iterfind(".//d:userTransports/d:transport_id", ns)]
+    assert shm[0].findtext("d:transport_id", namespaces=ns) in used
+    assert participant.findtext(".//d:useBuiltinTransports", namespaces=ns) == "false"
+
+
+def test_transport_settings_apply_unless_set_or_opted_out():
+    from hqsmem_ros.ros import dds_transport as t
+    env = {}
+    assert "fastdds.xml" in t.apply(env) and env[t.PROFILE_ENV] == str(ROOT / "config" / "fastdds.xml")
+    assert t.LEGACY_PROFILE_ENV not in env  # Fast DDS 3 warns about the old name
+    env = {"ROS_DISTRO": "humble"}
+    t.apply(env)
+    assert env[t.LEGACY_PROFILE_ENV] == env[t.PROFILE_ENV]  # Fast DDS 2.x reads only the old name
+    env = {t.PROFILE_ENV: "/mine.xml"}
+    assert "/mine.xml" in t.apply(env) and env == {t.PROFILE_ENV: "/mine.xml"}
+    env = {t.OPT_OUT_ENV: "1"}
+    assert "default" in t.apply(env) and t.PROFILE_ENV not in env
+    env = {"RMW_IMPLEMENTATION": "rmw_cyclonedds_cpp"}
+    assert "not Fast DDS" in t.apply(env) and t.PROFILE_ENV not in env
+    assert t.loss_warning(100, 2) is None and t.loss_warning(10, 9) is None  # a few %, few frames
+    assert "fastdds.xml" in t.loss_warning(2701, 4497) and "62 %" in t.loss_warning(2701, 4497)
 
 
 @pytest.mark.parametrize("name", ["track.yaml", "cpu.yaml", "jetson_orin.yaml"])

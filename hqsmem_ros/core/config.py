@@ -5,6 +5,7 @@ The same keys are the ROS node's parameters (config/track.yaml) and the CLI's --
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -70,7 +71,9 @@ class PipelineConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            hints = [difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.6) for k in unknown]
+            hint = "".join(f"; did you mean {h[0]!r} for {k!r}?" for k, h in zip(unknown, hints) if h)
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}{hint} (known: {', '.join(sorted(known))})")
         cfg = cls(**copy.deepcopy(data))
         cfg.validate()
         return cfg

@@ -83,6 +83,20 @@ def _resize_mask(mask: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
     return up > 127
 
 
+def check_device(device: str) -> None:
+    """Refuse at start a CUDA device this machine does not have (the one device check: the
+    node, `hqsmem track`/`bag`/`bench` all build the pipeline), never silently the CPU. 'cpu'
+    and 'auto' need no check (and no torch: the weight-free pipeline runs without it)."""
+    if not str(device).startswith("cuda"):
+        return
+    try:
+        from hqsmem_ros.models.checkpoints import resolve_device
+    except ImportError as exc:
+        raise ConfigError(f"device {device!r} needs PyTorch with CUDA, which is not importable here "
+                          f"({exc}); use device 'cpu' or 'auto'") from exc
+    resolve_device(device)  # DeviceError (a ConfigError) naming what this machine has
+
+
 class HQSMemPipeline:
     """Runs HQ-SMem frame by frame on a stream; one instance per camera."""
 
@@ -90,6 +104,7 @@ class HQSMemPipeline:
                  refiner: Optional[Refiner] = None, features: Optional[FeatureExtractor] = None):
         self.config: PipelineConfig = load_config(config)
         c = self.config
+        check_device(c.device)
         self.tracker = tracker or registry.build("tracker", c.tracker, c.device, c.precision)
         self.refiner = refiner or registry.build("refiner", c.refiner, c.device, c.precision)
         self.features = features or registry.build("features", c.features, c.device, c.precision)

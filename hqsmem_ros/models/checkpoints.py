@@ -94,7 +94,33 @@ def _load_safetensors(path: Path, what: str):
         raise CheckpointError(f"{what}: cannot read the safetensors file, truncated or corrupt? ({exc})") from exc
 
 
+def _torch_file_problem(path: Path) -> Optional[str]:
+    """Why the file cannot be a torch.save() file (a zip archive since PyTorch 1.6, a pickle
+    before), from its first bytes; None when it may be one."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return None
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<!--")):
+        kind = "an HTML/XML page (a download that saved a web page instead of the file?)"
+    elif not head:
+        kind = "an empty file"
+    elif head.startswith(b"version https://git-lfs"):
+        kind = "a Git LFS pointer (run git lfs pull)"
+    else:
+        kind = f"unknown data (first bytes {head[:8].hex()})"
+    return (f"not a PyTorch checkpoint: torch.save() writes a zip archive (or, before PyTorch 1.6, "
+            f"a pickle), and this is {kind}")
+
+
 def _load_torch(path: Path, what: str):
+    try:
+        problem = _torch_file_problem(path)
+    except OSError as exc:
+        raise CheckpointError(f"{what}: cannot read the file ({exc.strerror or exc})") from exc
+    if problem:
+        raise CheckpointError(f"{what}: {problem}")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import psutil
 
 from hqsmem_ros.ros.spinning import BackgroundSpinner
 
@@ -457,7 +458,13 @@ def run_stream(args, qos_name: str) -> Dict:
         time.sleep(1.0)
         period = 1.0 / args.rate
         t_start = next_time = time.monotonic()
+        rss: List[List[float]] = []  # [seconds since the first frame, node RSS in MB]
+        node_ps = psutil.Process(node_proc.pid)
+        next_rss = t_start
         for k in range(args.frames):
+            if time.monotonic() >= next_rss:
+                rss.append([round(time.monotonic() - t_start, 1), round(node_ps.memory_info().rss / 2**20, 1)])
+                next_rss += args.rss_every
             next_time += period
             delay = next_time - time.monotonic()
             if delay > 0:
@@ -476,6 +483,7 @@ def run_stream(args, qos_name: str) -> Dict:
                           f"node: received {diag.get('frames_received')}, dropped {diag.get('frames_dropped')}",
                           file=sys.stderr)
         elapsed = time.monotonic() - t_start
+        rss.append([round(elapsed, 1), round(node_ps.memory_info().rss / 2**20, 1)])
 
         def settled():
             with driver.cv:
@@ -524,6 +532,8 @@ def run_stream(args, qos_name: str) -> Dict:
         "lost_in_transport": len(published) - received,
         "lost_counted_by_node": lost_counted,
         "node_stopped_line": stopped.group(0) if stopped else None,
+        "transport": args.transport_line, "node_rss_mb": rss,
+        "rss_change_after_first_minute_pct": _rss_change(rss, 60.0),
         "node_log": node_out if args.keep_logs else None, "command": " ".join(cmd),
     }
     if not args.keep_logs:
@@ -536,6 +546,14 @@ def run_stream(args, qos_name: str) -> Dict:
     report["every_frame_accounted"] = (report["node_accounts_for_received"] and report["results_equal_processed"]
                                        and len(published) == len(got) + report["node_dropped_total"] + lost_counted)
     return report
+
+
+def _rss_change(rss: List[List[float]], after_s: float) -> Optional[float]:
+    """Largest departure (%) of the node's RSS from its value at `after_s` seconds, from then on."""
+    later = [mb for t, mb in rss if t >= after_s]
+    if len(later) < 2:
+        return None
+    return round(100.0 * max(abs(mb - later[0]) for mb in later) / later[0], 2)
 
 
 def format_stream(r: Dict) -> str:
@@ -561,6 +579,16 @@ def format_stream(r: Dict) -> str:
                      f"{yes(r['transport_losses_counted_by_node'])}")
     lines.append("  every frame accounted for by the node: result, drop or counted loss (exit status 0): "
                  f"{yes(r['every_frame_accounted'])}")
+    published = max(1, r["published"])
+    lines.append(f"  lost in transport: {100.0 * r['lost_in_transport'] / published:.2f} % of published; "
+                 f"DDS transport: {r['transport']}")
+    samples = r["node_rss_mb"]
+    step = max(1, len(samples) // 12)
+    lines.append("  node RSS over time (s: MB): " + ", ".join(f"{t:g}: {mb:g}" for t, mb in samples[::step]
+                                                            + ([samples[-1]] if (len(samples) - 1) % step else [])))
+    change = r["rss_change_after_first_minute_pct"]
+    lines.append("  RSS after the first minute: " + (f"within {change:.2f} % of its value at 60 s" if change is not None
+                                                    else "run shorter than a minute"))
     lines.append(_machine_line(r))
     if r["node_stopped_line"]:
         lines.append(f"  node at exit: {r['node_stopped_line']}")
@@ -604,10 +632,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub.choices["stream"].add_argument("--rate", type=float, default=30.0)
     sub.choices["stream"].add_argument("--qos", choices=["reliable", "best_effort", "both"], default="both")
     sub.choices["stream"].add_argument("--depth", type=int, default=5, help="publisher history depth")
+    sub.choices["stream"].add_argument("--rss-every", type=float, default=5.0,
+                                       help="seconds between samples of the node's RSS")
+    for name in ("overhead", "stream"):
+        sub.choices[name].add_argument(
+            "--transport", choices=["shipped", "defaults"], default="shipped",
+            help="DDS transport settings of every process: shipped = config/fastdds.xml (as `hqsmem "
+                 "node` and the tools use them), defaults = Fast DDS's own (HQSMEM_DDS_DEFAULTS=1)")
     sub.choices["stream"].add_argument("--node-depth", type=int,
                                        help="the node's qos_depth (default: the config file's)")
     args = ap.parse_args(argv)
     args.config = str(Path(args.config).resolve())
+    from hqsmem_ros.ros import dds_transport
+    if args.transport == "defaults":
+        os.environ[dds_transport.OPT_OUT_ENV] = "1"
+    args.transport_line = dds_transport.apply()  # this process (the driver) and the children
 
     load_before = os.getloadavg()
     if args.command == "overhead":

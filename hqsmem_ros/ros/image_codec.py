@@ -13,12 +13,16 @@ Bad input raises ``ImageDecodeError`` (a ValueError) whose message says what is 
 from __future__ import annotations
 
 import array
+import io
 import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import cv2
 import numpy as np
+# Header parsers for the size check before decoding (imported here, not on the first frame: the
+# first refusal must be as quick as the others).
+from PIL import JpegImagePlugin, PngImagePlugin
 
 try:  # optional: a faster JPEG decoder with OpenCV's output (see decode_compressed)
     import simplejpeg as _simplejpeg
@@ -68,6 +72,21 @@ MASK_ENCODINGS: Tuple[str, ...] = ("mono8", "8UC1", "mono16", "16UC1")
 
 _HOST_BIG_ENDIAN = sys.byteorder == "big"
 
+# Largest image (width x height) decoded by default: 40 megapixels (an 8K frame is 33), 120 MB as
+# RGB. Sizes come from the message fields (raw) or the file header (compressed) and are checked
+# BEFORE any pixel is decoded, so a 12 KB JPEG that claims 60000x60000 costs no memory.
+DEFAULT_MAX_PIXELS = 40_000_000
+# Row padding accepted in raw images beyond the pixels themselves (alignment is at most a page).
+_MAX_ROW_PADDING = 4096
+
+
+def _check_pixels(what: str, width: int, height: int, max_pixels: Optional[int]) -> None:
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
+    if width * height > limit:
+        raise ImageDecodeError(
+            f"{what} of {width}x{height} = {width * height} pixels exceeds the limit of {limit} "
+            "pixels (max_image_pixels); refused before decoding")
+
 
 def _unsupported(encoding: str) -> ImageDecodeError:
     return ImageDecodeError(
@@ -86,11 +105,13 @@ def _byte_array(data: Any) -> np.ndarray:
 
 
 def raw_pixels(encoding: str, height: int, width: int, step: int, is_bigendian: bool,
-               data: Any, allowed: Optional[Tuple[str, ...]] = None) -> np.ndarray:
+               data: Any, allowed: Optional[Tuple[str, ...]] = None,
+               max_pixels: Optional[int] = None) -> np.ndarray:
     """The message's pixels as an (h, w) or (h, w, c) array in the encoding's own layout.
 
-    Checks the size fields against each other and against the data; never copies more than
-    needed (a view of ``data`` when rows are not padded and no byte swap is needed).
+    Checks the size fields against each other, against ``max_pixels`` (default
+    DEFAULT_MAX_PIXELS) and against the data; never copies more than needed (a view of
+    ``data`` when rows are not padded and no byte swap is needed).
     """
     allowed = allowed or SUPPORTED_ENCODINGS
     layout = _LAYOUTS.get(encoding)
@@ -102,6 +123,7 @@ def raw_pixels(encoding: str, height: int, width: int, step: int, is_bigendian: 
     height, width, step = int(height), int(width), int(step)
     if height <= 0 or width <= 0:
         raise ImageDecodeError(f"empty {encoding} image: {width}x{height} pixels")
+    _check_pixels(f"{encoding} image", width, height, max_pixels)
     if layout.to_rgb in (cv2.COLOR_YUV2RGB_UYVY, cv2.COLOR_YUV2RGB_YUY2) and width % 2:
         raise ImageDecodeError(f"{encoding} needs an even width (two pixels share U and V), got {width}")
     if encoding.startswith("bayer_") and (width < 2 or height < 2):
@@ -111,6 +133,10 @@ def raw_pixels(encoding: str, height: int, width: int, step: int, is_bigendian: 
         raise ImageDecodeError(
             f"step {step} is smaller than width*bytes_per_pixel = {width}*"
             f"{layout.channels * layout.dtype.itemsize} = {row_bytes} for {encoding}")
+    if step > row_bytes + max(row_bytes, _MAX_ROW_PADDING):
+        raise ImageDecodeError(
+            f"implausible step {step} for a {width} pixels wide {encoding} image (rows of "
+            f"{row_bytes} bytes; more than {max(row_bytes, _MAX_ROW_PADDING)} bytes of padding)")
     if step % layout.dtype.itemsize:
         raise ImageDecodeError(f"step {step} is not a multiple of {layout.dtype.itemsize} for {encoding}")
     buf = _byte_array(data)
@@ -136,9 +162,9 @@ def raw_pixels(encoding: str, height: int, width: int, step: int, is_bigendian: 
 
 
 def decode_image(encoding: str, height: int, width: int, step: int, is_bigendian: bool,
-                 data: Any) -> np.ndarray:
+                 data: Any, max_pixels: Optional[int] = None) -> np.ndarray:
     """sensor_msgs/Image fields -> HxWx3 uint8 RGB (16-bit images keep their top 8 bits)."""
-    pixels = raw_pixels(encoding, height, width, step, is_bigendian, data)
+    pixels = raw_pixels(encoding, height, width, step, is_bigendian, data, max_pixels=max_pixels)
     layout = _LAYOUTS[encoding]
     if layout.dtype == _U16:
         pixels = (pixels >> 8).astype(np.uint8)
@@ -151,14 +177,16 @@ def decode_image(encoding: str, height: int, width: int, step: int, is_bigendian
 
 
 def decode_mask(encoding: str, height: int, width: int, step: int, is_bigendian: bool,
-                data: Any) -> np.ndarray:
+                data: Any, max_pixels: Optional[int] = None) -> np.ndarray:
     """A mask or label image (mono8/8UC1/mono16/16UC1) -> HxW uint8 or uint16 array."""
     return np.ascontiguousarray(
-        raw_pixels(encoding, height, width, step, is_bigendian, data, allowed=MASK_ENCODINGS))
+        raw_pixels(encoding, height, width, step, is_bigendian, data, allowed=MASK_ENCODINGS,
+                   max_pixels=max_pixels))
 
 
 _COMPRESSED_KINDS = ("jpeg", "jpg", "png")
 _JPEG_MAGIC = b"\xff\xd8\xff"  # SOI marker and the first segment's marker
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def jpeg_decoder() -> str:
@@ -168,10 +196,34 @@ def jpeg_decoder() -> str:
     return f"OpenCV {cv2.__version__}"
 
 
-def decode_compressed(fmt: str, data: Any) -> np.ndarray:
+def compressed_size(buf: np.ndarray, fmt: str = "") -> Tuple[str, int, int]:
+    """(kind, width, height) of JPEG or PNG data, read from its header without decoding.
+
+    Pillow's JPEG and PNG readers parse only the header (JPEG markers up to the frame header,
+    PNG's IHDR); they are called directly, not through Image.open, whose own bomb check would
+    hide the size. Data of any other kind (which OpenCV would decode too, e.g. TIFF or WebP,
+    with size fields of their own) is refused.
+    """
+    head = buf[:8].tobytes()
+    reader = (JpegImagePlugin.JpegImageFile if head.startswith(_JPEG_MAGIC)
+              else PngImagePlugin.PngImageFile if head == _PNG_MAGIC else None)
+    try:
+        if reader is None:
+            raise ValueError("unknown signature " + head.hex())
+        with reader(io.BytesIO(buf.tobytes())) as im:
+            return im.format.lower(), int(im.size[0]), int(im.size[1])
+    except Exception as exc:  # SyntaxError (Pillow's "not a JPEG file"), a header cut short, ...
+        raise ImageDecodeError(
+            f"corrupt or undecodable compressed image (format {fmt!r}, {buf.size} bytes): not a "
+            f"JPEG or PNG, or its header is damaged ({type(exc).__name__}: {exc})") from exc
+
+
+def decode_compressed(fmt: str, data: Any, max_pixels: Optional[int] = None) -> np.ndarray:
     """sensor_msgs/CompressedImage (format, data) -> HxWx3 uint8 RGB.
 
     ``format`` is as image_transport writes it: "jpeg", "png", or "bgr8; jpeg compressed bgr8".
+    The size in the header is checked against ``max_pixels`` (default DEFAULT_MAX_PIXELS)
+    before anything is decoded.
     """
     fmt_l = (fmt or "").lower()
     if "compresseddepth" in fmt_l:
@@ -183,6 +235,8 @@ def decode_compressed(fmt: str, data: Any) -> np.ndarray:
     buf = _byte_array(data)
     if buf.size == 0:
         raise ImageDecodeError(f"empty compressed image (format {fmt!r})")
+    kind, width, height = compressed_size(buf, fmt)
+    _check_pixels(f"{kind.upper()} image (size from its header)", width, height, max_pixels)
     if _simplejpeg is not None and buf[:3].tobytes() == _JPEG_MAGIC:
         try:
             return _simplejpeg.decode_jpeg(buf, colorspace="RGB", strict=True)
@@ -262,7 +316,7 @@ def rgb_to_fields(rgb: np.ndarray) -> Dict[str, Any]:
 
 # ---- message-level helpers (duck-typed: any object with sensor_msgs/Image's fields) --------
 
-def image_to_rgb(msg: Any) -> np.ndarray:
+def image_to_rgb(msg: Any, max_pixels: Optional[int] = None) -> np.ndarray:
     """sensor_msgs/Image -> HxWx3 uint8 RGB.
 
     Encodings in SUPPORTED_ENCODINGS are converted here (identical with or without ROS).
@@ -270,7 +324,10 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     raise ImageDecodeError naming the supported encodings.
     """
     if msg.encoding in _LAYOUTS:
-        return decode_image(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian, msg.data)
+        return decode_image(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian, msg.data,
+                            max_pixels=max_pixels)
+    if int(msg.width) > 0 and int(msg.height) > 0:
+        _check_pixels(f"{msg.encoding} image", int(msg.width), int(msg.height), max_pixels)
     bridge = _cv_bridge()
     if bridge is None:
         raise _unsupported(msg.encoding)
@@ -285,9 +342,9 @@ def mask_from_msg(msg: Any) -> np.ndarray:
     return decode_mask(msg.encoding, msg.height, msg.width, msg.step, msg.is_bigendian, msg.data)
 
 
-def compressed_to_rgb(msg: Any) -> np.ndarray:
+def compressed_to_rgb(msg: Any, max_pixels: Optional[int] = None) -> np.ndarray:
     """sensor_msgs/CompressedImage -> HxWx3 uint8 RGB."""
-    return decode_compressed(msg.format, msg.data)
+    return decode_compressed(msg.format, msg.data, max_pixels=max_pixels)
 
 
 def fill_image_msg(msg: Any, fields: Dict[str, Any]) -> Any:

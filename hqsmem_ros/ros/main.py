@@ -29,24 +29,40 @@ def prefer_short_gil_slices() -> None:
 
 
 def _params_file(path: str) -> str:
-    """A ROS parameter file for `path`: itself, or a temporary wrapper around a plain mapping."""
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"hqsmem node: config file not found: {path}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise SystemExit(f"hqsmem node: {path} is not valid YAML: {exc}")
-    if not isinstance(data, dict):
-        raise SystemExit(f"hqsmem node: {path} must hold a mapping")
-    if any(isinstance(v, dict) and "ros__parameters" in v for v in data.values()):
-        return str(p)
+    """A ROS parameter file for `path`: itself, or a temporary wrapper around a plain mapping
+    (read and checked before: ConfigError)."""
+    from hqsmem_ros.core.config_check import is_ros_param_file, read_yaml_mapping
+
+    data = read_yaml_mapping(path)
+    if is_ros_param_file(data):
+        return str(path)
     # A plain pipeline config (the CLI's --config format): the node reads it as pipeline.*.
     wrapped = {"/**": {"ros__parameters": {"pipeline": data}}}
     fd, tmp = tempfile.mkstemp(prefix="hqsmem_params_", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(wrapped, f)
     return tmp
+
+
+def check_parameters(config: Optional[str], ros_args: List[str], node_name: str) -> None:
+    """Every key of the --config file, of --params-file files and of -p overrides is one the
+    node knows, of the right type (ConfigError naming the key and its file, before ROS starts)."""
+    from hqsmem_ros.core.config_check import check_node_parameters, collect_node_parameters
+    from hqsmem_ros.ros.node import NODE_PARAMS
+
+    check_node_parameters(collect_node_parameters(config, ros_args, node_name),
+                          {name: p.default for name, p in NODE_PARAMS.items()})
+
+
+class _ConsoleLogger:
+    """The node's last line once ROS is shut down: printed like a ROS log line, not sent to
+    /rosout (whose publisher belongs to the gone context)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def info(self, text: str) -> None:
+        print(f"[INFO] [{self.name}]: {text}", file=sys.stderr, flush=True)
 
 
 def _split(argv: List[str]):
@@ -75,15 +91,22 @@ def main(argv: Optional[List[str]] = None) -> int:
               "On a machine without ROS, run scripts/setup_ros.sh; on a robot, source your ROS 2 "
               "setup and the workspace's install/setup.bash.", file=sys.stderr)
         return 2
-    if args.config:
-        # The file first, so that -p name:=value given after --ros-args overrides it.
-        ros_args = ["--ros-args", "--params-file", _params_file(args.config)] + ros_args[1:]
-
     from hqsmem_ros.core.config import ConfigError
     from hqsmem_ros.ros.node import HQSMemNode
 
+    try:
+        check_parameters(args.config, ros_args, args.name)
+        if args.config:
+            # The file first, so that -p name:=value given after --ros-args overrides it.
+            ros_args = ["--ros-args", "--params-file", _params_file(args.config)] + ros_args[1:]
+    except ConfigError as exc:
+        print(f"hqsmem node: {exc}", file=sys.stderr)
+        return 2
+
     prefer_short_gil_slices()
     reuse_large_buffers()
+    from hqsmem_ros.ros import dds_transport
+    transport = dds_transport.apply()  # before the DDS participant exists (rclpy.init)
     rclpy.init(args=[sys.argv[0] if sys.argv else "hqsmem_node"] + ros_args)
     node = None
     try:
@@ -92,6 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (ConfigError, ValueError) as exc:
             print(f"hqsmem node: {exc}", file=sys.stderr)
             return 2
+        node.get_logger().info(f"DDS transport: {transport}")
         executor = MultiThreadedExecutor(num_threads=6)  # processing, intake, waiting services
         executor.add_node(node)
         try:
@@ -103,9 +127,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if node is not None:
             node.stop()
             c = node.counters()
-            node.get_logger().info(
-                f"stopped: {c['received']} frames received, {c['processed']} processed, "
-                f"dropped {c['dropped'] or 0}")
+            # Logged while the node and its context are still valid: after an external shutdown
+            # (SIGINT) the context is gone, and the line goes to the console only.
+            logger = node.get_logger() if rclpy.ok() else _ConsoleLogger(node.get_logger().name)
+            logger.info(f"stopped: {c['received']} frames received, {c['processed']} processed, "
+                        f"dropped {c['dropped'] or 0}")
             node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()

@@ -21,6 +21,7 @@ as gaps in the publisher's sequence numbers and are counted as lost in transport
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -36,11 +37,12 @@ from rclpy.node import Node
 from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
+from hqsmem_ros.core import config_check
 from hqsmem_ros.core.config import ConfigError, PipelineConfig
 from hqsmem_ros.core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt, PromptError
 from hqsmem_ros.prompts_file import PromptsFileError, load_prompts_file
 from hqsmem_ros.msg import ObjectPromptArray, TrackedObject, TrackedObjectArray
-from hqsmem_ros.ros import image_codec, prompt_msgs
+from hqsmem_ros.ros import dds_transport, image_codec, prompt_msgs
 from hqsmem_ros.ros.prompt_msgs import MAX_ID
 from hqsmem_ros.ros.image_codec import ImageDecodeError
 from hqsmem_ros.ros.overlay import render_overlay
@@ -77,6 +79,10 @@ NODE_PARAMS: Dict[str, _NodeParam] = {
     "prompts_file": _NodeParam("", "YAML prompts file (docs/prompts.md), the format of `hqsmem bag "
                                "--prompts`: objects to start, correct or remove at given stamps "
                                "(or indices of the frames this node processes)", False),
+    "max_image_pixels": _NodeParam(image_codec.DEFAULT_MAX_PIXELS, "Largest image (width x height) "
+                                   "decoded; larger ones (by their size fields or compressed "
+                                   "header, checked before decoding) are dropped as bad_image",
+                                   False, int_range=(1, 1_000_000_000)),
     "use_camera_info": _NodeParam(False, "Subscribe to camera_info and check its size against the images", False),
     "diagnostics_period": _NodeParam(1.0, "Seconds between /diagnostics messages", False,
                                      float_range=(0.1, 60.0)),
@@ -136,6 +142,9 @@ class HQSMemNode(Node):
     def __init__(self, node_name: str = "hqsmem_node", **kwargs):
         super().__init__(node_name, **kwargs)
         self._declare_parameters()
+        # Typos are errors at start (a key nobody reads would otherwise pass silently).
+        config_check.refuse_unknown_overrides(getattr(self, "_parameter_overrides", {}) or {},
+                                              self._parameters, sys.argv, self.get_name())
         self.config = self._pipeline_config_from_parameters()
         self._random_weight_parts = self._check_random_weights(self.config)
         self.pipeline = HQSMemPipeline(self.config)
@@ -615,8 +624,9 @@ class HQSMemNode(Node):
         stamp = stamp_seconds(msg.header.stamp)
         t0, cpu0 = time.perf_counter(), time.thread_time()
         try:
-            rgb = (image_codec.compressed_to_rgb(msg) if isinstance(msg, CompressedImage)
-                   else image_codec.image_to_rgb(msg))
+            max_pixels = self.get_parameter("max_image_pixels").value
+            rgb = (image_codec.compressed_to_rgb(msg, max_pixels) if isinstance(msg, CompressedImage)
+                   else image_codec.image_to_rgb(msg, max_pixels))
         except ImageDecodeError as exc:
             self._drop("bad_image", f"frame at {stamp:.6f} dropped: {exc}")
             if req is not None:
@@ -886,7 +896,7 @@ class HQSMemNode(Node):
             dev = getattr(part, "device", None)
             if dev is not None:
                 return str(dev)
-        return "cpu" if self.config.device == "auto" else self.config.device
+        return "cpu"  # no part has a device of its own: the weight-free models run on the CPU
 
     def counters(self) -> Dict[str, Any]:
         """Frame accounting (also in /diagnostics): received == processed + dropped + pending."""
@@ -917,8 +927,11 @@ class HQSMemNode(Node):
         status = DiagnosticStatus()
         status.name = f"{self.get_fully_qualified_name()}: tracking"
         status.hardware_id = self._device()
+        transport_loss = dds_transport.loss_warning(c["received"], c["lost_in_transport"])
         if recent_error:
             status.level, status.message = DiagnosticStatus.WARN, self._last_error[:500]
+        elif transport_loss:
+            status.level, status.message = DiagnosticStatus.WARN, transport_loss
         elif self._random_weight_parts:
             status.level = DiagnosticStatus.WARN
             status.message = (f"random weights in {', '.join(self._random_weight_parts)}: "

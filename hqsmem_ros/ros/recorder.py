@@ -148,6 +148,8 @@ class Recorder(Node):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from hqsmem_ros.ros import dds_transport
+    dds_transport.apply()  # large frames between processes (config/fastdds.xml), before rclpy.init
     rclpy.init(args=sys.argv if argv is None else argv)
     node = Recorder()
     executor = MultiThreadedExecutor(num_threads=2)

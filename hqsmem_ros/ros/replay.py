@@ -230,6 +230,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--discovery-timeout", type=float, default=30.0,
                     help="seconds to wait for those subscribers before giving up")
     args = ap.parse_args(own)
+    from hqsmem_ros.ros import dds_transport
+    dds_transport.apply()  # large frames between processes (config/fastdds.xml), before rclpy.init
     rclpy.init(args=["replay"] + ros_args)
     try:
         node = BagReplayer(args.bag, args.image_topic, rate=args.rate, extra_topics=args.topic,

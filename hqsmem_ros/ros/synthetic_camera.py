@@ -136,6 +136,8 @@ def _to_ns(seconds: float) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from hqsmem_ros.ros import dds_transport
+    dds_transport.apply()  # large frames between processes (config/fastdds.xml), before rclpy.init
     rclpy.init(args=sys.argv if argv is None else argv)
     node = SyntheticCamera()
     executor = MultiThreadedExecutor(num_threads=2)
