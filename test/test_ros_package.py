@@ -41,10 +41,16 @@ def test_launch_file_compiles_and_declares_its_arguments():
     path = ROOT / "launch" / "track.launch.py"
     py_compile.compile(str(path), doraise=True)
     tree = ast.parse(path.read_text())
-    declared = {node.args[0].value for node in ast.walk(tree)
-                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "DeclareLaunchArgument"}
-    assert declared == {"image_topic", "config", "namespace", "device", "use_sim_time"}
+    declared = [node.args[0].value for node in ast.walk(tree)
+                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_declare"]
+    from hqsmem_ros.launch_params import LAUNCH_ARGUMENTS
+    assert sorted(declared) == sorted(LAUNCH_ARGUMENTS)  # each once, and every one the helper reads
+    assert {"image_topic", "config", "namespace", "device", "use_sim_time", "initial_mask", "prompts_file",
+            "qos_reliability", "qos_depth", "frame_queue_size", "depth_topic", "lifecycle", "autostart"} <= set(declared)
     assert "generate_launch_description" in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    # The launch file hands every argument to node_setup and builds a LifecycleNode in lifecycle mode.
+    calls = {getattr(n.func, "id", getattr(n.func, "attr", "")) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert {"node_setup", "Node", "LifecycleNode", "ChangeState", "OnStateTransition", "RegisterEventHandler"} <= calls
 
 
 @pytest.mark.parametrize("name", ["track.yaml", "cpu.yaml", "jetson_orin.yaml"])

@@ -6,13 +6,8 @@ keys; everything after --ros-args goes to ROS as usual (remappings, -p name:=val
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import List, Optional
-
-import yaml
 
 from hqsmem_ros.malloc_tuning import reuse_large_buffers
 
@@ -30,23 +25,12 @@ def prefer_short_gil_slices() -> None:
 
 def _params_file(path: str) -> str:
     """A ROS parameter file for `path`: itself, or a temporary wrapper around a plain mapping."""
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"hqsmem node: config file not found: {path}")
+    from hqsmem_ros.launch_params import LaunchArgumentError, ros_params_file
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise SystemExit(f"hqsmem node: {path} is not valid YAML: {exc}")
-    if not isinstance(data, dict):
-        raise SystemExit(f"hqsmem node: {path} must hold a mapping")
-    if any(isinstance(v, dict) and "ros__parameters" in v for v in data.values()):
-        return str(p)
-    # A plain pipeline config (the CLI's --config format): the node reads it as pipeline.*.
-    wrapped = {"/**": {"ros__parameters": {"pipeline": data}}}
-    fd, tmp = tempfile.mkstemp(prefix="hqsmem_params_", suffix=".yaml")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(wrapped, f)
-    return tmp
+        return ros_params_file(path)
+    except LaunchArgumentError as exc:
+        print(f"hqsmem node: {exc}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _split(argv: List[str]):
