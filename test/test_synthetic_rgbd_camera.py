@@ -1,0 +1,126 @@
+"""The synthetic RGB-D camera over real DDS, with 3D from the tracker's masks against the truth."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy", reason="rclpy comes with scripts/setup_ros.sh")
+
+from rclpy.context import Context  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
+
+from hqsmem_ros.core.depth3d import DEPTH_STALE, OUTSIDE_TOLERANCE, Depth3D, DepthParams  # noqa: E402
+from hqsmem_ros.core.pipeline import HQSMemPipeline, ObjectPrompt  # noqa: E402
+from hqsmem_ros.ros import image_codec  # noqa: E402
+from hqsmem_ros.ros.spinning import BackgroundSpinner  # noqa: E402
+from hqsmem_ros.ros.synthetic_rgbd_camera import SyntheticRGBDCamera  # noqa: E402
+
+FRAMES = 24
+
+
+def _secs(msg):
+    return msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+
+
+def _run_camera(**params):
+    ctx = Context()
+    rclpy.init(context=ctx)
+    overrides = [rclpy.parameter.Parameter(k, value=v) for k, v in
+                 dict(width=320, height=240, frames=FRAMES, rate=60.0, **params).items()]
+    cam = SyntheticRGBDCamera(context=ctx, parameter_overrides=overrides)
+    listener = rclpy.create_node("rgbd_listener", context=ctx)
+    got = {"image": [], "depth": [], "depth/camera_info": []}
+    lock = threading.Condition()
+
+    def keep(topic):
+        def cb(msg):
+            with lock:
+                got[topic].append(msg)
+                lock.notify_all()
+        return cb
+
+    qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    for topic, typ in (("image", Image), ("depth", Image), ("depth/camera_info", CameraInfo)):
+        listener.create_subscription(typ, topic, keep(topic), qos)
+    executor = MultiThreadedExecutor(num_threads=2, context=ctx)
+    executor.add_node(cam)
+    executor.add_node(listener)
+    spinner = BackgroundSpinner(executor).start()
+    try:
+        cam.run()
+        want = {"image": FRAMES, "depth": len(cam.depth_published), "depth/camera_info": len(cam.depth_published)}
+        with lock:
+            assert lock.wait_for(lambda: all(len(got[t]) == n for t, n in want.items()), 30), \
+                {t: len(v) for t, v in got.items()}
+    finally:
+        spinner.stop()
+        listener.destroy_node()
+        cam.destroy_node()
+        rclpy.shutdown(context=ctx)
+    return cam, got
+
+
+def _track_in_3d(cam, got, params):
+    """What a session does: depth frames into the pairer in stamp order, each colour frame tracked
+    by the real pipeline and measured in 3D."""
+    d3 = Depth3D(params)
+    info = got["depth/camera_info"][0]
+    d3.set_camera_info(info.k, info.width, info.height)
+    depth = sorted(got["depth"], key=_secs)
+    pipeline = HQSMemPipeline()
+    out = []
+    for k, img in enumerate(sorted(got["image"], key=_secs)):
+        t = _secs(img)
+        while depth and _secs(depth[0]) <= t + params.tolerance_s:
+            m = depth.pop(0)
+            d3.add_depth(m.encoding, m.height, m.width, m.step, m.is_bigendian, bytes(m.data), _secs(m), m.header.frame_id)
+        prompts = None
+        if k == 0:
+            label = cam.data[0].label
+            prompts = [ObjectPrompt(int(i), mask=label == i) for i in np.unique(label) if i]
+        result = pipeline.process(image_codec.image_to_rgb(img), stamp=t, prompts=prompts)
+        out.append((result, d3.process(result, want_points=True)))
+    return d3, out
+
+
+def test_rgbd_camera_pairs_and_3d_matches_the_truth_with_dropped_depth_frames():
+    cam, got = _run_camera(depth_encoding="16UC1", drop_depth_every=6, depth_stamp_offset=0.004)
+    assert cam.depth_published == [k for k in range(FRAMES) if (k + 1) % 6]
+    for m in got["depth"]:  # the depth on the wire is the scene's, bit for bit
+        k = round((_secs(m) - 0.004 - cam.start_stamp) * cam.rate)
+        assert m.encoding == "16UC1" and m.header.frame_id == "camera_color_optical_frame"
+        np.testing.assert_array_equal(np.frombuffer(bytes(m.data), "<u2").reshape(240, 320), cam.data[k].depth_mm)
+    info = got["depth/camera_info"][0]
+    assert info.k[0] > 0 and info.k[2] == (320 - 1) / 2 and (info.width, info.height) == (320, 240)
+
+    d3, out = _track_in_3d(cam, got, DepthParams(tolerance_s=0.01))
+    errors = []
+    for k, (result, f3) in enumerate(out):
+        if (k + 1) % 6 == 0:
+            assert f3.reason == OUTSIDE_TOLERANCE and f3.objects == []
+            continue
+        assert f3.reason == "" and abs(f3.depth_stamp - result.stamp - 0.004) < 1e-6
+        assert [o.id for o in f3.objects] == [o.id for o in result.objects]  # the ids of ~/objects
+        for o in f3.objects:
+            truth = cam.truth(k)[o.id]
+            assert o.has_position, o.reason
+            assert 1.0 <= truth.distance <= 4.0
+            errors.append(np.linalg.norm(np.subtract(o.position, truth.centre)))
+        xyz, ids = f3.points
+        assert set(np.unique(ids)) == {o.id for o in f3.objects}
+    assert len(errors) == 3 * 20 and np.median(errors) < 0.03
+    assert d3.counts["frames_3d"] == 20 and d3.counts["no_3d.outside_tolerance"] == 4
+    assert d3.pairer.counts["depth_received"] == 20
+
+
+def test_a_depth_stream_that_stops_is_counted_outside_tolerance_then_stale():
+    cam, got = _run_camera(depth_encoding="32FC1", depth_stop_after=10)
+    assert len(got["depth"]) == 10 and got["depth"][0].encoding == "32FC1"
+    d3, out = _track_in_3d(cam, got, DepthParams(tolerance_s=0.01, stale_after_s=0.09))
+    reasons = [f3.reason for _, f3 in out]
+    assert reasons == [""] * 10 + [OUTSIDE_TOLERANCE] * 5 + [DEPTH_STALE] * 9
+    assert all(o.has_position for _, f3 in out[:10] for o in f3.objects)
+    assert d3.counts["frames_3d"] + d3.counts["no_3d.outside_tolerance"] + d3.counts["no_3d.depth_stale"] == FRAMES
