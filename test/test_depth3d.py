@@ -213,3 +213,13 @@ def test_depth_params_are_validated():
         Depth3D(DepthParams(buffer_size=0))
     with pytest.raises(DepthError, match="max_depth_m"):
         DepthParams(min_depth_m=5.0, max_depth_m=1.0).validate()
+
+
+def test_node_parameters_map_onto_depth_params():
+    from hqsmem_ros.core.depth3d import DEPTH_NODE_PARAMS, params_from_node
+    defaults = {name: default for name, (_, default, _) in DEPTH_NODE_PARAMS.items()}
+    assert params_from_node(defaults) == DepthParams()
+    p = params_from_node(dict(defaults, depth_tolerance=0.05, points_decimation=3, use_depth=True))
+    assert (p.tolerance_s, p.points_decimation) == (0.05, 3)
+    with pytest.raises(DepthError, match="points_decimation"):
+        params_from_node({"points_decimation": 0})

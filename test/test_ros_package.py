@@ -33,7 +33,7 @@ def test_cmakelists_generates_every_interface_file():
     text = (ROOT / "CMakeLists.txt").read_text()
     for f in sorted((ROOT / "msg").glob("*.msg")) + sorted((ROOT / "srv").glob("*.srv")):
         assert f'"{f.parent.name}/{f.name}"' in text, f
-    for exe in ("hqsmem_node", "synthetic_camera", "hqsmem_recorder"):
+    for exe in ("hqsmem_node", "synthetic_camera", "synthetic_rgbd_camera", "hqsmem_recorder"):
         assert f"scripts/{exe}" in text and (ROOT / "scripts" / exe).stat().st_mode & 0o111
 
 

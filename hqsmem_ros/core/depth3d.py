@@ -99,26 +99,27 @@ class DepthParams:
 
 
 # Node parameter name -> (DepthParams field or None, default, description). `use_depth` and
-# `publish_points` are the node's own switches.
+# `publish_points` are the node's own switches; the others' defaults are DepthParams'.
+_DEPTH_NODE_DOCS: Tuple[Tuple[str, Optional[str], Any, str], ...] = (
+    ("use_depth", None, False, "Subscribe to 'depth' (sensor_msgs/Image 16UC1 millimetres or 32FC1 metres, "
+                               "registered to the colour image) and 'depth/camera_info'; adds 3D position, "
+                               "extent and valid point count to ~/objects"),
+    ("depth_tolerance", "tolerance_s", None, "Largest stamp difference (s) between a colour frame and the "
+                                             "depth frame paired with it"),
+    ("depth_stale_after", "stale_after_s", None, "A colour frame this many seconds newer than the newest "
+                                                 "depth frame counts as depth_stale"),
+    ("depth_buffer_size", "buffer_size", None, "Recent depth frames kept for pairing"),
+    ("depth_min_points", "min_points", None, "Fewest valid depth points (after outlier rejection) for an "
+                                             "object's 3D position"),
+    ("depth_mad_k", "mad_k", None, "Outlier rejection: drop depths further than k * 1.4826 * MAD from the median"),
+    ("depth_min_m", "min_depth_m", None, "Depths below this (m) are invalid"),
+    ("depth_max_m", "max_depth_m", None, "Depths above this (m) are invalid"),
+    ("points_decimation", "points_decimation", None, "~/points keeps every N-th point of each object"),
+    ("publish_points", None, True, "Publish ~/points (PointCloud2 of the objects' inlier points; only built "
+                                   "while someone subscribes)"),
+)
 DEPTH_NODE_PARAMS: Dict[str, Tuple[Optional[str], Any, str]] = {
-    "use_depth": (None, False, "Subscribe to 'depth' (sensor_msgs/Image 16UC1 millimetres or 32FC1 "
-                               "metres, registered to the colour image) and 'depth/camera_info'; "
-                               "adds 3D position, extent and valid point count to ~/objects"),
-    "depth_tolerance": ("tolerance_s", 0.02, "Largest stamp difference (s) between a colour frame "
-                                              "and the depth frame paired with it"),
-    "depth_stale_after": ("stale_after_s", 1.0, "A colour frame this many seconds newer than the "
-                                                 "newest depth frame counts as depth_stale"),
-    "depth_buffer_size": ("buffer_size", 10, "Recent depth frames kept for pairing"),
-    "depth_min_points": ("min_points", 20, "Fewest valid depth points (after outlier rejection) "
-                                           "for an object's 3D position"),
-    "depth_mad_k": ("mad_k", 3.0, "Outlier rejection: drop depths further than k * 1.4826 * MAD "
-                                  "from the median"),
-    "depth_min_m": ("min_depth_m", 0.1, "Depths below this (m) are invalid"),
-    "depth_max_m": ("max_depth_m", 20.0, "Depths above this (m) are invalid"),
-    "points_decimation": ("points_decimation", 1, "~/points keeps every N-th point of each object"),
-    "publish_points": (None, True, "Publish ~/points (PointCloud2 of the objects' inlier points; "
-                                   "only built while someone subscribes)"),
-}
+    name: (f, getattr(DepthParams(), f) if f else default, doc) for name, f, default, doc in _DEPTH_NODE_DOCS}
 
 
 def params_from_node(values: Dict[str, Any]) -> DepthParams:
