@@ -14,7 +14,9 @@ from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
 from hqsmem_ros.core.depth3d import DEPTH_STALE, OUTSIDE_TOLERANCE, Depth3D, DepthParams  # noqa: E402
 from hqsmem_ros.core.pipeline import HQSMemPipeline, ObjectPrompt  # noqa: E402
+from hqsmem_ros.core.depth3d import pack_points  # noqa: E402
 from hqsmem_ros.ros import image_codec  # noqa: E402
+from hqsmem_ros.ros.depth_msgs import add_depth_msg, pointcloud2_msg, set_camera_info_msg  # noqa: E402
 from hqsmem_ros.ros.spinning import BackgroundSpinner  # noqa: E402
 from hqsmem_ros.ros.synthetic_rgbd_camera import SyntheticRGBDCamera  # noqa: E402
 
@@ -67,16 +69,14 @@ def _track_in_3d(cam, got, params):
     """What a session does: depth frames into the pairer in stamp order, each colour frame tracked
     by the real pipeline and measured in 3D."""
     d3 = Depth3D(params)
-    info = got["depth/camera_info"][0]
-    d3.set_camera_info(info.k, info.width, info.height)
+    set_camera_info_msg(d3, got["depth/camera_info"][0])
     depth = sorted(got["depth"], key=_secs)
     pipeline = HQSMemPipeline()
     out = []
     for k, img in enumerate(sorted(got["image"], key=_secs)):
         t = _secs(img)
         while depth and _secs(depth[0]) <= t + params.tolerance_s:
-            m = depth.pop(0)
-            d3.add_depth(m.encoding, m.height, m.width, m.step, m.is_bigendian, bytes(m.data), _secs(m), m.header.frame_id)
+            add_depth_msg(d3, depth.pop(0))
         prompts = None
         if k == 0:
             label = cam.data[0].label
@@ -114,6 +114,47 @@ def test_rgbd_camera_pairs_and_3d_matches_the_truth_with_dropped_depth_frames():
     assert len(errors) == 3 * 20 and np.median(errors) < 0.03
     assert d3.counts["frames_3d"] == 20 and d3.counts["no_3d.outside_tolerance"] == 4
     assert d3.pairer.counts["depth_received"] == 20
+    _point_cloud_over_dds(out[0][1])
+
+
+def _point_cloud_over_dds(frame3d):
+    """~/points as the node will publish it: PointCloud2 across DDS, read back by its fields."""
+    from sensor_msgs.msg import PointCloud2
+    from std_msgs.msg import Header
+    xyz, ids = frame3d.points
+    ctx = Context()
+    rclpy.init(context=ctx)
+    node = rclpy.create_node("cloud_check", context=ctx)
+    got = []
+    qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+    node.create_subscription(PointCloud2, "points", got.append, qos)
+    pub = node.create_publisher(PointCloud2, "points", qos)
+    header = Header(frame_id=frame3d.frame_id)
+    header.stamp.sec = 1000
+    msg = pointcloud2_msg(pack_points(xyz, ids), header)
+    from rclpy.executors import SingleThreadedExecutor
+    executor = SingleThreadedExecutor(context=ctx)
+    executor.add_node(node)
+    try:
+        deadline = time.monotonic() + 20
+        while not got and time.monotonic() < deadline:
+            if pub.get_subscription_count():
+                pub.publish(msg)
+            executor.spin_once(timeout_sec=0.1)
+        assert got, "no PointCloud2 received"
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+    m = got[0]
+    assert (m.height, m.width, m.point_step, m.header.frame_id) == (1, len(xyz), 16, "camera_color_optical_frame")
+    fields = {f.name: (f.offset, f.datatype, f.count) for f in m.fields}
+    assert fields == {"x": (0, 7, 1), "y": (4, 7, 1), "z": (8, 7, 1), "id": (12, 4, 1)}
+    raw = np.frombuffer(bytes(m.data), np.uint8).reshape(m.width, m.point_step)
+    for i, name in enumerate("xyz"):
+        np.testing.assert_array_equal(raw[:, fields[name][0]:fields[name][0] + 4].copy().view("<f4").ravel(), xyz[:, i])
+    np.testing.assert_array_equal(raw[:, 12:14].copy().view("<u2").ravel(), ids)
+
 
 
 def test_a_depth_stream_that_stops_is_counted_outside_tolerance_then_stale():
