@@ -223,3 +223,23 @@ def test_node_parameters_map_onto_depth_params():
     assert (p.tolerance_s, p.points_decimation) == (0.05, 3)
     with pytest.raises(DepthError, match="points_decimation"):
         params_from_node({"points_decimation": 0})
+
+
+def test_a_colour_frame_waits_for_its_depth_frame_only_while_it_can_still_come():
+    import threading
+    import time
+    p = DepthPairer(tolerance_s=0.01, buffer_size=5, stale_after_s=1.0)
+    start = time.monotonic()
+    assert p.match(1.0, wait_s=5.0) == (None, NO_DEPTH_YET)  # no stream yet: no wait
+    p.add(1.0, "d1")
+    late = threading.Timer(0.05, p.add, args=(1.033, "d2"))
+    late.start()
+    assert p.match(1.033, wait_s=30.0) == ("d2", "")  # woken by the depth frame's arrival
+    late.join()
+    assert p.match(2.5, wait_s=30.0) == (None, DEPTH_STALE)  # a stopped stream: no wait
+    # The next depth frame (stamp past the tolerance) ends the wait of a frame whose depth was dropped.
+    after = threading.Timer(0.05, p.add, args=(1.1, "d4"))
+    after.start()
+    assert p.match(1.066, wait_s=30.0) == (None, OUTSIDE_TOLERANCE)
+    after.join()
+    assert time.monotonic() - start < 20

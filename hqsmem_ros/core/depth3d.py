@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -77,13 +78,16 @@ class DepthParams:
     min_depth_m: float = 0.1
     max_depth_m: float = 20.0
     points_decimation: int = 1
+    # Live streams: how long a colour frame's 3D step waits for its depth frame (0: use what has
+    # arrived; bag sessions feed in stamp order and never wait).
+    wait_s: float = 0.0
     # Medians from at most this many evenly strided points per object (counts, extents and the
     # point cloud use all): a median of 8192 samples is within ~1 % of a sigma of the full one.
     stats_max_points: int = 8192
 
     def validate(self) -> None:
         for name, lo in (("tolerance_s", 0.0), ("stale_after_s", 0.0), ("mad_k", 0.0), ("mad_floor_m", 0.0),
-                         ("min_depth_m", 0.0)):
+                         ("min_depth_m", 0.0), ("wait_s", 0.0)):
             v = getattr(self, name)
             finite = math.isfinite(v) if isinstance(v, (int, float)) else False
             if name == "mad_k" and v == math.inf:
@@ -109,6 +113,8 @@ _DEPTH_NODE_DOCS: Tuple[Tuple[str, Optional[str], Any, str], ...] = (
     ("depth_stale_after", "stale_after_s", None, "A colour frame this many seconds newer than the newest "
                                                  "depth frame counts as depth_stale"),
     ("depth_buffer_size", "buffer_size", None, "Recent depth frames kept for pairing"),
+    ("depth_wait", "wait_s", None, "Seconds a colour frame's 3D step waits for a depth frame still on its way "
+                                   "(only while the depth stream is live; 0: use what has arrived)"),
     ("depth_min_points", "min_points", None, "Fewest valid depth points (after outlier rejection) for an "
                                              "object's 3D position"),
     ("depth_mad_k", "mad_k", None, "Outlier rejection: drop depths further than k * 1.4826 * MAD from the median"),
@@ -373,37 +379,52 @@ class DepthPairer:
     def __init__(self, tolerance_s: float = 0.02, buffer_size: int = 10, stale_after_s: float = 1.0):
         self.tolerance_s, self.stale_after_s = float(tolerance_s), float(stale_after_s)
         self._buf: Deque[Tuple[float, Any]] = deque(maxlen=int(buffer_size))
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self.counts: Dict[str, int] = {"paired": 0, NO_DEPTH_YET: 0, OUTSIDE_TOLERANCE: 0, DEPTH_STALE: 0,
                                        "depth_received": 0, "depth_resets": 0}
 
     def reset(self) -> None:
-        with self._lock:
+        with self._cond:
             self._buf.clear()
 
     def add(self, stamp: float, item: Any) -> None:
-        with self._lock:
+        with self._cond:
             self.counts["depth_received"] += 1
             if self._buf and stamp < self._buf[-1][0]:
                 self._buf.clear()
                 self.counts["depth_resets"] += 1
             self._buf.append((float(stamp), item))
+            self._cond.notify_all()
 
-    def match(self, stamp: float) -> Tuple[Optional[Any], str]:
-        """(depth item, "") or (None, reason) for a colour frame stamped `stamp`."""
-        with self._lock:
-            if not self._buf:
-                reason = NO_DEPTH_YET
-            elif stamp - self._buf[-1][0] > self.stale_after_s:
-                reason = DEPTH_STALE
-            else:
-                best_stamp, best = min(self._buf, key=lambda e: abs(e[0] - stamp))
-                if abs(best_stamp - stamp) <= self.tolerance_s + 1e-9:
-                    self.counts["paired"] += 1
-                    return best, ""
-                reason = OUTSIDE_TOLERANCE
-            self.counts[reason] += 1
-            return None, reason
+    def _decide(self, stamp: float) -> Tuple[Optional[Any], str, bool]:
+        """(item, reason, a later depth frame could still pair) from the buffer as it is."""
+        if not self._buf:
+            return None, NO_DEPTH_YET, False  # nothing to wait for: the stream has not started
+        newest = self._buf[-1][0]
+        if stamp - newest > self.stale_after_s:
+            return None, DEPTH_STALE, False
+        best_stamp, best = min(self._buf, key=lambda e: abs(e[0] - stamp))
+        if abs(best_stamp - stamp) <= self.tolerance_s + 1e-9:
+            return best, "", False
+        return None, OUTSIDE_TOLERANCE, newest < stamp + self.tolerance_s
+
+    def match(self, stamp: float, wait_s: float = 0.0) -> Tuple[Optional[Any], str]:
+        """(depth item, "") or (None, reason) for a colour frame stamped `stamp`.
+
+        With `wait_s` > 0, a frame whose depth may still be on its way (the depth stream is live
+        and its newest frame is older than this stamp) waits up to that long for it; a stream
+        that has not started or is stale is answered at once.
+        """
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while True:
+                item, reason, pending = self._decide(stamp)
+                remaining = deadline - time.monotonic()
+                if not pending or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            self.counts["paired" if not reason else reason] += 1
+            return item, reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,7 +500,7 @@ class Depth3D:
     def process(self, result: Any, want_points: bool = False) -> Frame3D:
         """3D for a pipeline FrameResult (its `stamp`, `shape`, `label` and `objects`)."""
         stamp = result.stamp
-        depth, reason = self.pairer.match(stamp if stamp is not None else math.nan)
+        depth, reason = self.pairer.match(stamp if stamp is not None else math.nan, self.params.wait_s)
         if depth is None:
             msg = {NO_DEPTH_YET: "no depth frame received yet",
                    DEPTH_STALE: f"depth stream stale: newest depth frame more than "
