@@ -165,3 +165,25 @@ def test_a_depth_stream_that_stops_is_counted_outside_tolerance_then_stale():
     assert reasons == [""] * 10 + [OUTSIDE_TOLERANCE] * 5 + [DEPTH_STALE] * 9
     assert all(o.has_position for _, f3 in out[:10] for o in f3.objects)
     assert d3.counts["frames_3d"] + d3.counts["no_3d.outside_tolerance"] + d3.counts["no_3d.depth_stale"] == FRAMES
+
+
+def test_rgbd_camera_writes_its_3d_truth_and_refuses_unknown_depth_encodings(tmp_path):
+    import csv
+    ctx = Context()
+    rclpy.init(context=ctx)
+    try:
+        P = rclpy.parameter.Parameter
+        cam = SyntheticRGBDCamera(context=ctx, parameter_overrides=[
+            P("width", value=160), P("height", value=120), P("frames", value=3), P("out_dir", value=str(tmp_path))])
+        cam.write_truth()
+        rows = list(csv.DictReader(open(tmp_path / "truth3d.csv")))
+        assert len(rows) == sum(len(cam.truth(k)) for k in range(3)) > 0
+        for r in rows:
+            t = cam.truth(int(r["frame"]))[int(r["id"])]
+            assert abs(float(r["cz"]) - t.centre[2]) < 1e-5 and int(r["visible_pixels"]) == t.visible_pixels
+        assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == ["00000.png", "00001.png", "00002.png"]
+        cam.destroy_node()
+        with pytest.raises(ValueError, match="depth_encoding must be one of 16UC1, 32FC1"):
+            SyntheticRGBDCamera(context=ctx, parameter_overrides=[P("depth_encoding", value="8UC1")])
+    finally:
+        rclpy.shutdown(context=ctx)
