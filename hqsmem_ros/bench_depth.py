@@ -89,7 +89,7 @@ def accuracy(frames: int, size, n_objects: int, seed: int, config: Optional[str]
     return out
 
 
-def speed(frames: int, size, n_objects: int, seed: int, config: Optional[str]) -> Dict:
+def speed(frames: int, size, n_objects: int, seed: int, config: Optional[str], repeat: int = 5) -> Dict:
     from hqsmem_ros.bench import _pin_one_core
     core = _pin_one_core()
     data = list(iter_rgbd(seed, size, frames, n_objects))  # generated outside the timed region
@@ -97,7 +97,7 @@ def speed(frames: int, size, n_objects: int, seed: int, config: Optional[str]) -
     pipeline = HQSMemPipeline(load_config(config))
     d3 = Depth3D(DepthParams())
     d3.set_camera_info([intr.fx, 0, intr.cx, 0, intr.fy, intr.cy, 0, 0, 1], *size)
-    t_pipe, t_3d, t_pts = [], [], []
+    t_pipe, t_3d, t_pts, t_best = [], [], [], []
     n_points = 0
     for k, f in enumerate(data):
         prompts = [ObjectPrompt(int(i), mask=f.label == i) for i in np.unique(f.label) if i] if k == 0 else None
@@ -109,6 +109,13 @@ def speed(frames: int, size, n_objects: int, seed: int, config: Optional[str]) -
         t2 = time.perf_counter()
         r = d3.process(result)
         t3 = time.perf_counter()
+        t_first = t3 - t2
+        best = t3 - t2 + (t2 - t1)
+        for _ in range(repeat - 1):  # the least of a few runs: without the other jobs' preemptions
+            a = time.perf_counter()
+            d3.process(result)
+            best = min(best, time.perf_counter() - a + (t2 - t1))
+        t3 = time.perf_counter()
         r2 = d3.process(result, want_points=True)
         cloud = pack_points(*r2.points)
         t4 = time.perf_counter()
@@ -116,12 +123,16 @@ def speed(frames: int, size, n_objects: int, seed: int, config: Optional[str]) -
             continue
         n_points += cloud["width"]
         t_pipe.append(t1 - t0)
-        t_3d.append(t3 - t1)  # decode + pair + checks + every object's 3D
+        t_3d.append(t2 - t1 + t_first)  # decode + pair + checks + every object's 3D
+        t_best.append(best)
         t_pts.append(t4 - t3 + (t2 - t1))  # the same with the point cloud, packed
     ms = lambda v: round(1000 * float(np.mean(v)), 3)  # noqa: E731
     return {"frames": len(t_pipe), "size": f"{size[0]}x{size[1]}", "objects": n_objects, "core": core,
-            "pipeline_ms": ms(t_pipe), "depth3d_ms": ms(t_3d), "depth3d_median_ms": round(1000 * float(np.median(t_3d)), 3), "depth3d_p95_ms": round(1000 * float(np.percentile(t_3d, 95)), 3),
-            "depth3d_with_points_ms": ms(t_pts), "points_per_frame": round(n_points / max(len(t_pipe), 1)),
+            "pipeline_ms": ms(t_pipe), "depth3d_ms": ms(t_3d),
+            "depth3d_median_ms": round(1000 * float(np.median(t_3d)), 3),
+            "depth3d_p95_ms": round(1000 * float(np.percentile(t_3d, 95)), 3),
+            "depth3d_best_of_ms": ms(t_best), "repeat": repeat, "depth3d_with_points_ms": ms(t_pts),
+            "points_per_frame": round(n_points / max(len(t_pipe), 1)),
             "depth3d_over_pipeline": round(float(np.mean(t_3d) / np.mean(t_pipe)), 4)}
 
 
@@ -168,6 +179,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"  pipeline: {out['pipeline_ms']} ms/frame")
         print(f"  depth 3D (decode, pair, check, every object): {out['depth3d_ms']} ms/frame (median {out['depth3d_median_ms']}, p95 {out['depth3d_p95_ms']}), "
               f"{100 * out['depth3d_over_pipeline']:.1f} % of the pipeline")
+        print(f"  depth 3D, least of {out['repeat']} runs per frame: {out['depth3d_best_of_ms']} ms/frame (mean over frames)")
         print(f"  with the point cloud packed ({out['points_per_frame']} points): {out['depth3d_with_points_ms']} ms/frame")
     return 0
 
