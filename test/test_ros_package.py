@@ -33,7 +33,7 @@ def test_cmakelists_generates_every_interface_file():
     text = (ROOT / "CMakeLists.txt").read_text()
     for f in sorted((ROOT / "msg").glob("*.msg")) + sorted((ROOT / "srv").glob("*.srv")):
         assert f'"{f.parent.name}/{f.name}"' in text, f
-    for exe in ("hqsmem_node", "synthetic_camera", "hqsmem_recorder"):
+    for exe in ("hqsmem_node", "synthetic_camera", "synthetic_rgbd_camera", "hqsmem_recorder"):
         assert f"scripts/{exe}" in text and (ROOT / "scripts" / exe).stat().st_mode & 0o111
 
 
@@ -41,11 +41,17 @@ def test_launch_file_compiles_and_declares_its_arguments():
     path = ROOT / "launch" / "track.launch.py"
     py_compile.compile(str(path), doraise=True)
     tree = ast.parse(path.read_text())
-    declared = {node.args[0].value for node in ast.walk(tree)
-                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "DeclareLaunchArgument"}
-    assert declared == {"image_topic", "config", "namespace", "device", "use_sim_time", "dds_profile"}
+    declared = [node.args[0].value for node in ast.walk(tree)
+                if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_declare"]
+    from hqsmem_ros.launch_params import LAUNCH_ARGUMENTS
+    assert sorted(declared) == sorted(LAUNCH_ARGUMENTS)  # each once, and every one the helper reads
+    assert {"image_topic", "config", "namespace", "device", "use_sim_time", "initial_mask", "prompts_file",
+            "qos_reliability", "qos_depth", "frame_queue_size", "depth_topic", "lifecycle", "autostart", "dds_profile"} <= set(declared)
     assert "additional_env" in path.read_text() and "fastdds.xml" in path.read_text()
     assert "generate_launch_description" in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    # The launch file hands every argument to node_setup and builds a LifecycleNode in lifecycle mode.
+    calls = {getattr(n.func, "id", getattr(n.func, "attr", "")) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert {"node_setup", "Node", "LifecycleNode", "ChangeState", "OnStateTransition", "RegisterEventHandler"} <= calls
 
 
 def test_fastdds_profile_holds_large_frames_and_is_the_default_profile():

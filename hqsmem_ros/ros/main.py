@@ -6,13 +6,8 @@ keys; everything after --ros-args goes to ROS as usual (remappings, -p name:=val
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import List, Optional
-
-import yaml
 
 from hqsmem_ros.malloc_tuning import reuse_large_buffers
 
@@ -30,18 +25,10 @@ def prefer_short_gil_slices() -> None:
 
 def _params_file(path: str) -> str:
     """A ROS parameter file for `path`: itself, or a temporary wrapper around a plain mapping
-    (read and checked before: ConfigError)."""
-    from hqsmem_ros.core.config_check import is_ros_param_file, read_yaml_mapping
+    (LaunchArgumentError, a ValueError, naming the file and the expected formats otherwise)."""
+    from hqsmem_ros.launch_params import ros_params_file
 
-    data = read_yaml_mapping(path)
-    if is_ros_param_file(data):
-        return str(path)
-    # A plain pipeline config (the CLI's --config format): the node reads it as pipeline.*.
-    wrapped = {"/**": {"ros__parameters": {"pipeline": data}}}
-    fd, tmp = tempfile.mkstemp(prefix="hqsmem_params_", suffix=".yaml")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(wrapped, f)
-    return tmp
+    return ros_params_file(path)
 
 
 def check_parameters(config: Optional[str], ros_args: List[str], node_name: str) -> None:
@@ -92,14 +79,16 @@ def main(argv: Optional[List[str]] = None) -> int:
               "setup and the workspace's install/setup.bash.", file=sys.stderr)
         return 2
     from hqsmem_ros.core.config import ConfigError
+    from hqsmem_ros.launch_params import LaunchArgumentError
     from hqsmem_ros.ros.node import HQSMemNode
 
     try:
+        params_file = _params_file(args.config) if args.config else None  # its format first
         check_parameters(args.config, ros_args, args.name)
-        if args.config:
+        if params_file:
             # The file first, so that -p name:=value given after --ros-args overrides it.
-            ros_args = ["--ros-args", "--params-file", _params_file(args.config)] + ros_args[1:]
-    except ConfigError as exc:
+            ros_args = ["--ros-args", "--params-file", params_file] + ros_args[1:]
+    except (ConfigError, LaunchArgumentError) as exc:
         print(f"hqsmem node: {exc}", file=sys.stderr)
         return 2
 
