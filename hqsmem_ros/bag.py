@@ -4,7 +4,7 @@
 
 Reads sqlite3 and mcap bags (a bag directory, or a single .mcap/.db3 file) with the `rosbags`
 library, decodes sensor_msgs/Image or CompressedImage with the node's own codec
-(hqsmem_ros.ros.image_codec), runs HQSMemPipeline frame by frame and writes a new bag with
+(hqsmem_ros.io.image_codec), runs HQSMemPipeline frame by frame and writes a new bag with
 every input topic plus the node's outputs, stamped like the input image they describe (header
 and bag time):
 
@@ -54,11 +54,11 @@ import numpy as np
 
 from hqsmem_ros.core.config import load_config
 from hqsmem_ros.core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt, PromptError
-from hqsmem_ros.prompts_file import (PromptEntry, PromptSchedule, PromptsFileError, format_stamp,
+from hqsmem_ros.io.prompts_file import (PromptEntry, PromptSchedule, PromptsFileError, format_stamp,
                                      load_prompts_file)
-from hqsmem_ros.ros import image_codec, prompt_msgs
-from hqsmem_ros.ros.prompt_msgs import MAX_ID
-from hqsmem_ros.ros.image_codec import ImageDecodeError
+from hqsmem_ros.io import image_codec, prompt_msgs
+from hqsmem_ros.io.prompt_msgs import MAX_ID
+from hqsmem_ros.io.image_codec import ImageDecodeError
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
 COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
@@ -486,7 +486,7 @@ class _Outputs:
         out = [("masks", self.store.serialize_cdr(masks, IMAGE_TYPE)),
                ("objects", self.store.serialize_cdr(arr, OBJECTS_TYPE))]
         if self.overlay:
-            from hqsmem_ros.ros.overlay import render_overlay
+            from hqsmem_ros.io.overlay import render_overlay
             over = render_overlay(rgb, label, result.objects, self.alpha, labels)
             out.append(("overlay", self.store.serialize_cdr(self._image(header, image_codec.rgb_to_fields(over)),
                                                             IMAGE_TYPE)))

@@ -138,7 +138,7 @@ def cmd_bag(args) -> int:
         from .bag import BagError, process_bag
     except ImportError as exc:
         raise CliError(f"hqsmem bag needs the rosbags library ({exc}); pip install rosbags")
-    from .prompts_file import PromptsFileError
+    from .io.prompts_file import PromptsFileError
 
     try:
         summary = process_bag(args.in_bag, args.out_bag, args.image_topic, prompts_file=args.prompts,

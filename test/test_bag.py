@@ -16,7 +16,7 @@ from hqsmem_ros.core.pipeline import HQSMemPipeline, ObjectPrompt
 from hqsmem_ros.data.synth import make_sequence
 from hqsmem_ros.data.synth_bag import DEFAULT_START_NS, image_message, prompt_array_message, write_synthetic_bag
 from hqsmem_ros.eval.davis_io import write_label
-from hqsmem_ros.ros import image_codec
+from hqsmem_ros.io import image_codec
 
 SIZE = (160, 120)
 FRAMES = 20

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hqsmem_ros.eval.davis_io import write_label
-from hqsmem_ros.prompts_file import PromptsFileError, load_prompts_file
+from hqsmem_ros.io.prompts_file import PromptsFileError, load_prompts_file
 
 
 def write(tmp_path, text, name="p.yaml"):

@@ -26,7 +26,7 @@ from hqsmem_ros.bag import BagError, process_bag, read_outputs, stamp_ns_of  # n
 from hqsmem_ros.core.config import load_config  # noqa: E402
 from hqsmem_ros.data.synth_bag import write_synthetic_bag  # noqa: E402
 from hqsmem_ros.msg import TrackedObjectArray  # noqa: E402
-from hqsmem_ros.ros import image_codec as ic  # noqa: E402
+from hqsmem_ros.io import image_codec as ic  # noqa: E402
 from hqsmem_ros.ros.node import HQSMemNode  # noqa: E402
 from hqsmem_ros.ros.replay import BagReplayer  # noqa: E402
 from hqsmem_ros.ros.spinning import BackgroundSpinner  # noqa: E402

@@ -20,7 +20,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
 from hqsmem_ros.msg import ObjectPrompt, ObjectPromptArray, TrackedObjectArray  # noqa: E402
-from hqsmem_ros.ros import image_codec as ic  # noqa: E402
+from hqsmem_ros.io import image_codec as ic  # noqa: E402
 from hqsmem_ros.core.config import ConfigError  # noqa: E402
 from hqsmem_ros.ros.node import HQSMemNode  # noqa: E402
 from hqsmem_ros.ros.spinning import BackgroundSpinner  # noqa: E402

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from hqsmem_ros.ros import image_codec
+from hqsmem_ros.io import image_codec
 
 IMAGE_FORMATS = ("rgb8", "bgr8", "jpeg", "png")
 DEFAULT_START_NS = 1_700_000_000_000_000_000

@@ -109,7 +109,7 @@ def _image_class(encoding: str):
 
 def _image_msgs(frames, encoding: str):
     from sensor_msgs.msg import CompressedImage, Image
-    from hqsmem_ros.ros import image_codec
+    from hqsmem_ros.io import image_codec
     out = []
     for rgb in frames:
         if encoding == "jpeg":

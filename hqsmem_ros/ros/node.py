@@ -38,12 +38,12 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
 from hqsmem_ros.core.config import ConfigError, PipelineConfig
 from hqsmem_ros.core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt, PromptError
-from hqsmem_ros.prompts_file import PromptsFileError, load_prompts_file
+from hqsmem_ros.io.prompts_file import PromptsFileError, load_prompts_file
 from hqsmem_ros.msg import ObjectPromptArray, TrackedObject, TrackedObjectArray
-from hqsmem_ros.ros import image_codec, prompt_msgs
-from hqsmem_ros.ros.prompt_msgs import MAX_ID
-from hqsmem_ros.ros.image_codec import ImageDecodeError
-from hqsmem_ros.ros.overlay import render_overlay
+from hqsmem_ros.io import image_codec, prompt_msgs
+from hqsmem_ros.io.prompt_msgs import MAX_ID
+from hqsmem_ros.io.image_codec import ImageDecodeError
+from hqsmem_ros.io.overlay import render_overlay
 from hqsmem_ros.srv import AddObjects, RemoveObjects, Reset
 
 

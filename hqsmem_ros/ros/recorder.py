@@ -24,7 +24,7 @@ from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import Image
 
 from hqsmem_ros.msg import TrackedObjectArray
-from hqsmem_ros.ros import image_codec
+from hqsmem_ros.io import image_codec
 from hqsmem_ros.ros.spinning import BackgroundSpinner
 
 _MSG_DIR_CANDIDATES = (Path(__file__).resolve().parents[2] / "msg",)

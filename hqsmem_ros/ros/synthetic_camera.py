@@ -24,7 +24,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
 from hqsmem_ros.data.synth import make_sequence
-from hqsmem_ros.ros import image_codec
+from hqsmem_ros.io import image_codec
 from hqsmem_ros.ros.spinning import BackgroundSpinner
 
 
