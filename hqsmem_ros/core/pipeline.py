@@ -76,6 +76,16 @@ class FrameResult:
         return self.label
 
 
+def check_image(image) -> np.ndarray:
+    """The frame as the pipeline takes it (contiguous HxWx3 uint8, at least 8x8), or FrameError."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        desc = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}"
+        raise FrameError(f"frame must be an HxWx3 uint8 RGB array, got {desc}")
+    if image.shape[0] < 8 or image.shape[1] < 8:
+        raise FrameError(f"frame of {image.shape[1]}x{image.shape[0]} is too small (at least 8x8)")
+    return np.ascontiguousarray(image)
+
+
 def _resize_mask(mask: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
     if mask.shape[1] == size_wh[0] and mask.shape[0] == size_wh[1]:
         return mask
@@ -145,10 +155,6 @@ class HQSMemPipeline:
     def frames_processed(self) -> int:
         return self._frame
 
-    def next_free_id(self) -> int:
-        used = self._ids | self._retired
-        return max(used) + 1 if used else 1
-
     def stats(self) -> Dict[str, object]:
         return {
             "frames": self._frame,
@@ -169,16 +175,12 @@ class HQSMemPipeline:
 
     # -- input checks -------------------------------------------------------------------------
     def _check_image(self, image) -> np.ndarray:
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            desc = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}"
-            raise FrameError(f"frame must be an HxWx3 uint8 RGB array, got {desc}")
-        if image.shape[0] < 8 or image.shape[1] < 8:
-            raise FrameError(f"frame of {image.shape[1]}x{image.shape[0]} is too small (at least 8x8)")
+        image = check_image(image)
         if self._size is not None and image.shape[:2] != self._size:
             raise FrameError(
                 f"frame size changed from {self._size[1]}x{self._size[0]} to {image.shape[1]}x{image.shape[0]}; "
                 "call reset() to start a new stream")
-        return np.ascontiguousarray(image)
+        return image
 
     def _check_stamp(self, stamp) -> None:
         if stamp is None:
@@ -202,7 +204,7 @@ class HQSMemPipeline:
                 raise PromptError(f"object id {p.id} appears twice in one request")
             seen.add(p.id)
             if p.id in self._retired:
-                raise PromptError(f"object id {p.id} was removed earlier; ids are never reused (next free: {self.next_free_id()})")
+                raise PromptError(f"object id {p.id} was removed earlier; ids are never reused")
             if p.id in remove:
                 raise PromptError(f"object id {p.id} is both prompted and removed")
             if p.id not in self._ids:
@@ -304,7 +306,10 @@ class HQSMemPipeline:
         refined: Dict[int, bool] = {}
         score: Dict[int, float] = {}
         mode = self.config.refine_mode
-        to_refine = [i for i in sorted(tracked) if tracked[i].sum() >= max(1, self.config.min_refine_area)]
+        # A prompt is the user's word for this frame: its mask is the output and what the tracker
+        # commits, never refined (also for an object that is re-prompted while tracked).
+        to_refine = [i for i in sorted(tracked) if i not in prompt_masks
+                     and tracked[i].sum() >= max(1, self.config.min_refine_area)]
         clock = time.perf_counter()
         features_ready = False
         if mode != "off" and to_refine:
