@@ -262,6 +262,34 @@ class HQSMemPipeline:
         timings["track"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
+        prompt_masks, refiner_ready = self._apply_requests(t, small, tracked, prompts, remove, (H, W))
+        timings["prompt"] = time.perf_counter() - clock
+
+        coarse: Masks = {**tracked, **prompt_masks}
+        final, refined, score, features_ready = self._refine(small, tracked, coarse, prompt_masks,
+                                                             refiner_ready, timings)
+
+        clock = time.perf_counter()
+        committed = final if self.config.use_teacher_forcing else coarse
+        self.tracker.commit(t, small, committed)
+        self._update_memory(t, stamp, small, committed, bool(prompt_masks), features_ready)
+        timings["memory"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        result = self._build_result(t, stamp, final, refined, score, (H, W))
+        timings["output"] = time.perf_counter() - clock
+        timings["total"] = time.perf_counter() - t_start
+        result.timings = timings
+        self._frame += 1
+        if stamp is not None:
+            self._last_stamp = stamp
+        return result
+
+    def _apply_requests(self, t: int, small: np.ndarray, tracked: Masks, prompts: Sequence[ObjectPrompt],
+                        remove: Sequence[int], shape) -> Tuple[Masks, bool]:
+        """Removals, then the prompts' masks at the working size, handed to the tracker.
+        Returns (prompt masks, whether the refiner already has this frame's image)."""
+        H, W = shape
         refiner_ready = False
         if remove:
             self.tracker.remove_objects(remove)
@@ -299,9 +327,12 @@ class HQSMemPipeline:
             for oid in prompt_masks:
                 self._release_prompt_frame(oid)
                 self._prompt_frame_of[oid] = t
-        timings["prompt"] = time.perf_counter() - clock
+        return prompt_masks, refiner_ready
 
-        coarse: Masks = {**tracked, **prompt_masks}
+    def _refine(self, small: np.ndarray, tracked: Masks, coarse: Masks, prompt_masks: Masks,
+                refiner_ready: bool, timings: Dict[str, float]):
+        """Steps 2-3: proposals for the tracked objects and the verification gate.
+        Returns (final masks, refined flags, gate scores, whether the features saw this frame)."""
         final: Masks = dict(coarse)
         refined: Dict[int, bool] = {}
         score: Dict[int, float] = {}
@@ -341,22 +372,7 @@ class HQSMemPipeline:
             timings["verify"] = time.perf_counter() - clock
         else:
             timings["refine"] = timings["verify"] = 0.0
-
-        clock = time.perf_counter()
-        committed = final if self.config.use_teacher_forcing else coarse
-        self.tracker.commit(t, small, committed)
-        self._update_memory(t, stamp, small, committed, bool(prompt_masks), features_ready)
-        timings["memory"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        result = self._build_result(t, stamp, final, refined, score, (H, W))
-        timings["output"] = time.perf_counter() - clock
-        timings["total"] = time.perf_counter() - t_start
-        result.timings = timings
-        self._frame += 1
-        if stamp is not None:
-            self._last_stamp = stamp
-        return result
+        return final, refined, score, features_ready
 
     def _check_points(self, p: ObjectPrompt, shape) -> None:
         h, w = shape

@@ -99,7 +99,7 @@ def write_synthetic_bag(path: Union[str, Path], frames: int = 20, size: Tuple[in
     """Write a synthetic camera bag; returns {bag, topic, stamps_ns, prompts_file, labels0}."""
     from rosbags.rosbag2 import StoragePlugin, Writer
 
-    from hqsmem_ros.bag import make_typestore
+    from hqsmem_ros.io.bagfiles import make_typestore
     from hqsmem_ros.data.synth import iter_frames
 
     if prompts not in (None, "none", "file", "topic"):

@@ -29,7 +29,7 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
 
-from hqsmem_ros.bag import BagError, IMAGE_TYPE, COMPRESSED_TYPE, make_typestore, open_bag
+from hqsmem_ros.io.bagfiles import BagError, IMAGE_TYPE, COMPRESSED_TYPE, make_typestore, open_bag
 from hqsmem_ros.ros.spinning import BackgroundSpinner
 
 DEFAULT_RESULTS_TOPIC = "/hqsmem_node/objects"
