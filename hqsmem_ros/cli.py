@@ -108,7 +108,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .tools.bench import run_bench
 
     report = run_bench(size=args.size, objects=args.objects, frames=args.frames, config=args.config,
                        one_core=not args.all_cores, seed=args.seed, random_weights=args.random_weights,
@@ -116,7 +116,7 @@ def cmd_bench(args) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        from .bench import format_report
+        from .tools.bench import format_report
         print(format_report(report))
     if args.plot:
         from .eval.plots import plot_bench
@@ -256,8 +256,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if argv[:1] == ["node"]:
             return cmd_node(argv[1:])
-        if argv[:1] == ["bench-sam2"]:  # its own options (python -m hqsmem_ros.models.bench_sam2)
-            from .models.bench_sam2 import main as bench_sam2_main
+        if argv[:1] == ["bench-sam2"]:  # its own options (python -m hqsmem_ros.tools.bench_sam2)
+            from .tools.bench_sam2 import main as bench_sam2_main
             return bench_sam2_main(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)

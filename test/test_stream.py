@@ -9,7 +9,7 @@ pytest.importorskip("rosbags", reason="rosbags not installed (pip install .[bag]
 from hqsmem_ros.io.bagfiles import make_typestore  # noqa: E402
 from hqsmem_ros.core.pipeline import HQSMemPipeline  # noqa: E402
 from hqsmem_ros.data.synth import make_sequence  # noqa: E402
-from hqsmem_ros.data.synth_bag import prompt_array_message  # noqa: E402
+from hqsmem_ros.tools.synth_bag import prompt_array_message  # noqa: E402
 from hqsmem_ros.stream import Request, SequenceGaps, StreamSession  # noqa: E402
 
 SIZE = (160, 120)

@@ -5,7 +5,7 @@ Messages are taken off DDS serialized (rclpy raw subscriptions) and written to t
 came, with the `rosbags` library, so the bag is what `ros2 bag record` would have written; no
 ROS bag tooling is needed on this machine.
 
-  python -m hqsmem_ros.ros.recorder --ros-args -p bag:=out/run -p video:=out/overlay.mp4
+  python -m hqsmem_ros.tools.recorder --ros-args -p bag:=out/run -p video:=out/overlay.mp4
 """
 from __future__ import annotations
 

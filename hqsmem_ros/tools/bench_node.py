@@ -8,8 +8,8 @@ stream    A long run at a fixed rate through `hqsmem node` (the real entry point
           reach the node: the node counts them from gaps in the publisher's sequence numbers,
           and the publisher's own count checks that figure.
 
-  .venv/bin/python -m hqsmem_ros.ros.bench_node overhead --size 1280x720 --frames 300
-  .venv/bin/python -m hqsmem_ros.ros.bench_node stream --size 320x240 --frames 5000 --rate 30 --qos both
+  .venv/bin/python -m hqsmem_ros.tools.bench_node overhead --size 1280x720 --frames 300
+  .venv/bin/python -m hqsmem_ros.tools.bench_node stream --size 320x240 --frames 5000 --rate 30 --qos both
 
 Both use their own DDS domain (ROS_DOMAIN_ID if set, else one derived from the process id), so
 nothing else on the machine hears them. Times are time.perf_counter() on one machine; the
@@ -274,7 +274,7 @@ def run_overhead(args) -> Dict:
     tmp = tempfile.mkdtemp(prefix="hqsmem_bench_node_")
     mask_png = _write_label_png(labels[0], tmp)
     node_log, echo_log = os.path.join(tmp, "node.json"), os.path.join(tmp, "echo.json")
-    me = [sys.executable, "-m", "hqsmem_ros.ros.bench_node"]
+    me = [sys.executable, "-m", "hqsmem_ros.tools.bench_node"]
     node_proc = subprocess.Popen(
         me + ["_node", "--log", node_log, "--config", args.config, "--ros-args",
               "-p", "qos_reliability:=reliable", "-p", "qos_depth:=10", "-p", f"initial_mask:={mask_png}",
@@ -582,7 +582,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.ros_args = ros
         return _child_echo(args) if args.role == "_echo" else _child_node(args)
 
-    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.ros.bench_node", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.tools.bench_node", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     for name, size, frames in (("overhead", (1280, 720), 300), ("stream", (320, 240), 5000)):
         p = sub.add_parser(name)

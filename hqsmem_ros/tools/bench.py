@@ -13,8 +13,8 @@ from typing import Dict, Optional
 import numpy as np
 import psutil
 
-from .core.config import load_config
-from .core.pipeline import HQSMemPipeline, ObjectPrompt
+from hqsmem_ros.core.config import load_config
+from hqsmem_ros.core.pipeline import HQSMemPipeline, ObjectPrompt
 
 
 def _pin_one_core() -> Optional[int]:
@@ -99,7 +99,7 @@ def with_random_weights(cfg):
 def run_bench(size=(640, 480), objects: int = 3, frames: int = 300, config=None,
               one_core: bool = True, seed: int = 0, random_weights: bool = False,
               device: Optional[str] = None, precision: Optional[str] = None) -> Dict:
-    from .data.synth import iter_frames
+    from hqsmem_ros.data.synth import iter_frames
 
     core = _pin_one_core() if one_core else None
     cfg = load_config(config)

@@ -1,6 +1,6 @@
 """Synthetic camera bags (rosbag2, mcap or sqlite3) for tests and `hqsmem bag` benchmarks, ROS-free.
 
-  python -m hqsmem_ros.data.synth_bag OUT_BAG --frames 1000 --size 640x480 --format rgb8 \
+  python -m hqsmem_ros.tools.synth_bag OUT_BAG --frames 1000 --size 640x480 --format rgb8 \
       --storage mcap --prompts file
 
 Writes the scenes of hqsmem_ros.data.synth as sensor_msgs/Image (rgb8, bgr8) or
@@ -84,7 +84,7 @@ def write_prompts_file(path: Union[str, Path], label: np.ndarray, frame: int = 0
     path = Path(path)
     mask_path = path.with_name(path.name.replace(".prompts.yaml", "") + ".prompt0.png")
     write_label(mask_path, label)
-    lines = ["# objects of the first synthetic frame (written by hqsmem_ros.data.synth_bag)", "prompts:"]
+    lines = ["# objects of the first synthetic frame (written by hqsmem_ros.tools.synth_bag)", "prompts:"]
     for i in (int(v) for v in np.unique(label) if v):
         lines += [f"  - id: {i}", f"    frame: {frame}", f"    mask: {mask_path.name}", f"    label: object{i}"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -149,7 +149,7 @@ def _size(text: str) -> Tuple[int, int]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.data.synth_bag", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.tools.synth_bag", description=__doc__.split("\n")[0])
     ap.add_argument("out_bag")
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--size", type=_size, default=(640, 480))
