@@ -220,14 +220,18 @@ class HQSMemNode(NodeParameters, Node):
     def _on_prompts(self, msg: ObjectPromptArray) -> None:
         if not msg.prompts:
             return
-        req = Request("~/prompts", list(msg.prompts), [])
+        self._enqueue(Request("~/prompts", list(msg.prompts), []))
+
+    def _enqueue(self, req: Request) -> bool:
+        """Queue a request for the next frame, or refuse it now if it needs no frame to be wrong."""
         reason = self.session.precheck(req)
         if reason:
             self.session.refuse(req, reason)
-            return
+            return False
         with self._cond:
             self._requests.append(req)
             self._cond.notify_all()
+        return True
 
     def _on_add_objects(self, request, response):
         req = Request("~/add_objects", list(request.prompts), [])
@@ -257,13 +261,8 @@ class HQSMemNode(NodeParameters, Node):
         return response
 
     def _submit_and_wait(self, req: Request) -> None:
-        reason = self.session.precheck(req)
-        if reason:
-            self.session.refuse(req, reason)
+        if not self._enqueue(req):
             return
-        with self._cond:
-            self._requests.append(req)
-            self._cond.notify_all()
         timeout = float(self.get_parameter("service_timeout").value)
         if not req.done.wait(timeout):
             with self._cond:

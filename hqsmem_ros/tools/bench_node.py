@@ -235,8 +235,7 @@ def _child_echo(args) -> int:
 def _child_node(args) -> int:
     """The tracking node as `hqsmem node` runs it, plus a per-frame timing log written at exit."""
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-    from hqsmem_ros.ros.main import _params_file, prefer_short_gil_slices, reuse_large_buffers
+    from hqsmem_ros.ros.main import _params_file, prefer_short_gil_slices, reuse_large_buffers, spin_until_shutdown
     from hqsmem_ros.ros.node import HQSMemNode
     prefer_short_gil_slices()  # as `hqsmem node` does
     reuse_large_buffers()
@@ -244,12 +243,8 @@ def _child_node(args) -> int:
                + list(args.ros_args))
     node = HQSMemNode(NODE_NAME)
     node.frame_log = []
-    executor = MultiThreadedExecutor(num_threads=6)  # processing, intake, waiting services
-    executor.add_node(node)
     try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        spin_until_shutdown(node)
     finally:
         node.stop()
         Path(args.log).write_text(json.dumps({"frames": node.frame_log, "counters": node.counters()}))
