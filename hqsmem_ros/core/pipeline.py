@@ -65,15 +65,20 @@ class FrameResult:
     frame: int
     stamp: Optional[float]
     shape: Tuple[int, int]
-    masks: Dict[int, np.ndarray]  # disjoint bool masks at the input size
     objects: List[TrackedObject]
     timings: Dict[str, float]
     memory_frames: List[int]
-    label: np.ndarray = field(repr=False, default=None)
+    label: np.ndarray = field(repr=False, default=None)  # uint16 HxW: pixel = object id
 
     def label_map(self) -> np.ndarray:
         """uint16 HxW: pixel = object id, 0 = background."""
         return self.label
+
+    @property
+    def masks(self) -> Dict[int, np.ndarray]:
+        """Disjoint bool masks at the input size, one per object (all False if absent), computed
+        from the label image when asked for (the drivers need only the label image)."""
+        return {o.id: self.label == o.id for o in self.objects}
 
 
 def check_image(image) -> np.ndarray:
@@ -484,27 +489,20 @@ class HQSMemPipeline:
         label = np.zeros((H, W), np.uint16)
         for oid in order:
             label[full[oid]] = oid
-        masks: Masks = {}
         objects: List[TrackedObject] = []
         for oid in sorted(full):
             box = mask_box(full[oid])
-            if box is None:
-                m = np.zeros((H, W), bool)
-            else:
+            if box is not None:  # what is left of the object in the label image, within its box
                 x0, y0, x1, y1 = box
-                m = np.zeros((H, W), bool)
-                m[y0:y1, x0:x1] = label[y0:y1, x0:x1] == oid
-                box = mask_box(m)
-            masks[oid] = m
-            if box is None:
-                objects.append(TrackedObject(oid, (0, 0, 0, 0), 0.0, False, False, 0, (float("nan"), float("nan"))))
-                continue
-            x0, y0, x1, y1 = box
-            ys, xs = np.nonzero(m[y0:y1, x0:x1])
-            objects.append(TrackedObject(
-                oid, box, score.get(oid, 1.0), True, bool(refined.get(oid, False)), int(xs.size),
-                (float(xs.mean() + x0), float(ys.mean() + y0))))
-        return FrameResult(t, stamp, (H, W), masks, objects, {}, self.tracker.memory_frames(), label)
+                ys, xs = np.nonzero(label[y0:y1, x0:x1] == oid)
+                if xs.size:
+                    box = (int(xs.min() + x0), int(ys.min() + y0), int(xs.max() + x0 + 1), int(ys.max() + y0 + 1))
+                    objects.append(TrackedObject(
+                        oid, box, score.get(oid, 1.0), True, bool(refined.get(oid, False)), int(xs.size),
+                        (float(xs.mean() + x0), float(ys.mean() + y0))))
+                    continue
+            objects.append(TrackedObject(oid, (0, 0, 0, 0), 0.0, False, False, 0, (float("nan"), float("nan"))))
+        return FrameResult(t, stamp, (H, W), objects, {}, self.tracker.memory_frames(), label)
 
 
 def _best_for_clicks(proposals: np.ndarray, scores: np.ndarray, points: np.ndarray,
