@@ -7,12 +7,12 @@ Needs the ROS 2 wheels and the built interfaces (scripts/setup_ros.sh).
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Collector
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 not installed: run scripts/setup_ros.sh")
 from rclpy.context import Context  # noqa: E402
@@ -38,7 +38,7 @@ SIZE = (160, 120)
 NS = "/hqsmem_node"
 
 
-class LiveNode:
+class LiveNode(Collector):
     """The tracking node (use_sim_time, reliable images, seeded by initial_mask) and a listener."""
 
     def __init__(self, image_topic, initial_mask, compressed, **extra):
@@ -54,7 +54,7 @@ class LiveNode:
                 "initial_mask": str(initial_mask), **extra}.items()])
         self.listener = rclpy.create_node("replay_listener", context=self.ctx)
         self.masks, self.objects, self.clock = [], [], []
-        self.cv = threading.Condition()
+        super().__init__()
         reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
         self.masks_sub = self.listener.create_subscription(Image, f"{NS}/masks", self._on(self.masks), reliable)
         self.objects_sub = self.listener.create_subscription(
@@ -73,21 +73,8 @@ class LiveNode:
                       and self.masks_sub.get_publisher_count() > 0
                       and self.objects_sub.get_publisher_count() > 0, "the listener to match the node")
 
-    def _on(self, store):
-        def cb(msg):
-            with self.cv:
-                store.append(msg)
-                self.cv.notify_all()
-        return cb
-
     def wait_for(self, predicate, what, timeout=30.0):
-        end = time.monotonic() + timeout
-        with self.cv:
-            while not predicate():
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"timed out waiting for {what}")
-                self.cv.wait(min(left, 0.05))
+        super().wait_for(predicate, what, timeout)
 
     def close(self):
         self.node.stop()

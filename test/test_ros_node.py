@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import Collector
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 not installed: run scripts/setup_ros.sh")
 from rclpy.context import Context  # noqa: E402
@@ -45,7 +46,7 @@ def _scene(k):
     return rgb, labels
 
 
-class Harness:
+class Harness(Collector):
     """One rclpy context on a private domain: the node under test plus a client node."""
 
     def __init__(self, overrides=(), name="hqsmem_node"):
@@ -59,7 +60,7 @@ class Harness:
         self.executor.add_node(self.client)
         self.spinner = BackgroundSpinner(self.executor).start()
         self.results, self.masks, self.diags = [], [], []
-        self.cv = threading.Condition()
+        super().__init__()
         ns = f"/{name}"
         self.client.create_subscription(TrackedObjectArray, f"{ns}/objects", self._on(self.results), 50)
         self.client.create_subscription(Image, f"{ns}/masks", self._on(self.masks), 50)
@@ -84,21 +85,6 @@ class Harness:
     def objects_matched(self):
         return self.node.objects_pub.get_subscription_count() > 0 and self.node.masks_pub.get_subscription_count() > 0
 
-    def _on(self, store):
-        def cb(msg):
-            with self.cv:
-                store.append(msg)
-                self.cv.notify_all()
-        return cb
-
-    def wait_for(self, predicate, what, timeout=20.0):
-        end = time.monotonic() + timeout
-        with self.cv:
-            while not predicate():
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"timed out waiting for {what}")
-                self.cv.wait(min(left, 0.05))
 
     def image_msg(self, rgb, stamp, encoding="rgb8"):
         if encoding == "rgb8":

@@ -29,13 +29,7 @@ SIZE = 128
 SHORT_PTRS = ["++model.max_obj_ptrs_in_encoder=6"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small inputs: a second thread only adds contention on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytestmark, pytest.mark.usefixtures("torch_one_thread")]  # conftest.py
 
 
 @pytest.fixture(scope="module")
