@@ -81,14 +81,13 @@ class FrameResult:
         return {o.id: self.label == o.id for o in self.objects}
 
 
-def check_image(image) -> np.ndarray:
-    """The frame as the pipeline takes it (contiguous HxWx3 uint8, at least 8x8), or FrameError."""
+def check_image(image) -> None:
+    """FrameError unless the frame is one the pipeline takes (HxWx3 uint8, at least 8x8)."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         desc = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}"
         raise FrameError(f"frame must be an HxWx3 uint8 RGB array, got {desc}")
     if image.shape[0] < 8 or image.shape[1] < 8:
         raise FrameError(f"frame of {image.shape[1]}x{image.shape[0]} is too small (at least 8x8)")
-    return np.ascontiguousarray(image)
 
 
 def _resize_mask(mask: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
@@ -180,12 +179,12 @@ class HQSMemPipeline:
 
     # -- input checks -------------------------------------------------------------------------
     def _check_image(self, image) -> np.ndarray:
-        image = check_image(image)
+        check_image(image)
         if self._size is not None and image.shape[:2] != self._size:
             raise FrameError(
                 f"frame size changed from {self._size[1]}x{self._size[0]} to {image.shape[1]}x{image.shape[0]}; "
                 "call reset() to start a new stream")
-        return image
+        return np.ascontiguousarray(image)
 
     def _check_stamp(self, stamp) -> None:
         if stamp is None:

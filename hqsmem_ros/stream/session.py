@@ -177,7 +177,7 @@ class StreamSession:
         index = self.frame_index if topic_index is None else topic_index
         where = None if topic_index is None else f"frame {index} at stamp {format_stamp(stamp_ns)}"
         try:  # the frame must be usable before it may reset anything
-            rgb = check_image(rgb)
+            check_image(rgb)  # (the pipeline makes it contiguous: its own time)
         except FrameError as exc:
             return self.drop("bad_frame", str(exc), stamp, request, where)
         if self.last_stamp is not None and stamp < self.last_stamp:
