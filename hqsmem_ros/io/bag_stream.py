@@ -7,7 +7,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
