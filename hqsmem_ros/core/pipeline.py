@@ -108,8 +108,7 @@ class HQSMemPipeline:
         self.refiner = refiner or registry.build("refiner", c.refiner, c.device, c.precision)
         self.features = features or registry.build("features", c.features, c.device, c.precision)
         self.memory = SmartMemory(c.memory_capacity, c.memory_lambda, c.tau_memory) if c.use_smart_memory else None
-        if hasattr(self.tracker, "set_memory_policy"):  # trackers with an own rule to fall back on (SAM2)
-            self.tracker.set_memory_policy(self.memory is not None, c.memory_capacity)
+        self.tracker.set_memory_policy(self.memory is not None, c.memory_capacity)
         self.reset()
 
     # -- state --------------------------------------------------------------------------------
@@ -168,9 +167,9 @@ class HQSMemPipeline:
             "memory_frames": self.tracker.memory_frames(),
             "memory_bytes": self.tracker.memory_bytes(),
             "pinned_frames": self.memory.pinned_frames if self.memory is not None else [],
-            "tracker": getattr(self.tracker, "name", type(self.tracker).__name__),
-            "refiner": getattr(self.refiner, "name", type(self.refiner).__name__),
-            "features": getattr(self.features, "name", type(self.features).__name__),
+            "tracker": self.tracker.name,
+            "refiner": self.refiner.name,
+            "features": self.features.name,
             "ablation": self.config.ablation,
             "refine_mode": self.config.refine_mode,
             "teacher_forcing": self.config.use_teacher_forcing,
@@ -351,7 +350,7 @@ class HQSMemPipeline:
             if not refiner_ready:
                 self.refiner.set_image(small)
             boxes = np.array([mask_box(coarse[i]) for i in to_refine], dtype=np.float64)
-            if getattr(self.refiner, "accepts_mask_hint", False):
+            if self.refiner.accepts_mask_hint:
                 props, pscores = self.refiner.propose(boxes, masks=np.stack([coarse[i] for i in to_refine]))
             else:
                 props, pscores = self.refiner.propose(boxes)
@@ -399,7 +398,7 @@ class HQSMemPipeline:
         if p.box is None and not (pts[:, 2] == 1).any():
             raise PromptError(f"points for object {p.id}: without a box, at least one point must be on "
                               "the object (label 1)")
-        if not getattr(self.refiner, "accepts_points", False):
+        if not self.refiner.accepts_points:
             raise PromptError(f"refiner {self.refiner.name!r} does not take point prompts; give a box or "
                               "a mask (or use a refiner that takes clicks: watershed, sam_hq)")
 
