@@ -163,6 +163,34 @@ def cmd_node(argv: List[str]) -> int:
     return node_main(argv) or 0
 
 
+def _add_bag_parser(sub) -> None:
+    p = sub.add_parser("bag", help="run the pipeline over a rosbag2 bag (mcap/sqlite3) and write an output bag")
+    p.add_argument("in_bag", help="bag folder, or a single .mcap/.db3 file")
+    p.add_argument("out_bag", help="output bag folder (must not exist)")
+    p.add_argument("--image-topic", required=True, help="sensor_msgs/Image or CompressedImage topic")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--prompts", metavar="PROMPTS.yaml", help="prompts file (docs/prompts.md)")
+    group.add_argument("--prompt-topic", metavar="TOPIC",
+                       help="hqsmem_ros/ObjectPromptArray topic in the bag; applied at their stamps")
+    p.add_argument("--config", help="pipeline YAML (default: built-in weight-free CPU pipeline)")
+    p.add_argument("--overlay", action="store_true", help="also write <ns>/overlay (rgb8)")
+    p.add_argument("--overlay-alpha", type=float, default=0.5)
+    p.add_argument("--storage", choices=["mcap", "sqlite3"], help="output storage (default: as the input)")
+    p.add_argument("--ns", default="/hqsmem_node", help="namespace of the output topics (the node's name)")
+    p.add_argument("--exclude-topic", action="append", default=[], metavar="TOPIC",
+                   help="input topic not to copy to the output (repeatable)")
+    p.add_argument("--bench", action="store_true",
+                   help="first run the pipeline alone over the frames, and report this run against it")
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="run a config whose models have random_weights: true (speed tests only)")
+    p.add_argument("--io-threads", choices=["auto", "on", "off"], default="auto",
+                   help="read/decode and encode/write in threads beside the pipeline (auto: with >= 4 "
+                        "cores); off: only image decoding runs beside it, one frame ahead")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_bag)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hqsmem", description="HQ-SMem video object segmentation and tracking")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -216,31 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ablate)
 
-    p = sub.add_parser("bag", help="run the pipeline over a rosbag2 bag (mcap/sqlite3) and write an output bag")
-    p.add_argument("in_bag", help="bag folder, or a single .mcap/.db3 file")
-    p.add_argument("out_bag", help="output bag folder (must not exist)")
-    p.add_argument("--image-topic", required=True, help="sensor_msgs/Image or CompressedImage topic")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--prompts", metavar="PROMPTS.yaml", help="prompts file (docs/prompts.md)")
-    group.add_argument("--prompt-topic", metavar="TOPIC",
-                       help="hqsmem_ros/ObjectPromptArray topic in the bag; applied at their stamps")
-    p.add_argument("--config", help="pipeline YAML (default: built-in weight-free CPU pipeline)")
-    p.add_argument("--overlay", action="store_true", help="also write <ns>/overlay (rgb8)")
-    p.add_argument("--overlay-alpha", type=float, default=0.5)
-    p.add_argument("--storage", choices=["mcap", "sqlite3"], help="output storage (default: as the input)")
-    p.add_argument("--ns", default="/hqsmem_node", help="namespace of the output topics (the node's name)")
-    p.add_argument("--exclude-topic", action="append", default=[], metavar="TOPIC",
-                   help="input topic not to copy to the output (repeatable)")
-    p.add_argument("--bench", action="store_true",
-                   help="first run the pipeline alone over the frames, and report this run against it")
-    p.add_argument("--allow-random-weights", action="store_true",
-                   help="run a config whose models have random_weights: true (speed tests only)")
-    p.add_argument("--io-threads", choices=["auto", "on", "off"], default="auto",
-                   help="read/decode and encode/write in threads beside the pipeline (auto: with >= 4 "
-                        "cores); off: only image decoding runs beside it, one frame ahead")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=cmd_bag)
+    _add_bag_parser(sub)
 
     sub.add_parser("node", help="run the ROS 2 node (arguments after 'node' go to it)", add_help=False)
     return ap
