@@ -501,7 +501,7 @@ def test_hqsmem_node_process_with_config_file_and_ros_args(tmp_path):
     pub = node.create_publisher(Image, "image", 10)
     prompts = node.create_publisher(ObjectPromptArray, "/proc_node/prompts", 10)
     try:
-        end = time.monotonic() + 30
+        end = time.monotonic() + 60
         while (pub.get_subscription_count() == 0 or node.count_publishers("/proc_node/objects") == 0
                or prompts.get_subscription_count() == 0):
             assert time.monotonic() < end and proc.poll() is None, "node process did not come up"
@@ -512,12 +512,13 @@ def test_hqsmem_node_process_with_config_file_and_ros_args(tmp_path):
         _spin_some(node, ctx, 0.3)
         h = Harness.__new__(Harness)  # only for image_msg()
         sent = 0
-        while len(got) < 3:
-            assert time.monotonic() < end, f"only {len(got)} results from the node process"
+        # Until the prompt shows: it applies to the first frame after it reached the node, which
+        # under load may be a later one than the third (the test does not depend on when).
+        while len(got) < 3 or not any(o.id == 1 for r in got for o in r.objects):
+            assert time.monotonic() < end, f"{len(got)} results from the node process, none with the prompt"
             pub.publish(h.image_msg(_scene(sent % 20)[0], 5.0 + sent))
             sent += 1
             _spin_some(node, ctx, 0.3)
-        assert any(o.id == 1 for r in got for o in r.objects)
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
@@ -649,7 +650,7 @@ def test_hqsmem_node_command_starts_with_nothing_sourced(tmp_path):
     pub = node.create_publisher(Image, "image", 10)
     prompts = node.create_publisher(ObjectPromptArray, "/hqsmem_node/prompts", 10)
     try:
-        end = time.monotonic() + 30
+        end = time.monotonic() + 60
         while (pub.get_subscription_count() == 0 or node.count_publishers("/hqsmem_node/masks") == 0
                or prompts.get_subscription_count() == 0):
             assert time.monotonic() < end and proc.poll() is None, "hqsmem node did not come up"
