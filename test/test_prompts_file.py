@@ -1,4 +1,4 @@
-"""The prompts file (hqsmem_ros/prompts_file.py, docs/prompts.md): parsing, timing, errors that
+"""The prompts file (hqsmem_ros/io/prompts_file.py, docs/prompts.md): parsing, timing, errors that
 name the file and the entry. ROS-free."""
 import numpy as np
 import pytest

@@ -7,7 +7,7 @@ Writes the scenes of hqsmem_ros.data.synth as sensor_msgs/Image (rgb8, bgr8) or
 CompressedImage (jpeg, png) on an image topic, a sensor_msgs/CameraInfo beside each image (an
 extra topic that `hqsmem bag` must copy through), and the first frame's objects as prompts:
 `--prompts file` writes OUT_BAG.prompts.yaml + OUT_BAG.prompt0.png (a prompts file, see
-hqsmem_ros/prompts_file.py), `--prompts topic` records an hqsmem_ros/ObjectPromptArray on
+hqsmem_ros/io/prompts_file.py), `--prompts topic` records an hqsmem_ros/ObjectPromptArray on
 /hqsmem_node/prompts stamped like the first image.
 """
 from __future__ import annotations
