@@ -551,6 +551,27 @@ def _publish_clock(h, pub, seconds):
         time.sleep(0.02)
 
 
+def test_a_refused_frame_resets_nothing_and_fresh_ids_are_the_lowest_never_used(harness, tmp_path):
+    from PIL import Image as PILImage
+    _, labels0 = _scene(0)
+    png = tmp_path / "00000.png"
+    PILImage.fromarray((labels0 * 3).astype(np.uint8)).save(png)  # ids 3 and 6
+    h = harness(initial_mask=str(png))
+    h.send(h.image_msg(_scene(0)[0], 50.0))
+    tiny = h.image_msg(np.zeros((4, 4, 3), np.uint8), 10.0)  # another size and an older stamp
+    h.send(tiny)
+    c = h.node.counters()
+    assert c["dropped"] == {"bad_frame": 1} and c["resets"] == 0 and "too small" in h.node.last_error
+    h.send(h.image_msg(_scene(1)[0], 50.1))
+    assert [o.id for o in _by_stamp(h.results, 50.1)[0].objects] == [3, 6]
+    future = h.ask_then_send(h.add, AddObjects.Request(prompts=[_prompt(65535, box=(20, 40, 60, 80))]),
+                             h.image_msg(_scene(2)[0], 50.2))
+    assert future.result().success and list(future.result().ids) == [65535], future.result().message
+    future = h.ask_then_send(h.add, AddObjects.Request(prompts=[_prompt(0, box=(90, 20, 130, 60))]),
+                             h.image_msg(_scene(3)[0], 50.3))
+    assert future.result().success and list(future.result().ids) == [1], future.result().message
+
+
 def test_clock_jumping_back_under_sim_time_resets_once_and_tracking_goes_on(harness, tmp_path):
     """A looping bag with --clock: /clock and the image stamps go back, in either order."""
     from PIL import Image as PILImage
