@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bytes", type=int, default=12_000, help="size of the JPEG file")
     ap.add_argument("--repeat", type=int, default=20)
     args = ap.parse_args(argv)
-    from hqsmem_ros.ros.image_codec import ImageDecodeError, decode_compressed
+    from hqsmem_ros.io.image_codec import ImageDecodeError, decode_compressed
 
     w, h = (int(v) for v in args.size.lower().split("x"))
     bomb = jpeg_claiming(w, h, args.bytes)
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
 def _header_cost() -> None:
     """What the check costs a real frame: the header read against the whole decode (1280x720)."""
     from hqsmem_ros.data.synth import make_sequence
-    from hqsmem_ros.ros.image_codec import compressed_size, decode_compressed, encode_compressed
+    from hqsmem_ros.io.image_codec import compressed_size, decode_compressed, encode_compressed
 
     frame = make_sequence("bomb_bench", 0, (1280, 720), 1, 3)[0][0]
     for fmt, n in (("jpeg", 30), ("png", 10)):

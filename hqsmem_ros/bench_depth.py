@@ -90,7 +90,7 @@ def accuracy(frames: int, size, n_objects: int, seed: int, config: Optional[str]
 
 
 def speed(frames: int, size, n_objects: int, seed: int, config: Optional[str], repeat: int = 5) -> Dict:
-    from hqsmem_ros.bench import _pin_one_core
+    from hqsmem_ros.tools.bench import _pin_one_core
     core = _pin_one_core()
     data = list(iter_rgbd(seed, size, frames, n_objects))  # generated outside the timed region
     intr = intrinsics(*size)

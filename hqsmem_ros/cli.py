@@ -118,7 +118,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .tools.bench import run_bench
 
     report = run_bench(size=args.size, objects=args.objects, frames=args.frames, config=args.config,
                        one_core=not args.all_cores, seed=args.seed, random_weights=args.random_weights,
@@ -126,7 +126,7 @@ def cmd_bench(args) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        from .bench import format_report
+        from .tools.bench import format_report
         print(format_report(report))
     if args.plot:
         from .eval.plots import plot_bench
@@ -148,7 +148,7 @@ def cmd_bag(args) -> int:
         from .bag import BagError, process_bag
     except ImportError as exc:
         raise CliError(f"hqsmem bag needs the rosbags library ({exc}); pip install rosbags")
-    from .prompts_file import PromptsFileError
+    from .io.prompts_file import PromptsFileError
 
     try:
         summary = process_bag(args.in_bag, args.out_bag, args.image_topic, prompts_file=args.prompts,
@@ -181,6 +181,38 @@ def cmd_node(argv: List[str]) -> int:
         raise CliError(f"the ROS 2 node needs rclpy and the built interfaces ({exc}); "
                        "run scripts/setup_ros.sh or source your ROS 2 install")
     return node_main(argv) or 0
+
+
+def _add_bag_parser(sub) -> None:
+    p = sub.add_parser("bag", help="run the pipeline over a rosbag2 bag (mcap/sqlite3) and write an output bag")
+    p.add_argument("in_bag", help="bag folder, or a single .mcap/.db3 file")
+    p.add_argument("out_bag", help="output bag folder (must not exist)")
+    p.add_argument("--image-topic", required=True, help="sensor_msgs/Image or CompressedImage topic")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--prompts", metavar="PROMPTS.yaml", help="prompts file (docs/prompts.md)")
+    group.add_argument("--prompt-topic", metavar="TOPIC",
+                       help="hqsmem_ros/ObjectPromptArray topic in the bag; applied at their stamps")
+    p.add_argument("--config", help="pipeline YAML (default: built-in weight-free CPU pipeline)")
+    p.add_argument("--overlay", action="store_true", help="also write <ns>/overlay (rgb8)")
+    p.add_argument("--overlay-alpha", type=float, default=0.5)
+    p.add_argument("--storage", choices=["mcap", "sqlite3"], help="output storage (default: as the input)")
+    p.add_argument("--ns", default="/hqsmem_node", help="namespace of the output topics (the node's name)")
+    p.add_argument("--exclude-topic", action="append", default=[], metavar="TOPIC",
+                   help="input topic not to copy to the output (repeatable)")
+    p.add_argument("--bench", action="store_true",
+                   help="first run the pipeline alone over the frames, and report this run against it")
+    p.add_argument("--allow-random-weights", action="store_true",
+                   help="run a config whose models have random_weights: true (speed tests only)")
+    p.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help="images over N pixels (width x height, read from the message or the "
+                        "compressed header before decoding) are dropped as bad_image "
+                        "(default: 40000000, as the node's max_image_pixels)")
+    p.add_argument("--io-threads", choices=["auto", "on", "off"], default="auto",
+                   help="read/decode and encode/write in threads beside the pipeline (auto: with >= 4 "
+                        "cores); off: only image decoding runs beside it, one frame ahead")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_bag)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,35 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ablate)
 
-    p = sub.add_parser("bag", help="run the pipeline over a rosbag2 bag (mcap/sqlite3) and write an output bag")
-    p.add_argument("in_bag", help="bag folder, or a single .mcap/.db3 file")
-    p.add_argument("out_bag", help="output bag folder (must not exist)")
-    p.add_argument("--image-topic", required=True, help="sensor_msgs/Image or CompressedImage topic")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--prompts", metavar="PROMPTS.yaml", help="prompts file (docs/prompts.md)")
-    group.add_argument("--prompt-topic", metavar="TOPIC",
-                       help="hqsmem_ros/ObjectPromptArray topic in the bag; applied at their stamps")
-    p.add_argument("--config", help="pipeline YAML (default: built-in weight-free CPU pipeline)")
-    p.add_argument("--overlay", action="store_true", help="also write <ns>/overlay (rgb8)")
-    p.add_argument("--overlay-alpha", type=float, default=0.5)
-    p.add_argument("--storage", choices=["mcap", "sqlite3"], help="output storage (default: as the input)")
-    p.add_argument("--ns", default="/hqsmem_node", help="namespace of the output topics (the node's name)")
-    p.add_argument("--exclude-topic", action="append", default=[], metavar="TOPIC",
-                   help="input topic not to copy to the output (repeatable)")
-    p.add_argument("--bench", action="store_true",
-                   help="first run the pipeline alone over the frames, and report this run against it")
-    p.add_argument("--allow-random-weights", action="store_true",
-                   help="run a config whose models have random_weights: true (speed tests only)")
-    p.add_argument("--max-image-pixels", type=int, metavar="N",
-                   help="images over N pixels (width x height, read from the message or the "
-                        "compressed header before decoding) are dropped as bad_image "
-                        "(default: 40000000, as the node's max_image_pixels)")
-    p.add_argument("--io-threads", choices=["auto", "on", "off"], default="auto",
-                   help="read/decode and encode/write in threads beside the pipeline (auto: with >= 4 "
-                        "cores); off: only image decoding runs beside it, one frame ahead")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=cmd_bag)
+    _add_bag_parser(sub)
 
     p = sub.add_parser("bags", help="many bags (or folders of bags) on all local cores, or on a Ray cluster")
     from .fleet import add_arguments
@@ -285,8 +289,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if argv[:1] == ["node"]:
             return cmd_node(argv[1:])
-        if argv[:1] == ["bench-sam2"]:  # its own options (python -m hqsmem_ros.models.bench_sam2)
-            from .models.bench_sam2 import main as bench_sam2_main
+        if argv[:1] == ["bench-sam2"]:  # its own options (python -m hqsmem_ros.tools.bench_sam2)
+            from .tools.bench_sam2 import main as bench_sam2_main
             return bench_sam2_main(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)

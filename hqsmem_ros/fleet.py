@@ -351,7 +351,7 @@ def run_job(state: WorkerState, job: Job, options: Dict[str, Any]) -> Dict[str, 
     """process_bag into the work folder, write the manifest, move the bag into place."""
     from .bag import BagError, process_bag
     from .core.config import ConfigError
-    from .prompts_file import PromptsFileError
+    from .io.prompts_file import PromptsFileError
 
     t0 = time.perf_counter()
     state.job_index, state.frames, state.last_report = job.index, 0, 0.0

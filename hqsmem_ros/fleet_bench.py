@@ -3,7 +3,7 @@
   python -m hqsmem_ros.fleet_bench --bags 8 --frames 300 --size 640x480 --workers 1 2 [--no-ray]
       [--neural-config config/paper_models.yaml] [--json]
 
-Writes one synthetic camera bag (hqsmem_ros.data.synth_bag) and hard-links it into --bags bag
+Writes one synthetic camera bag (hqsmem_ros.tools.synth_bag) and hard-links it into --bags bag
 folders with their prompts files, then runs `hqsmem bags` (hqsmem_ros.fleet.run_bags) over all of
 them with each --workers count on the local pool and, when Ray is installed, with the largest
 count on a local Ray instance (ray.init(num_cpus=N)), each into a fresh output folder that is
@@ -30,7 +30,7 @@ from typing import Any, Dict, List
 
 
 def make_bags(root: Path, n: int, frames: int, size, storage: str, image_format: str) -> Path:
-    from hqsmem_ros.data.synth_bag import write_synthetic_bag
+    from hqsmem_ros.tools.synth_bag import write_synthetic_bag
 
     src = root / "source"
     info = write_synthetic_bag(src, frames=frames, size=size, storage=storage, image_format=image_format,
@@ -66,7 +66,7 @@ def run_once(bags: Path, out: Path, workers: int, ray_address=None) -> Dict[str,
 
 
 def neural_load(config: str) -> Dict[str, float]:
-    from hqsmem_ros.bench import with_random_weights
+    from hqsmem_ros.tools.bench import with_random_weights
     from hqsmem_ros.core.config import load_config
     from hqsmem_ros.core.pipeline import HQSMemPipeline
     from hqsmem_ros.fleet import WorkerState

@@ -34,7 +34,7 @@ echo "demo: $frames frames of ${width}x${height}, ROS_DOMAIN_ID=$ROS_DOMAIN_ID, 
 # 1. The camera writes the truth (truth/labels/*.png, truth/stamps.csv) at once, then waits for the node, the
 #    recorder and the node's result topic before publishing; in lockstep it sends frame k+1 when
 #    the result for frame k is out, so nothing is dropped whatever this machine's speed.
-"$py" -m hqsmem_ros.ros.synthetic_camera --ros-args -p sequence:=demo -p seed:=0 \
+"$py" -m hqsmem_ros.tools.synthetic_camera --ros-args -p sequence:=demo -p seed:=0 \
   -p width:="$width" -p height:="$height" -p frames:="$frames" -p n_objects:=3 \
   -p out_dir:="$out/truth" -p lockstep:=true -p wait_for_topic:=/hqsmem_node/overlay \
   >"$out/camera.log" 2>&1 &
@@ -44,7 +44,7 @@ for _ in $(seq 600); do [ -f "$out/truth/stamps.csv" ] && break; sleep 0.1; done
 [ -f "$out/truth/stamps.csv" ] || { echo "demo: the camera did not start; see $out/camera.log" >&2; exit 1; }
 
 # 2. The recorder: rosbag2 + overlay video + label PNGs by stamp; stops after the last frame.
-"$py" -m hqsmem_ros.ros.recorder --ros-args -p bag:="$out/bag" -p storage:="$storage" \
+"$py" -m hqsmem_ros.tools.recorder --ros-args -p bag:="$out/bag" -p storage:="$storage" \
   -p video:="$out/overlay.mp4" -p labels_dir:="$out/labels_by_stamp" -p frames:="$frames" \
   -p idle_timeout:=30.0 >"$out/recorder.log" 2>&1 &
 recorder=$!
@@ -66,6 +66,6 @@ elapsed=$(( $(date +%s) - start ))
 echo "demo: node:     $(grep -o 'stopped:.*' "$out/node.log" || echo 'see node.log')"
 echo "demo: recorder: $(grep -o 'recorded.*' "$out/recorder.log" || echo 'see recorder.log')"
 echo "demo: bag:      $(du -sh "$out/bag" | cut -f1) in $out/bag ($storage); video: $out/overlay.mp4"
-"$py" -m hqsmem_ros.ros.demo --truth "$out/truth" --labels "$out/labels_by_stamp" --pred "$out/pred" \
+"$py" -m hqsmem_ros.tools.demo --truth "$out/truth" --labels "$out/labels_by_stamp" --pred "$out/pred" \
   --json "$out/scores.json"
 echo "demo: done in ${elapsed}s (after set-up)"

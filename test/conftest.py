@@ -16,3 +16,39 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"skipped under scripts/test.sh, where every dependency is installed: {reason}"
+
+
+class Collector:
+    """Shared by the DDS test harnesses: callbacks that store messages, and waiting for a
+    condition on them (woken by every message, re-checked at least every 50 ms)."""
+
+    def __init__(self):
+        import threading
+        self.cv = threading.Condition()
+
+    def _on(self, store):
+        def cb(msg):
+            with self.cv:
+                store.append(msg)
+                self.cv.notify_all()
+        return cb
+
+    def wait_for(self, predicate, what, timeout=20.0):
+        import time
+        end = time.monotonic() + timeout
+        with self.cv:
+            while not predicate():
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting for {what}")
+                self.cv.wait(min(left, 0.05))
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny model inputs: a second torch thread only adds contention on a shared 2-core machine."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

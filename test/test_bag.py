@@ -14,9 +14,9 @@ from hqsmem_ros.bag import make_typestore, read_outputs, verify_outputs
 from hqsmem_ros.cli import main
 from hqsmem_ros.core.pipeline import HQSMemPipeline, ObjectPrompt
 from hqsmem_ros.data.synth import make_sequence
-from hqsmem_ros.data.synth_bag import DEFAULT_START_NS, image_message, prompt_array_message, write_synthetic_bag
+from hqsmem_ros.tools.synth_bag import DEFAULT_START_NS, image_message, prompt_array_message, write_synthetic_bag
 from hqsmem_ros.eval.davis_io import write_label
-from hqsmem_ros.ros import image_codec
+from hqsmem_ros.io import image_codec
 
 SIZE = (160, 120)
 FRAMES = 20
@@ -238,7 +238,7 @@ def test_prompt_topic_applies_at_its_stamp(tmp_path, capsys, scene):
 
 
 def test_click_prompts_on_the_prompt_topic_start_objects(tmp_path, capsys, scene):
-    from hqsmem_ros.data.synth_bag import _header as make_header
+    from hqsmem_ros.tools.synth_bag import _header as make_header
     frames, labels = scene
     store = make_typestore()
     T = store.types

@@ -31,7 +31,7 @@ def test_large_frames_between_two_processes_with_the_shipped_profile(tmp_path):
          "-p", "frame_queue_size:=100", "-p", "qos_depth:=100"],
         env=env, stdout=open(tmp_path / "node.out", "w"), stderr=subprocess.STDOUT)
     camera = subprocess.Popen(
-        [sys.executable, "-m", "hqsmem_ros.ros.synthetic_camera", "--ros-args", "-p", "width:=1280",
+        [sys.executable, "-m", "hqsmem_ros.tools.synthetic_camera", "--ros-args", "-p", "width:=1280",
          "-p", "height:=720", "-p", f"frames:={FRAMES}", "-p", "encoding:=rgb8", "-p", "lockstep:=true",
          "-p", "lockstep_timeout:=60.0", "-p", "n_objects:=2"],
         env=env, stdout=open(tmp_path / "camera.out", "w"), stderr=subprocess.STDOUT)

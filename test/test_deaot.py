@@ -27,13 +27,7 @@ H, W = 48, 64
 GAP = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny inputs: a second thread only adds contention on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

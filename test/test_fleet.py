@@ -15,7 +15,7 @@ import pytest
 from rosbags.rosbag2 import Reader
 
 from hqsmem_ros.cli import main
-from hqsmem_ros.data.synth_bag import write_synthetic_bag
+from hqsmem_ros.tools.synth_bag import write_synthetic_bag
 from hqsmem_ros.fleet import MANIFEST_SUFFIX, SUMMARY_NAME, run_bags
 
 TOPIC = "/camera/image_raw"

@@ -1,4 +1,4 @@
-"""sensor_msgs image encodings <-> numpy, without ROS (hqsmem_ros.ros.image_codec).
+"""sensor_msgs image encodings <-> numpy, without ROS (hqsmem_ros.io.image_codec).
 
 Each encoding is built here from a known RGB image by the encoding's own definition (byte
 order, chroma subsampling, Bayer pattern) and decoded back.
@@ -7,8 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from hqsmem_ros.ros import image_codec as ic
-from hqsmem_ros.ros.image_codec import ImageDecodeError
+from hqsmem_ros.io import image_codec as ic
+from hqsmem_ros.io.image_codec import ImageDecodeError
 
 
 def _known_rgb(h=48, w=64):

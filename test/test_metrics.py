@@ -345,7 +345,7 @@ def test_switches_are_summed_over_sequences_and_shown_in_the_table(tmp_path):
 
 
 def test_demo_scoring_prints_identity_switches(tmp_path, capsys):
-    from hqsmem_ros.ros import demo
+    from hqsmem_ros.tools import demo
 
     preds, gts = crossing(7, swap_at=5)
     truth = tmp_path / "truth"

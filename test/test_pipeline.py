@@ -4,6 +4,7 @@ import pytest
 
 from hqsmem_ros.ablation import run_sequence
 from hqsmem_ros.core.config import ConfigError, load_config
+from hqsmem_ros.core.masks import mask_box
 from hqsmem_ros.core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt, PromptError
 from hqsmem_ros.data.synth import make_sequence
 from hqsmem_ros.eval.metrics import evaluate_sequence_arrays
@@ -144,6 +145,25 @@ def test_adding_and_removing_objects_midstream_leaves_others_alone(translate):
         assert np.array_equal(a[k].masks[1] & ~other, b[k].masks[1] & ~other)
     with pytest.raises(PromptError, match="never reused"):
         both.process(frames[12], prompts=[ObjectPrompt(2, mask=m2)])
+
+
+@pytest.mark.parametrize("config", [None, {"refine": "always", "teacher_forcing": True}])
+def test_a_correction_mask_for_a_tracked_object_is_the_output_and_what_is_committed(translate, config):
+    frames, labels = translate
+    tracker = RecordingTracker()
+    pipe = HQSMemPipeline(config, tracker=tracker)
+    pipe.process(frames[0], prompts=_first_prompts(labels[0]))
+    for k in range(1, 6):
+        pipe.process(frames[k])
+    # A box-shaped correction: nothing like what the refiner would make of the object.
+    box = np.zeros(labels[6].shape, bool)
+    x0, y0, x1, y1 = (int(v) for v in mask_box(labels[6] == 1))
+    box[y0:y1, x0:x1] = True
+    box &= ~np.isin(labels[6], [2, 3])  # clear of the other objects, so the label image keeps all of it
+    result = pipe.process(frames[6], prompts=[ObjectPrompt(1, mask=box)])
+    assert np.array_equal(result.masks[1], box)
+    assert not next(o for o in result.objects if o.id == 1).refined
+    assert np.array_equal(tracker.committed[-1][1], box)  # 320x240: the working size is the input's
 
 
 def test_box_prompt_starts_an_object(translate):

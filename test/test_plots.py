@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from hqsmem_ros.bench import run_bench
+from hqsmem_ros.tools.bench import run_bench
 from hqsmem_ros.cli import main
 from hqsmem_ros.eval.davis_io import write_label
 from hqsmem_ros.eval.metrics import evaluate

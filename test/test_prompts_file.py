@@ -1,10 +1,10 @@
-"""The prompts file (hqsmem_ros/prompts_file.py, docs/prompts.md): parsing, timing, errors that
+"""The prompts file (hqsmem_ros/io/prompts_file.py, docs/prompts.md): parsing, timing, errors that
 name the file and the entry. ROS-free."""
 import numpy as np
 import pytest
 
 from hqsmem_ros.eval.davis_io import write_label
-from hqsmem_ros.prompts_file import PromptsFileError, load_prompts_file
+from hqsmem_ros.io.prompts_file import PromptsFileError, load_prompts_file
 
 
 def write(tmp_path, text, name="p.yaml"):

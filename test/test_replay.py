@@ -1,5 +1,5 @@
 """Live = offline: the node under use_sim_time, fed a bag over real rclpy/Fast DDS with /clock
-(hqsmem_ros.ros.replay, what `ros2 bag play --clock` does), publishes the same label images and
+(hqsmem_ros.tools.replay, what `ros2 bag play --clock` does), publishes the same label images and
 objects as `hqsmem bag` (hqsmem_ros.bag.process_bag) writes for the same bag, config and prompts.
 
 Needs the ROS 2 wheels and the built interfaces (scripts/setup_ros.sh).
@@ -7,12 +7,12 @@ Needs the ROS 2 wheels and the built interfaces (scripts/setup_ros.sh).
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Collector
 
 rclpy = pytest.importorskip("rclpy", reason="ROS 2 not installed: run scripts/setup_ros.sh")
 from rclpy.context import Context  # noqa: E402
@@ -24,11 +24,11 @@ from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
 from hqsmem_ros.bag import BagError, process_bag, read_outputs, stamp_ns_of  # noqa: E402
 from hqsmem_ros.core.config import load_config  # noqa: E402
-from hqsmem_ros.data.synth_bag import write_synthetic_bag  # noqa: E402
+from hqsmem_ros.tools.synth_bag import write_synthetic_bag  # noqa: E402
 from hqsmem_ros.msg import TrackedObjectArray  # noqa: E402
-from hqsmem_ros.ros import image_codec as ic  # noqa: E402
+from hqsmem_ros.io import image_codec as ic  # noqa: E402
 from hqsmem_ros.ros.node import HQSMemNode  # noqa: E402
-from hqsmem_ros.ros.replay import BagReplayer  # noqa: E402
+from hqsmem_ros.tools.replay import BagReplayer  # noqa: E402
 from hqsmem_ros.ros.spinning import BackgroundSpinner  # noqa: E402
 
 # A domain of its own (test_ros_node.py uses 1 + pid % 200), so parallel runs do not mix.
@@ -38,7 +38,7 @@ SIZE = (160, 120)
 NS = "/hqsmem_node"
 
 
-class LiveNode:
+class LiveNode(Collector):
     """The tracking node (use_sim_time, reliable images, seeded by initial_mask) and a listener."""
 
     def __init__(self, image_topic, initial_mask, compressed, **extra):
@@ -54,7 +54,7 @@ class LiveNode:
                 "initial_mask": str(initial_mask), **extra}.items()])
         self.listener = rclpy.create_node("replay_listener", context=self.ctx)
         self.masks, self.objects, self.clock = [], [], []
-        self.cv = threading.Condition()
+        super().__init__()
         reliable = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
         self.masks_sub = self.listener.create_subscription(Image, f"{NS}/masks", self._on(self.masks), reliable)
         self.objects_sub = self.listener.create_subscription(
@@ -73,21 +73,8 @@ class LiveNode:
                       and self.masks_sub.get_publisher_count() > 0
                       and self.objects_sub.get_publisher_count() > 0, "the listener to match the node")
 
-    def _on(self, store):
-        def cb(msg):
-            with self.cv:
-                store.append(msg)
-                self.cv.notify_all()
-        return cb
-
     def wait_for(self, predicate, what, timeout=30.0):
-        end = time.monotonic() + timeout
-        with self.cv:
-            while not predicate():
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"timed out waiting for {what}")
-                self.cv.wait(min(left, 0.05))
+        super().wait_for(predicate, what, timeout)
 
     def close(self):
         self.node.stop()
@@ -163,10 +150,10 @@ def test_replay_under_sim_time_gives_the_masks_of_hqsmem_bag(tmp_path, storage, 
             assert replay.image_stamps_ns == stamps and replay.published == {topic: FRAMES}
             assert not replay.without_result
             assert replay.last_clock_ns == stamps[-1]
-        else:  # `python -m hqsmem_ros.ros.replay` in its own process, over DDS
+        else:  # `python -m hqsmem_ros.tools.replay` in its own process, over DDS
             env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID))
             done = subprocess.run(
-                [sys.executable, "-m", "hqsmem_ros.ros.replay", str(info["bag"]), "--image-topic", topic,
+                [sys.executable, "-m", "hqsmem_ros.tools.replay", str(info["bag"]), "--image-topic", topic,
                  "--rate", "2", "--lockstep", "--lockstep-timeout", "60", "--wait-for-subscribers", "2"],
                 env=env, capture_output=True, text=True, timeout=240)
             assert done.returncode == 0, done.stdout + done.stderr

@@ -29,13 +29,7 @@ SIZE = 128
 SHORT_PTRS = ["++model.max_obj_ptrs_in_encoder=6"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small inputs: a second thread only adds contention on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytestmark, pytest.mark.usefixtures("torch_one_thread")]  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -442,7 +436,7 @@ def test_checkpoint_loading(net, tmp_path):
 
 
 def test_bench_runs_with_random_weights(tmp_path):
-    from hqsmem_ros.bench import run_bench
+    from hqsmem_ros.tools.bench import run_bench
     config = tmp_path / "sam2.yaml"
     config.write_text(
         "device: cpu\nprocess_max_side: null\n"
@@ -455,11 +449,11 @@ def test_bench_runs_with_random_weights(tmp_path):
     assert report["fps"] > 0 and report["base_fps"] > 0
 
 
-# -- the long-stream benchmark (hqsmem_ros.models.bench_sam2) ----------------------------------
+# -- the long-stream benchmark (hqsmem_ros.tools.bench_sam2) ----------------------------------
 
 def test_bench_predictor_state_grows_with_the_stream_and_the_trackers_does_not():
     import argparse
-    from hqsmem_ros.models.bench_sam2 import build_pipeline, run_ours, run_predictor, synthetic_stream
+    from hqsmem_ros.tools.bench_sam2 import build_pipeline, run_ours, run_predictor, synthetic_stream
     frames, label0 = synthetic_stream(1, (96, 64), cycle=6)
     net = build_model("tiny", image_size=64, seed=0, overrides=SHORT_PTRS)
     pred = run_predictor(net, frames, label0, n_frames=30, every=10, device=torch.device("cpu"), amp_dtype=None)

@@ -9,14 +9,24 @@ Conventions shared by all parts:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 Masks = Dict[int, np.ndarray]
 
 
-class BaseTracker(ABC):
+class _Buildable:
+    """Every part is built by the registry from a config entry through from_config."""
+
+    @classmethod
+    def from_config(cls, params: Dict[str, Any], device: str = "auto", precision: str = "fp32"):
+        """The part for a config entry's parameters (its `type` removed); ConfigError (or
+        TypeError, reported as bad parameters) for parameters it does not take."""
+        raise NotImplementedError(f"{cls.__name__} has no from_config")
+
+
+class BaseTracker(_Buildable, ABC):
     """Memory-based VOS tracker: y_t = D(E(x_t); M_t; y_{t-1}^HQ) (paper Eq. 1, 10).
 
     The pipeline owns the memory *policy* (smart memory or the tracker's own fixed-gap rule) and
@@ -72,10 +82,14 @@ class BaseTracker(ABC):
     def object_ids(self) -> List[int]:
         return []
 
+    def set_memory_policy(self, smart_memory: bool, capacity: Optional[int] = None) -> None:
+        """Told once by the pipeline: whether smart memory chooses the long-term frames (with at
+        most `capacity` of them). A tracker with its own rule to fall back on (SAM2) uses it."""
+
     max_objects: int = 1_000_000  # identity capacity of the tracker
 
 
-class Refiner(ABC):
+class Refiner(_Buildable, ABC):
     """Box-prompted mask refiner: image + box -> 3 proposals per object (SAM-HQ's role)."""
 
     name: str = "refiner"
@@ -88,6 +102,10 @@ class Refiner(ABC):
     def propose(self, boxes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """boxes (N,4) -> (masks (N,3,H,W) bool, scores (N,3) float, higher = more confident)."""
 
+    # The coarse masks as a hint: a refiner that sets accepts_mask_hint takes them as
+    # propose(boxes, masks=(N,H,W) bool); the others get the boxes alone.
+    accepts_mask_hint: bool = False
+
     # Click prompts (a user's points on the object / the background). Optional: a refiner that
     # takes them sets accepts_points and implements propose_points.
     accepts_points: bool = False
@@ -99,7 +117,7 @@ class Refiner(ABC):
         raise NotImplementedError(f"refiner {self.name!r} does not take point prompts")
 
 
-class FeatureExtractor(ABC):
+class FeatureExtractor(_Buildable, ABC):
     """Appearance features phi(x, m): masked pooling of a per-frame feature map (DINO's role)."""
 
     name: str = "features"

@@ -65,15 +65,29 @@ class FrameResult:
     frame: int
     stamp: Optional[float]
     shape: Tuple[int, int]
-    masks: Dict[int, np.ndarray]  # disjoint bool masks at the input size
     objects: List[TrackedObject]
     timings: Dict[str, float]
     memory_frames: List[int]
-    label: np.ndarray = field(repr=False, default=None)
+    label: np.ndarray = field(repr=False, default=None)  # uint16 HxW: pixel = object id
 
     def label_map(self) -> np.ndarray:
         """uint16 HxW: pixel = object id, 0 = background."""
         return self.label
+
+    @property
+    def masks(self) -> Dict[int, np.ndarray]:
+        """Disjoint bool masks at the input size, one per object (all False if absent), computed
+        from the label image when asked for (the drivers need only the label image)."""
+        return {o.id: self.label == o.id for o in self.objects}
+
+
+def check_image(image) -> None:
+    """FrameError unless the frame is one the pipeline takes (HxWx3 uint8, at least 8x8)."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        desc = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}"
+        raise FrameError(f"frame must be an HxWx3 uint8 RGB array, got {desc}")
+    if image.shape[0] < 8 or image.shape[1] < 8:
+        raise FrameError(f"frame of {image.shape[1]}x{image.shape[0]} is too small (at least 8x8)")
 
 
 def _resize_mask(mask: np.ndarray, size_wh: Tuple[int, int]) -> np.ndarray:
@@ -109,8 +123,7 @@ class HQSMemPipeline:
         self.refiner = refiner or registry.build("refiner", c.refiner, c.device, c.precision)
         self.features = features or registry.build("features", c.features, c.device, c.precision)
         self.memory = SmartMemory(c.memory_capacity, c.memory_lambda, c.tau_memory) if c.use_smart_memory else None
-        if hasattr(self.tracker, "set_memory_policy"):  # trackers with an own rule to fall back on (SAM2)
-            self.tracker.set_memory_policy(self.memory is not None, c.memory_capacity)
+        self.tracker.set_memory_policy(self.memory is not None, c.memory_capacity)
         self.reset()
 
     # -- state --------------------------------------------------------------------------------
@@ -160,10 +173,6 @@ class HQSMemPipeline:
     def frames_processed(self) -> int:
         return self._frame
 
-    def next_free_id(self) -> int:
-        used = self._ids | self._retired
-        return max(used) + 1 if used else 1
-
     def stats(self) -> Dict[str, object]:
         return {
             "frames": self._frame,
@@ -173,9 +182,9 @@ class HQSMemPipeline:
             "memory_frames": self.tracker.memory_frames(),
             "memory_bytes": self.tracker.memory_bytes(),
             "pinned_frames": self.memory.pinned_frames if self.memory is not None else [],
-            "tracker": getattr(self.tracker, "name", type(self.tracker).__name__),
-            "refiner": getattr(self.refiner, "name", type(self.refiner).__name__),
-            "features": getattr(self.features, "name", type(self.features).__name__),
+            "tracker": self.tracker.name,
+            "refiner": self.refiner.name,
+            "features": self.features.name,
             "ablation": self.config.ablation,
             "refine_mode": self.config.refine_mode,
             "teacher_forcing": self.config.use_teacher_forcing,
@@ -184,11 +193,7 @@ class HQSMemPipeline:
 
     # -- input checks -------------------------------------------------------------------------
     def _check_image(self, image) -> np.ndarray:
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            desc = f"{type(image).__name__} {getattr(image, 'dtype', '')} {getattr(image, 'shape', '')}"
-            raise FrameError(f"frame must be an HxWx3 uint8 RGB array, got {desc}")
-        if image.shape[0] < 8 or image.shape[1] < 8:
-            raise FrameError(f"frame of {image.shape[1]}x{image.shape[0]} is too small (at least 8x8)")
+        check_image(image)
         if self._size is not None and image.shape[:2] != self._size:
             raise FrameError(
                 f"frame size changed from {self._size[1]}x{self._size[0]} to {image.shape[1]}x{image.shape[0]}; "
@@ -217,7 +222,7 @@ class HQSMemPipeline:
                 raise PromptError(f"object id {p.id} appears twice in one request")
             seen.add(p.id)
             if p.id in self._retired:
-                raise PromptError(f"object id {p.id} was removed earlier; ids are never reused (next free: {self.next_free_id()})")
+                raise PromptError(f"object id {p.id} was removed earlier; ids are never reused")
             if p.id in remove:
                 raise PromptError(f"object id {p.id} is both prompted and removed")
             if p.id not in self._ids:
@@ -275,6 +280,34 @@ class HQSMemPipeline:
         timings["track"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
+        prompt_masks, refiner_ready = self._apply_requests(t, small, tracked, prompts, remove, (H, W))
+        timings["prompt"] = time.perf_counter() - clock
+
+        coarse: Masks = {**tracked, **prompt_masks}
+        final, refined, score, features_ready = self._refine(small, tracked, coarse, prompt_masks,
+                                                             refiner_ready, timings)
+
+        clock = time.perf_counter()
+        committed = final if self.config.use_teacher_forcing else coarse
+        self.tracker.commit(t, small, committed)
+        self._update_memory(t, stamp, small, committed, bool(prompt_masks), features_ready)
+        timings["memory"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        result = self._build_result(t, stamp, final, refined, score, (H, W))
+        timings["output"] = time.perf_counter() - clock
+        timings["total"] = time.perf_counter() - t_start
+        result.timings = timings
+        self._frame += 1
+        if stamp is not None:
+            self._last_stamp = stamp
+        return result
+
+    def _apply_requests(self, t: int, small: np.ndarray, tracked: Masks, prompts: Sequence[ObjectPrompt],
+                        remove: Sequence[int], shape) -> Tuple[Masks, bool]:
+        """Removals, then the prompts' masks at the working size, handed to the tracker.
+        Returns (prompt masks, whether the refiner already has this frame's image)."""
+        H, W = shape
         refiner_ready = False
         if remove:
             self.tracker.remove_objects(remove)
@@ -312,21 +345,27 @@ class HQSMemPipeline:
             for oid in prompt_masks:
                 self._release_prompt_frame(oid)
                 self._prompt_frame_of[oid] = t
-        timings["prompt"] = time.perf_counter() - clock
+        return prompt_masks, refiner_ready
 
-        coarse: Masks = {**tracked, **prompt_masks}
+    def _refine(self, small: np.ndarray, tracked: Masks, coarse: Masks, prompt_masks: Masks,
+                refiner_ready: bool, timings: Dict[str, float]):
+        """Steps 2-3: proposals for the tracked objects and the verification gate.
+        Returns (final masks, refined flags, gate scores, whether the features saw this frame)."""
         final: Masks = dict(coarse)
         refined: Dict[int, bool] = {}
         score: Dict[int, float] = {}
         mode = self.config.refine_mode
-        to_refine = [i for i in sorted(tracked) if tracked[i].sum() >= max(1, self.config.min_refine_area)]
+        # A prompt is the user's word for this frame: its mask is the output and what the tracker
+        # commits, never refined (also for an object that is re-prompted while tracked).
+        to_refine = [i for i in sorted(tracked) if i not in prompt_masks
+                     and tracked[i].sum() >= max(1, self.config.min_refine_area)]
         clock = time.perf_counter()
         features_ready = False
         if mode != "off" and to_refine:
             if not refiner_ready:
                 self.refiner.set_image(small)
             boxes = np.array([mask_box(coarse[i]) for i in to_refine], dtype=np.float64)
-            if getattr(self.refiner, "accepts_mask_hint", False):
+            if self.refiner.accepts_mask_hint:
                 props, pscores = self.refiner.propose(boxes, masks=np.stack([coarse[i] for i in to_refine]))
             else:
                 props, pscores = self.refiner.propose(boxes)
@@ -351,22 +390,7 @@ class HQSMemPipeline:
             timings["verify"] = time.perf_counter() - clock
         else:
             timings["refine"] = timings["verify"] = 0.0
-
-        clock = time.perf_counter()
-        committed = final if self.config.use_teacher_forcing else coarse
-        self.tracker.commit(t, small, committed)
-        self._update_memory(t, stamp, small, committed, bool(prompt_masks), features_ready)
-        timings["memory"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        result = self._build_result(t, stamp, final, refined, score, (H, W))
-        timings["output"] = time.perf_counter() - clock
-        timings["total"] = time.perf_counter() - t_start
-        result.timings = timings
-        self._frame += 1
-        if stamp is not None:
-            self._last_stamp = stamp
-        return result
+        return final, refined, score, features_ready
 
     def _check_points(self, p: ObjectPrompt, shape) -> None:
         h, w = shape
@@ -389,7 +413,7 @@ class HQSMemPipeline:
         if p.box is None and not (pts[:, 2] == 1).any():
             raise PromptError(f"points for object {p.id}: without a box, at least one point must be on "
                               "the object (label 1)")
-        if not getattr(self.refiner, "accepts_points", False):
+        if not self.refiner.accepts_points:
             raise PromptError(f"refiner {self.refiner.name!r} does not take point prompts; give a box or "
                               "a mask (or use a refiner that takes clicks: watershed, sam_hq)")
 
@@ -478,27 +502,20 @@ class HQSMemPipeline:
         label = np.zeros((H, W), np.uint16)
         for oid in order:
             label[full[oid]] = oid
-        masks: Masks = {}
         objects: List[TrackedObject] = []
         for oid in sorted(full):
             box = mask_box(full[oid])
-            if box is None:
-                m = np.zeros((H, W), bool)
-            else:
+            if box is not None:  # what is left of the object in the label image, within its box
                 x0, y0, x1, y1 = box
-                m = np.zeros((H, W), bool)
-                m[y0:y1, x0:x1] = label[y0:y1, x0:x1] == oid
-                box = mask_box(m)
-            masks[oid] = m
-            if box is None:
-                objects.append(TrackedObject(oid, (0, 0, 0, 0), 0.0, False, False, 0, (float("nan"), float("nan"))))
-                continue
-            x0, y0, x1, y1 = box
-            ys, xs = np.nonzero(m[y0:y1, x0:x1])
-            objects.append(TrackedObject(
-                oid, box, score.get(oid, 1.0), True, bool(refined.get(oid, False)), int(xs.size),
-                (float(xs.mean() + x0), float(ys.mean() + y0))))
-        return FrameResult(t, stamp, (H, W), masks, objects, {}, self.tracker.memory_frames(), label)
+                ys, xs = np.nonzero(label[y0:y1, x0:x1] == oid)
+                if xs.size:
+                    box = (int(xs.min() + x0), int(ys.min() + y0), int(xs.max() + x0 + 1), int(ys.max() + y0 + 1))
+                    objects.append(TrackedObject(
+                        oid, box, score.get(oid, 1.0), True, bool(refined.get(oid, False)), int(xs.size),
+                        (float(xs.mean() + x0), float(ys.mean() + y0))))
+                    continue
+            objects.append(TrackedObject(oid, (0, 0, 0, 0), 0.0, False, False, 0, (float("nan"), float("nan"))))
+        return FrameResult(t, stamp, (H, W), objects, {}, self.tracker.memory_frames(), label)
 
 
 def _best_for_clicks(proposals: np.ndarray, scores: np.ndarray, points: np.ndarray,

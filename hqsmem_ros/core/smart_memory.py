@@ -67,12 +67,6 @@ class SmartMemory:
     def __contains__(self, frame: int) -> bool:
         return any(e.frame == frame for e in self._entries)
 
-    def embedding(self, frame: int) -> np.ndarray:
-        for e in self._entries:
-            if e.frame == frame:
-                return e.embedding
-        raise KeyError(frame)
-
     def removal_scores(self, t: int, z) -> dict:
         """O(z_j) (Eq. 5) for every unpinned entry, keyed by frame index."""
         zt = _unit(z)
@@ -126,14 +120,6 @@ class SmartMemory:
             return t
         self._entries.append(MemoryEntry(t, zt, False))
         return None
-
-    def remove(self, frame: int) -> bool:
-        """Drop a frame explicitly (pinned or not). Returns whether it was held."""
-        for e in self._entries:
-            if e.frame == frame:
-                self._entries.remove(e)
-                return True
-        return False
 
     def unpin(self, frame: int) -> None:
         for e in self._entries:

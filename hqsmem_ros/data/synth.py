@@ -232,6 +232,8 @@ def _scenario_seed(seed: int, scenario: str, size: Tuple[int, int], frames: int,
     return np.random.default_rng([int(seed), zlib.crc32(scenario.encode()), size[0], size[1], frames, n_objects])
 
 
+# Over 80 lines on purpose: one branch per scenario in one place, because the order of the random
+# draws defines every synthetic sequence (and the figures measured on them).
 def _build_scene(rng: np.random.Generator, scenario: str, width: int, height: int, frames: int, n_objects: int) -> List[_SceneObject]:
     short = min(width, height)
     period = float(min(max(frames, 40), _MAX_PERIOD))

@@ -201,11 +201,6 @@ def write_frame(path: PathLike, image_rgb: np.ndarray, jpeg_quality: int = 90) -
         raise
 
 
-def read_sequence_labels(labels_dir: PathLike) -> Dict[str, np.ndarray]:
-    """All label images of one sequence folder, keyed by file stem (e.g. '00000')."""
-    return {path.stem: read_label(path) for path in list_labels(labels_dir)}
-
-
 # ---------------------------------------------------------------------------------------------
 # Finding sequences
 

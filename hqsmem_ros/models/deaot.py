@@ -214,8 +214,6 @@ class DeAOTTracker(BaseTracker):
         self.max_long_edge = cfg.TEST_MAX_LONG_EDGE if max_long_edge is None else float(max_long_edge)
         self.max_short_edge = cfg.TEST_MAX_SHORT_EDGE if max_short_edge is None else float(max_short_edge)
         self.short_term_mem_skip = int(short_term_mem_skip)
-        # The engine's own long-term gap, for a pipeline that wants DeAOT's default schedule.
-        self.default_memory_interval = int(cfg.TEST_LONG_TERM_MEM_GAP)
         n_banks = math.ceil(self.max_objects / self.slots_per_bank)
         self._groups = [_SlotGroup(self._new_engine(), k) for k in range(n_banks)]
         self.reset()

@@ -1,2 +1,2 @@
-"""The ROS 2 side: the tracking node, a synthetic camera, a recorder (these import rclpy) and
-image_codec (ROS-free sensor_msgs image conversions)."""
+"""The ROS 2 side: the tracking node and its helpers (these import rclpy). The ROS-free message
+codecs are in hqsmem_ros.io; the camera, recorder, replay and benchmarks in hqsmem_ros.tools."""

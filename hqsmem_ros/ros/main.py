@@ -52,6 +52,17 @@ class _ConsoleLogger:
         print(f"[INFO] [{self.name}]: {text}", file=sys.stderr, flush=True)
 
 
+def spin_until_shutdown(node) -> None:
+    """Spin the node as `hqsmem node` does until Ctrl-C or an external shutdown."""
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    executor = MultiThreadedExecutor(num_threads=6)  # processing, intake, waiting services
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+
+
 def _split(argv: List[str]):
     """(our args, ROS args): ROS args start at the first --ros-args."""
     if "--ros-args" in argv:
@@ -72,7 +83,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         import rclpy
-        from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
     except ImportError as exc:
         print(f"hqsmem node: ROS 2 (rclpy) is not importable: {exc}\n"
               "On a machine without ROS, run scripts/setup_ros.sh; on a robot, source your ROS 2 "
@@ -105,12 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"hqsmem node: {exc}", file=sys.stderr)
             return 2
         node.get_logger().info(f"DDS transport: {transport}")
-        executor = MultiThreadedExecutor(num_threads=6)  # processing, intake, waiting services
-        executor.add_node(node)
-        try:
-            executor.spin()
-        except (KeyboardInterrupt, ExternalShutdownException):
-            pass
+        spin_until_shutdown(node)
         return 0
     finally:
         if node is not None:

@@ -1,7 +1,7 @@
 """Scoring step of scripts/demo.sh (ROS-free): the recorder's label images, named by stamp, are
 matched to the synthetic camera's frames through stamps.csv and scored against the truth.
 
-  python -m hqsmem_ros.ros.demo --truth out/demo/truth --labels out/demo/labels_by_stamp --pred out/demo/pred
+  python -m hqsmem_ros.tools.demo --truth out/demo/truth --labels out/demo/labels_by_stamp --pred out/demo/pred
 """
 from __future__ import annotations
 

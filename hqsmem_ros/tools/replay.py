@@ -1,6 +1,6 @@
 """Play a rosbag2 bag's images over ROS 2 with a /clock, like `ros2 bag play BAG --clock`.
 
-  python -m hqsmem_ros.ros.replay BAG --image-topic /camera/image_raw [--rate 2] [--lockstep]
+  python -m hqsmem_ros.tools.replay BAG --image-topic /camera/image_raw [--rate 2] [--lockstep]
 
 For machines without `ros2 bag` (the PyPI ROS wheels have no rosbag2_py/ros2cli) and for tests:
 the bag is read with `rosbags`, each recorded message is published as the recorded CDR bytes
@@ -29,7 +29,7 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
 
-from hqsmem_ros.bag import BagError, IMAGE_TYPE, COMPRESSED_TYPE, make_typestore, open_bag
+from hqsmem_ros.io.bagfiles import BagError, IMAGE_TYPE, COMPRESSED_TYPE, make_typestore, open_bag
 from hqsmem_ros.ros.spinning import BackgroundSpinner
 
 DEFAULT_RESULTS_TOPIC = "/hqsmem_node/objects"
@@ -213,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ros_args = argv[argv.index("--ros-args"):] if "--ros-args" in argv else []
     own = argv[:len(argv) - len(ros_args)]
-    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.ros.replay", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.tools.replay", description=__doc__.split("\n")[0])
     ap.add_argument("bag")
     ap.add_argument("--image-topic", required=True)
     ap.add_argument("--rate", type=float, default=1.0, help="replay speed factor (2 = twice as fast)")

@@ -6,7 +6,7 @@ output can be scored against the truth. With `lockstep`, each frame is published
 tracker's result for the previous one arrived (or `lockstep_timeout` passed): a run is then
 deterministic and drops nothing, whatever the machine's speed.
 
-  python -m hqsmem_ros.ros.synthetic_camera --ros-args -p frames:=150 -p out_dir:=out/gt
+  python -m hqsmem_ros.tools.synthetic_camera --ros-args -p frames:=150 -p out_dir:=out/gt
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 
 from hqsmem_ros.data.synth import make_sequence
-from hqsmem_ros.ros import image_codec
+from hqsmem_ros.io import image_codec
 from hqsmem_ros.ros.spinning import BackgroundSpinner
 
 

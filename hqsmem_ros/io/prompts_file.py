@@ -49,8 +49,7 @@ import numpy as np
 import yaml
 
 from hqsmem_ros.core.pipeline import ObjectPrompt
-
-MAX_ID = 65535  # ids are pixel values of a mono16 label image
+from hqsmem_ros.io.prompt_msgs import MAX_ID
 PROMPT_KEYS = ("id", "frame", "stamp", "box", "mask", "mask_value", "points", "negative_points", "label")
 REMOVE_KEYS = ("id", "ids", "frame", "stamp")
 TOP_KEYS = ("version", "prompts", "remove")

@@ -5,7 +5,7 @@ Messages are taken off DDS serialized (rclpy raw subscriptions) and written to t
 came, with the `rosbags` library, so the bag is what `ros2 bag record` would have written; no
 ROS bag tooling is needed on this machine.
 
-  python -m hqsmem_ros.ros.recorder --ros-args -p bag:=out/run -p video:=out/overlay.mp4
+  python -m hqsmem_ros.tools.recorder --ros-args -p bag:=out/run -p video:=out/overlay.mp4
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from rclpy.serialization import deserialize_message
 from sensor_msgs.msg import Image
 
 from hqsmem_ros.msg import TrackedObjectArray
-from hqsmem_ros.ros import image_codec
+from hqsmem_ros.io import image_codec
 from hqsmem_ros.ros.spinning import BackgroundSpinner
 
 _MSG_DIR_CANDIDATES = (Path(__file__).resolve().parents[2] / "msg",)

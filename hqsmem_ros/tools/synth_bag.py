@@ -1,13 +1,13 @@
 """Synthetic camera bags (rosbag2, mcap or sqlite3) for tests and `hqsmem bag` benchmarks, ROS-free.
 
-  python -m hqsmem_ros.data.synth_bag OUT_BAG --frames 1000 --size 640x480 --format rgb8 \
+  python -m hqsmem_ros.tools.synth_bag OUT_BAG --frames 1000 --size 640x480 --format rgb8 \
       --storage mcap --prompts file
 
 Writes the scenes of hqsmem_ros.data.synth as sensor_msgs/Image (rgb8, bgr8) or
 CompressedImage (jpeg, png) on an image topic, a sensor_msgs/CameraInfo beside each image (an
 extra topic that `hqsmem bag` must copy through), and the first frame's objects as prompts:
 `--prompts file` writes OUT_BAG.prompts.yaml + OUT_BAG.prompt0.png (a prompts file, see
-hqsmem_ros/prompts_file.py), `--prompts topic` records an hqsmem_ros/ObjectPromptArray on
+hqsmem_ros/io/prompts_file.py), `--prompts topic` records an hqsmem_ros/ObjectPromptArray on
 /hqsmem_node/prompts stamped like the first image.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from hqsmem_ros.ros import image_codec
+from hqsmem_ros.io import image_codec
 
 IMAGE_FORMATS = ("rgb8", "bgr8", "jpeg", "png")
 DEFAULT_START_NS = 1_700_000_000_000_000_000
@@ -84,7 +84,7 @@ def write_prompts_file(path: Union[str, Path], label: np.ndarray, frame: int = 0
     path = Path(path)
     mask_path = path.with_name(path.name.replace(".prompts.yaml", "") + ".prompt0.png")
     write_label(mask_path, label)
-    lines = ["# objects of the first synthetic frame (written by hqsmem_ros.data.synth_bag)", "prompts:"]
+    lines = ["# objects of the first synthetic frame (written by hqsmem_ros.tools.synth_bag)", "prompts:"]
     for i in (int(v) for v in np.unique(label) if v):
         lines += [f"  - id: {i}", f"    frame: {frame}", f"    mask: {mask_path.name}", f"    label: object{i}"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -99,7 +99,7 @@ def write_synthetic_bag(path: Union[str, Path], frames: int = 20, size: Tuple[in
     """Write a synthetic camera bag; returns {bag, topic, stamps_ns, prompts_file, labels0}."""
     from rosbags.rosbag2 import StoragePlugin, Writer
 
-    from hqsmem_ros.bag import make_typestore
+    from hqsmem_ros.io.bagfiles import make_typestore
     from hqsmem_ros.data.synth import iter_frames
 
     if prompts not in (None, "none", "file", "topic"):
@@ -149,7 +149,7 @@ def _size(text: str) -> Tuple[int, int]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.data.synth_bag", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.tools.synth_bag", description=__doc__.split("\n")[0])
     ap.add_argument("out_bag")
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--size", type=_size, default=(640, 480))

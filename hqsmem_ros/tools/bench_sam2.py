@@ -15,8 +15,8 @@ each side holds in its state (walked, shared tensors counted once) and, on CUDA,
 memory. Then the growth from frame `--reference` (500) to the last, the latency ratio, and this
 tracker's 5-object step against its 1-object step.
 
-    python -m hqsmem_ros.models.bench_sam2 --model tiny --frames 10000 --device cuda --precision bf16
-    python -m hqsmem_ros.models.bench_sam2 --model tiny --image-size 128 --frames 600 --every 100   # CPU smoke run
+    python -m hqsmem_ros.tools.bench_sam2 --model tiny --frames 10000 --device cuda --precision bf16
+    python -m hqsmem_ros.tools.bench_sam2 --model tiny --image-size 128 --frames 600 --every 100   # CPU smoke run
 """
 from __future__ import annotations
 
@@ -157,8 +157,8 @@ def run_predictor(net, frames, label0, n_frames: int, every: int, device, amp_dt
 
 
 def build_pipeline(args, n_objects: int):
-    from ..core.config import PipelineConfig
-    from ..core.pipeline import HQSMemPipeline
+    from hqsmem_ros.core.config import PipelineConfig
+    from hqsmem_ros.core.pipeline import HQSMemPipeline
     tracker = {"type": "sam2", "model": args.model, "seed": args.seed}
     if args.checkpoint:
         tracker["checkpoint"] = args.checkpoint
@@ -179,7 +179,7 @@ def build_pipeline(args, n_objects: int):
 def run_ours(pipe, frames, label0, n_frames: int, every: int, device, staggered: bool = False) -> List[Dict]:
     """The streaming tracker in the pipeline; one record per `every` frames. `staggered`: object
     i is prompted on frame i (its first-frame mask) instead of all on frame 0."""
-    from ..core.pipeline import ObjectPrompt
+    from hqsmem_ros.core.pipeline import ObjectPrompt
     ids = [int(i) for i in np.unique(label0) if i]
     due = {k: [ObjectPrompt(oid, mask=label0 == oid)] for k, oid in enumerate(ids)} if staggered \
         else {0: [ObjectPrompt(oid, mask=label0 == oid) for oid in ids]}
@@ -242,8 +242,8 @@ def main(argv=None) -> int:
     args.size = tuple(int(v) for v in args.size.lower().split("x"))
     warnings.filterwarnings("ignore", message="cannot import name '_C'")  # optional CUDA kernel
 
-    from .checkpoints import resolve_device
-    from .sam2_tracker import build_model
+    from hqsmem_ros.models.checkpoints import resolve_device
+    from hqsmem_ros.models.sam2_tracker import build_model
     device = resolve_device(args.device)
     args.device = str(device)
     amp = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]

@@ -7,7 +7,7 @@ N x 3 proposals plus the N coarse masks (`embed_torch`). On CUDA every stage is 
 `torch.cuda.synchronize()` so that the times are the GPU's, and the peak allocated GPU memory
 is reported. Medians over `iters` frames after `warmup` frames.
 
-    python -m hqsmem_ros.models.bench_models --size 854x480 --objects 5 --device cuda --precision fp16
+    python -m hqsmem_ros.tools.bench_models --size 854x480 --objects 5 --device cuda --precision fp16
 
 `bench_dino_resampling` (``--dino-compare``) times the DINO feature step (set_image + pooling of
 4 masks per object) with the official position-embedding resampling and exact patch weights
@@ -25,7 +25,7 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
-from .checkpoints import resolve_device
+from hqsmem_ros.models.checkpoints import resolve_device
 
 
 def _boxes(n: int, width: int, height: int, rng) -> np.ndarray:
@@ -40,8 +40,8 @@ def bench_neural(size: Tuple[int, int] = (854, 480), n_objects: int = 5, device:
                  precision: str = "fp32", iters: int = 10, warmup: int = 2, sam_model_type: str = "vit_tiny",
                  dino_model: str = "dinov2_vits14", dino_input_size: int = 448, seed: int = 0) -> Dict:
     """Median milliseconds per stage (and peak GPU memory on CUDA) for one frame of `size` (W, H)."""
-    from .dino import DinoFeatureExtractor
-    from .sam_hq import SamHQRefiner
+    from hqsmem_ros.models.dino import DinoFeatureExtractor
+    from hqsmem_ros.models.sam_hq import SamHQRefiner
 
     width, height = int(size[0]), int(size[1])
     if n_objects < 1 or iters < 1 or warmup < 0:

@@ -13,8 +13,8 @@ from typing import Dict, Optional
 import numpy as np
 import psutil
 
-from .core.config import load_config
-from .core.pipeline import HQSMemPipeline, ObjectPrompt
+from hqsmem_ros.core.config import load_config
+from hqsmem_ros.core.pipeline import HQSMemPipeline, ObjectPrompt
 
 
 def _pin_one_core() -> Optional[int]:
@@ -106,7 +106,7 @@ def run_bench(size=(640, 480), objects: int = 3, frames: int = 300, config=None,
               base_frames: Optional[int] = None, checkpoints=(1000, 10000)) -> Dict:
     """Full pipeline, then the base tracker alone (over `base_frames`, default `frames`), on the
     same synthetic stream; RSS (and allocated GPU memory on CUDA) recorded at `checkpoints`."""
-    from .data.synth import iter_frames
+    from hqsmem_ros.data.synth import iter_frames
 
     core = _pin_one_core() if one_core else None
     cfg = load_config(config)
