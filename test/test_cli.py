@@ -117,3 +117,25 @@ def test_bench_sam2_compares_the_predictor_and_the_tracker(tmp_path):
     assert rep["predictor"][1]["state_mb"] > rep["predictor"][0]["state_mb"]  # keeps every frame
     assert rep["passes_5_objects"] == [[1, 2, 3, 4, 5]] and rep["passes_5_staggered"] == [[1, 2, 3, 4, 5]]
     assert run("bench-sam2", "--frames", "x").returncode == 2
+
+
+def test_track_with_129_objects(tmp_path):
+    # A first mask of 129 ids used to end in a traceback (cv2.remap, more than 128 channels).
+    import cv2
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    rng = np.random.default_rng(1)
+    background = rng.integers(0, 60, (120, 160, 3), dtype=np.uint8)
+    for t in range(3):
+        img, lab = background.copy(), np.zeros((120, 160), np.uint8)
+        for k in range(129):
+            y, x = 8 * (k // 20) + 1, 8 * (k % 20) + 1 + 2 * (t % 2)
+            img[y:y + 6, x:x + 6] = (90 + (37 * k) % 160, 90 + (91 * k) % 160, 250 - (53 * k) % 100)
+            lab[y:y + 6, x:x + 6] = k + 1
+        cv2.imwrite(str(frames_dir / f"{t:05d}.png"), img[..., ::-1])
+        if t == 0:
+            write_label(tmp_path / "init.png", lab)
+    r = run("track", frames_dir, "--init-mask", tmp_path / "init.png", "--out", tmp_path / "pred", "--quiet")
+    assert r.returncode == 0, r.stderr
+    last = read_label(tmp_path / "pred" / "00002.png")
+    assert len(set(np.unique(last)) - {0}) == 129

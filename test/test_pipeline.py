@@ -319,3 +319,38 @@ def test_shipped_profiles_are_valid(name):
     for kind in ("tracker", "refiner", "features"):
         table = {"tracker": registry.TRACKERS, "refiner": registry.REFINERS, "features": registry.FEATURES}[kind]
         assert getattr(cfg, kind)["type"] in table
+
+
+def _grid_scene(n_objects, size=(320, 240), frames=4, step=2):
+    """n_objects 6x6 squares on a grid over a textured background, moving `step` px right and back."""
+    w, h = size
+    rng = np.random.default_rng(0)
+    background = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+    cols = w // 8
+    images, labels = [], []
+    for t in range(frames):
+        img = background.copy()
+        lab = np.zeros((h, w), np.uint16)
+        for k in range(n_objects):
+            y, x = 8 * (k // cols) + 1, 8 * (k % cols) + 1 + (t % 2) * step
+            colour = (80 + (37 * k) % 176, 80 + (91 * k) % 176, 255 - (53 * k) % 120)
+            img[y:y + 6, x:x + 6] = colour
+            lab[y:y + 6, x:x + 6] = k + 1
+        images.append(img)
+        labels.append(lab)
+    return images, labels
+
+
+@pytest.mark.parametrize("n_objects", [129, 1000])
+def test_more_than_128_objects_are_tracked(n_objects):
+    # cv2.remap returns one channel for stacks over 128: every frame after the first used to fail.
+    frames, labels = _grid_scene(n_objects)
+    assert len(np.unique(labels[0])) - 1 == n_objects
+    p = HQSMemPipeline(None)
+    results = [p.process(frames[0], prompts=_first_prompts(labels[0]))]
+    for f in frames[1:]:
+        results.append(p.process(f))
+    assert len(p.object_ids) == n_objects
+    res = evaluate_sequence_arrays([r.label_map() for r in results], labels)
+    assert res["n_objects"] == n_objects
+    assert res["J"] > 0.6, res["J"]

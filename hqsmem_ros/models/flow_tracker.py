@@ -31,6 +31,7 @@ _PRESETS = {
 }
 _EPS = 1e-3
 _LR_CLIP = 4.0
+_REMAP_CHANNELS = 64
 
 
 @dataclass
@@ -127,10 +128,14 @@ class FlowTracker(BaseTracker):
             flow = self._flow.calc(gray, self._prev_gray, None)
             gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
             mx, my = gx + flow[..., 0], gy + flow[..., 1]
-            stack = np.stack([self._prior[i] for i in ids], axis=-1).astype(np.float32)
-            out = cv2.remap(stack, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-            out = out.reshape(h, w, len(ids))
-            warped = {i: out[..., k] for k, i in enumerate(ids)}
+            # cv2.remap returns a single channel for stacks of more than 128 channels: warp the
+            # priors in chunks of at most _REMAP_CHANNELS.
+            for c0 in range(0, len(ids), _REMAP_CHANNELS):
+                chunk = ids[c0:c0 + _REMAP_CHANNELS]
+                stack = np.stack([self._prior[i] for i in chunk], axis=-1).astype(np.float32)
+                out = cv2.remap(stack, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+                out = out.reshape(h, w, len(chunk))
+                warped.update({i: out[..., k] for k, i in enumerate(chunk)})
         elif ids:
             warped = {i: self._prior[i].astype(np.float32) for i in ids}
         if self._prev_rgb is not None and self._prev_rgb.shape == image.shape and self.match_search > 0:
