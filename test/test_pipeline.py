@@ -138,10 +138,16 @@ def test_adding_and_removing_objects_midstream_leaves_others_alone(translate):
     assert both.object_ids == [1]
     assert 2 in b[6].masks and b[6].masks[2].any()
     assert 2 not in b[10].masks
-    # Object 1 is tracked the same, pixel for pixel, where object 2 does not overlap it.
+    # Object 1 is tracked the same, pixel for pixel, until object 2 comes; after that, nearly the
+    # same where object 2 does not overlap it (object 2's colours now count as object 1's
+    # background: that is what keeps similar objects apart, so object 1's model changes a little).
     for k in range(12):
         other = b[k].masks.get(2, np.zeros_like(m1))
-        assert np.array_equal(a[k].masks[1] & ~other, b[k].masks[1] & ~other)
+        x, y = a[k].masks[1] & ~other, b[k].masks[1] & ~other
+        if k < 5:
+            assert np.array_equal(x, y)
+        else:
+            assert (x & y).sum() >= 0.9 * (x | y).sum(), (k, (x & y).sum() / (x | y).sum())
     with pytest.raises(PromptError, match="never reused"):
         both.process(frames[12], prompts=[ObjectPrompt(2, mask=m2)])
 
@@ -354,3 +360,17 @@ def test_more_than_128_objects_are_tracked(n_objects):
     res = evaluate_sequence_arrays([r.label_map() for r in results], labels)
     assert res["n_objects"] == n_objects
     assert res["J"] > 0.6, res["J"]
+
+
+def test_similar_objects_crossing_keep_their_ids():
+    # The README demo's scene: object 1 (green) passes behind object 3 (green, textured) around
+    # frames 30-35 and comes out again. It used to be claimed by object 3's pixels (its colour
+    # model took object 3 for its own) and never found again: an identity switch.
+    frames, labels = make_sequence("demo", 0, (640, 480), 150, 3)
+    frames, labels = frames[:60], labels[:60]
+    preds, _ = run_sequence(load_config(None), frames, labels)
+    for t in range(36, 60):
+        on_other = int(((preds[t] == 1) & (labels[t] == 3)).sum())
+        assert on_other < 0.05 * (labels[t] == 3).sum(), (t, on_other)
+    found = [t for t in range(36, 60) if ((preds[t] == 1) & (labels[t] == 1)).sum() > 0.5 * (labels[t] == 1).sum()]
+    assert found and found[0] <= 45 and found == list(range(found[0], 60)), found
