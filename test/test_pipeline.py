@@ -315,7 +315,7 @@ def test_process_max_side_zero_keeps_the_input_size(translate):
     assert np.array_equal(r.label_map(), labels[0])
 
 
-@pytest.mark.parametrize("name", ["track", "cpu", "jetson_orin", "paper_models", "sam2"])
+@pytest.mark.parametrize("name", ["track", "quality", "cpu", "jetson_orin", "paper_models", "sam2"])
 def test_shipped_profiles_are_valid(name):
     from pathlib import Path
 
