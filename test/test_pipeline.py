@@ -374,3 +374,27 @@ def test_similar_objects_crossing_keep_their_ids():
         assert on_other < 0.05 * (labels[t] == 3).sum(), (t, on_other)
     found = [t for t in range(36, 60) if ((preds[t] == 1) & (labels[t] == 1)).sum() > 0.5 * (labels[t] == 1).sum()]
     assert found and found[0] <= 45 and found == list(range(found[0], 60)), found
+
+
+def test_watershed_seams_follow_lines_to_background():
+    # lines_to_background: true -> seams to the background; false -> to the object; null -> to
+    # whichever side the coarse mask put them (null used to be read as false).
+    from hqsmem_ros.models.watershed_refiner import WatershedRefiner
+
+    h, w = 120, 160
+    yy, xx = np.mgrid[0:h, 0:w]
+    disk = (yy - 60) ** 2 + (xx - 80) ** 2 <= 30 ** 2
+    image = np.where(disk[..., None], 200, 40).astype(np.uint8).repeat(3, axis=2)
+    inner = (yy - 60) ** 2 + (xx - 80) ** 2 <= 27 ** 2   # coarse mask inside the true edge
+    outer = (yy - 60) ** 2 + (xx - 80) ** 2 <= 33 ** 2   # and outside it
+    box = np.array([[40, 20, 121, 101]], np.float64)
+
+    def run(mode, hint):
+        r = WatershedRefiner(lines_to_background=mode)
+        r.set_image(image)
+        return r.propose(box, hint[None])[0][0, 2]  # the widest band (8 %: 6 px) spans the true edge
+
+    tight, loose = run(True, outer), run(False, outer)
+    assert tight.sum() < loose.sum()  # there are seams, and the two rules place them differently
+    assert np.array_equal(run(None, outer), loose)   # the coarse mask covered the seams
+    assert np.array_equal(run(None, inner), run(True, inner))  # it did not
