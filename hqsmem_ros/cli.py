@@ -5,6 +5,7 @@
   hqsmem synth OUT_DIR --seed N
   hqsmem bench [--size WxH --objects N --frames F --json]
   hqsmem ablate DATA_DIR [--rows ...] [--json]
+  hqsmem loo DATA_DIR --grid GRID.yaml [--config FILE] [--json]
   hqsmem bag IN_BAG OUT_BAG --image-topic TOPIC [--prompts FILE | --prompt-topic TOPIC]
   hqsmem bags INPUT... --out DIR [--workers N | --ray ADDRESS] [--force]   (hqsmem_ros/fleet.py)
   hqsmem node [--config FILE] [--ros-args ...]     (needs rclpy)
@@ -143,6 +144,14 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def cmd_loo(args) -> int:
+    from .loo import format_loo, load_grid, run_loo
+
+    result = run_loo(args.data_dir, load_grid(args.grid), config=args.config, metric=args.metric)
+    print(json.dumps(result) if args.json else format_loo(result))
+    return 0
+
+
 def cmd_bag(args) -> int:
     try:
         from .bag import BagError, process_bag
@@ -267,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("loo", help="leave-one-out parameter choice over a folder of sequences (hqsmem_ros/loo.py)")
+    p.add_argument("data_dir", help="DAVIS layout, or a folder of <seq>/JPEGImages + <seq>/Annotations")
+    p.add_argument("--grid", required=True, help="YAML: candidate name -> pipeline overrides")
+    p.add_argument("--config", help="base pipeline YAML the candidates override")
+    p.add_argument("--metric", default="JF", choices=["JF", "J", "F", "Q"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_loo)
 
     _add_bag_parser(sub)
 

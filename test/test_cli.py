@@ -229,3 +229,25 @@ def test_config_problems_are_one_line_errors(seq, tmp_path):
         assert r.returncode == 2, (name, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
         assert all(w in r.stderr for w in words), (name, r.stderr)
+
+
+def test_track_with_129_objects(tmp_path):
+    # A first mask of 129 ids used to end in a traceback (cv2.remap, more than 128 channels).
+    import cv2
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    rng = np.random.default_rng(1)
+    background = rng.integers(0, 60, (120, 160, 3), dtype=np.uint8)
+    for t in range(3):
+        img, lab = background.copy(), np.zeros((120, 160), np.uint8)
+        for k in range(129):
+            y, x = 8 * (k // 20) + 1, 8 * (k % 20) + 1 + 2 * (t % 2)
+            img[y:y + 6, x:x + 6] = (90 + (37 * k) % 160, 90 + (91 * k) % 160, 250 - (53 * k) % 100)
+            lab[y:y + 6, x:x + 6] = k + 1
+        cv2.imwrite(str(frames_dir / f"{t:05d}.png"), img[..., ::-1])
+        if t == 0:
+            write_label(tmp_path / "init.png", lab)
+    r = run("track", frames_dir, "--init-mask", tmp_path / "init.png", "--out", tmp_path / "pred", "--quiet")
+    assert r.returncode == 0, r.stderr
+    last = read_label(tmp_path / "pred" / "00002.png")
+    assert len(set(np.unique(last)) - {0}) == 129

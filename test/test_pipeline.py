@@ -139,10 +139,16 @@ def test_adding_and_removing_objects_midstream_leaves_others_alone(translate):
     assert both.object_ids == [1]
     assert 2 in b[6].masks and b[6].masks[2].any()
     assert 2 not in b[10].masks
-    # Object 1 is tracked the same, pixel for pixel, where object 2 does not overlap it.
+    # Object 1 is tracked the same, pixel for pixel, until object 2 comes; after that, nearly the
+    # same where object 2 does not overlap it (object 2's colours now count as object 1's
+    # background: that is what keeps similar objects apart, so object 1's model changes a little).
     for k in range(12):
         other = b[k].masks.get(2, np.zeros_like(m1))
-        assert np.array_equal(a[k].masks[1] & ~other, b[k].masks[1] & ~other)
+        x, y = a[k].masks[1] & ~other, b[k].masks[1] & ~other
+        if k < 5:
+            assert np.array_equal(x, y)
+        else:
+            assert (x & y).sum() >= 0.9 * (x | y).sum(), (k, (x & y).sum() / (x | y).sum())
     with pytest.raises(PromptError, match="never reused"):
         both.process(frames[12], prompts=[ObjectPrompt(2, mask=m2)])
 
@@ -329,7 +335,7 @@ def test_process_max_side_zero_keeps_the_input_size(translate):
     assert np.array_equal(r.label_map(), labels[0])
 
 
-@pytest.mark.parametrize("name", ["track", "cpu", "jetson_orin", "paper_models", "sam2"])
+@pytest.mark.parametrize("name", ["track", "quality", "cpu", "jetson_orin", "paper_models", "sam2"])
 def test_shipped_profiles_are_valid(name):
     from pathlib import Path
 
@@ -339,3 +345,76 @@ def test_shipped_profiles_are_valid(name):
     for kind in ("tracker", "refiner", "features"):
         table = {"tracker": registry.TRACKERS, "refiner": registry.REFINERS, "features": registry.FEATURES}[kind]
         assert getattr(cfg, kind)["type"] in table
+
+
+def _grid_scene(n_objects, size=(320, 240), frames=4, step=2):
+    """n_objects 6x6 squares on a grid over a textured background, moving `step` px right and back."""
+    w, h = size
+    rng = np.random.default_rng(0)
+    background = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+    cols = w // 8
+    images, labels = [], []
+    for t in range(frames):
+        img = background.copy()
+        lab = np.zeros((h, w), np.uint16)
+        for k in range(n_objects):
+            y, x = 8 * (k // cols) + 1, 8 * (k % cols) + 1 + (t % 2) * step
+            colour = (80 + (37 * k) % 176, 80 + (91 * k) % 176, 255 - (53 * k) % 120)
+            img[y:y + 6, x:x + 6] = colour
+            lab[y:y + 6, x:x + 6] = k + 1
+        images.append(img)
+        labels.append(lab)
+    return images, labels
+
+
+@pytest.mark.parametrize("n_objects", [129, 1000])
+def test_more_than_128_objects_are_tracked(n_objects):
+    # cv2.remap returns one channel for stacks over 128: every frame after the first used to fail.
+    frames, labels = _grid_scene(n_objects)
+    assert len(np.unique(labels[0])) - 1 == n_objects
+    p = HQSMemPipeline(None)
+    results = [p.process(frames[0], prompts=_first_prompts(labels[0]))]
+    for f in frames[1:]:
+        results.append(p.process(f))
+    assert len(p.object_ids) == n_objects
+    res = evaluate_sequence_arrays([r.label_map() for r in results], labels)
+    assert res["n_objects"] == n_objects
+    assert res["J"] > 0.6, res["J"]
+
+
+def test_similar_objects_crossing_keep_their_ids():
+    # The README demo's scene: object 1 (green) passes behind object 3 (green, textured) around
+    # frames 30-35 and comes out again. It used to be claimed by object 3's pixels (its colour
+    # model took object 3 for its own) and never found again: an identity switch.
+    frames, labels = make_sequence("demo", 0, (640, 480), 150, 3)
+    frames, labels = frames[:60], labels[:60]
+    preds, _ = run_sequence(load_config(None), frames, labels)
+    for t in range(36, 60):
+        on_other = int(((preds[t] == 1) & (labels[t] == 3)).sum())
+        assert on_other < 0.05 * (labels[t] == 3).sum(), (t, on_other)
+    found = [t for t in range(36, 60) if ((preds[t] == 1) & (labels[t] == 1)).sum() > 0.5 * (labels[t] == 1).sum()]
+    assert found and found[0] <= 45 and found == list(range(found[0], 60)), found
+
+
+def test_watershed_seams_follow_lines_to_background():
+    # lines_to_background: true -> seams to the background; false -> to the object; null -> to
+    # whichever side the coarse mask put them (null used to be read as false).
+    from hqsmem_ros.models.watershed_refiner import WatershedRefiner
+
+    h, w = 120, 160
+    yy, xx = np.mgrid[0:h, 0:w]
+    disk = (yy - 60) ** 2 + (xx - 80) ** 2 <= 30 ** 2
+    image = np.where(disk[..., None], 200, 40).astype(np.uint8).repeat(3, axis=2)
+    inner = (yy - 60) ** 2 + (xx - 80) ** 2 <= 27 ** 2   # coarse mask inside the true edge
+    outer = (yy - 60) ** 2 + (xx - 80) ** 2 <= 33 ** 2   # and outside it
+    box = np.array([[40, 20, 121, 101]], np.float64)
+
+    def run(mode, hint):
+        r = WatershedRefiner(lines_to_background=mode)
+        r.set_image(image)
+        return r.propose(box, hint[None])[0][0, 2]  # the widest band (8 %: 6 px) spans the true edge
+
+    tight, loose = run(True, outer), run(False, outer)
+    assert tight.sum() < loose.sum()  # there are seams, and the two rules place them differently
+    assert np.array_equal(run(None, outer), loose)   # the coarse mask covered the seams
+    assert np.array_equal(run(None, inner), run(True, inner))  # it did not

@@ -14,13 +14,15 @@ Y_BINS, C_BINS = 4, 16
 N_COLOR_BINS = Y_BINS * C_BINS * C_BINS
 
 
-def color_index(rgb: np.ndarray) -> np.ndarray:
-    """HxW int32 colour-bin index of every pixel of an RGB uint8 image."""
+def color_index(rgb: np.ndarray, y_bins: int = Y_BINS, c_bins: int = C_BINS) -> np.ndarray:
+    """HxW int32 colour-bin index (0 .. y_bins * c_bins**2 - 1) of every pixel of an RGB uint8
+    image; bin counts are powers of two."""
     ycc = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb)
-    y = ycc[..., 0].astype(np.int32) >> 6
-    cr = ycc[..., 1].astype(np.int32) >> 4
-    cb = ycc[..., 2].astype(np.int32) >> 4
-    return (y * C_BINS + cr) * C_BINS + cb
+    ys, cs = 8 - (y_bins.bit_length() - 1), 8 - (c_bins.bit_length() - 1)
+    y = ycc[..., 0].astype(np.int32) >> ys
+    cr = ycc[..., 1].astype(np.int32) >> cs
+    cb = ycc[..., 2].astype(np.int32) >> cs
+    return (y * c_bins + cr) * c_bins + cb
 
 
 def histogram(index: np.ndarray, mask: np.ndarray, bins: int = N_COLOR_BINS) -> np.ndarray:

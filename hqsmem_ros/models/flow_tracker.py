@@ -5,13 +5,21 @@ mask of t-1, i.e. the HQ mask under teacher forcing) into frame t. Dense flow lo
 that move far between frames, so each object is also matched as a whole (masked template
 matching of its previous appearance in a search window) and the prior shifted by that motion;
 of the two predictions the one whose pixels fit the object's colour model better is kept. A
-per-object colour likelihood ratio, learnt from the object's entries in long-term memory, then
-decides the pixels near the predicted boundary. Long-term memory holds, per stored frame, each object's foreground and
-surrounding-background colour histograms; which frames it holds is decided from outside (smart
-memory or the fixed-gap rule), exactly like the long-term memory of an AOT-family tracker.
+per-object colour likelihood ratio then decides the pixels near the predicted boundary. Long-term
+memory holds, per stored frame, each object's foreground and surrounding-background colour
+histograms; which frames it holds is decided from outside (smart memory or the fixed-gap rule),
+exactly like the long-term memory of an AOT-family tracker.
+
+The colour model (what generalises, docs/benchmarks.md): colours binned finely in chroma (32x32
+Cr/Cb bins, 4 luminance bins, `color_bins`); the object's histograms from its prompt frame keep
+half the weight (`anchor_weight`), so the model cannot drift with the masks it commits; and an
+object's background is everything but the object itself, other objects included
+(`others_as_background`), so two similar-looking objects are told apart by the colours in which
+they differ, not claimed by each other when they cross.
 
 An object whose mask vanishes (left the view, fully occluded) is reported absent and searched
-for over the whole frame with its memory's colour model until it is found again.
+for over the whole frame with its colour model until it is found again, at the size it had in
+long-term memory (not its last, occluded size).
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ import cv2
 import numpy as np
 
 from ..core.interfaces import BaseTracker, Masks
-from .appearance import N_COLOR_BINS, color_index, expand_box, histogram, mask_box
+from .appearance import color_index, expand_box, histogram, mask_box
 
 _PRESETS = {
     "ultrafast": cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST,
@@ -31,6 +39,7 @@ _PRESETS = {
 }
 _EPS = 1e-3
 _LR_CLIP = 4.0
+_REMAP_CHANNELS = 64
 
 
 @dataclass
@@ -39,6 +48,7 @@ class _Object:
     absent_frames: int = 0
     recent_bg: Optional[np.ndarray] = None
     lut: Optional[np.ndarray] = None  # per colour bin log-likelihood ratio, None = stale
+    anchor: Optional[tuple] = None  # (fg_hist, bg_hist) of the object's prompt frame
 
 
 @dataclass
@@ -53,9 +63,10 @@ class FlowTracker(BaseTracker):
 
     def __init__(self, flow_preset: str = "fast", flow_weight: float = 2.0,
                  appearance_weight: float = 1.0, search_margin: float = 0.3,
-                 min_area: int = 12, redetect_every: int = 2, redetect_min_lr: float = 1.5,
+                 min_area: int = 12, redetect_every: int = 2, redetect_min_lr: float = 0.5,
                  redetect_area_range=(0.3, 3.0), recent_bg_weight: float = 0.5,
-                 match_search: float = 1.0, match_size: int = 32, smooth: int = 5):
+                 match_search: float = 1.0, match_size: int = 32, smooth: int = 5,
+                 anchor_weight: float = 0.5, others_as_background: bool = True, color_bins=(4, 32)):
         if flow_preset not in _PRESETS:
             raise ValueError(f"flow_preset must be one of {', '.join(_PRESETS)}, got {flow_preset!r}")
         self.flow_preset = flow_preset
@@ -70,6 +81,15 @@ class FlowTracker(BaseTracker):
         self.match_search = float(match_search)
         self.match_size = int(match_size)
         self.smooth = int(smooth) | 1
+        if not 0.0 <= float(anchor_weight) <= 1.0:
+            raise ValueError(f"anchor_weight must be in [0, 1], got {anchor_weight!r}")
+        self.anchor_weight = float(anchor_weight)
+        self.others_as_background = bool(others_as_background)
+        yb, cb = (int(v) for v in color_bins)
+        if yb < 1 or cb < 1 or yb & (yb - 1) or cb & (cb - 1) or yb > 256 or cb > 64:
+            raise ValueError(f"color_bins must be two powers of two (luminance <= 256, chroma <= 64), got {color_bins!r}")
+        self.color_bins = (yb, cb)
+        self._n_bins = yb * cb * cb
         self._flow = cv2.DISOpticalFlow_create(_PRESETS[flow_preset])
         self.reset()
 
@@ -93,12 +113,23 @@ class FlowTracker(BaseTracker):
         return sorted(self._objects)
 
     def add_objects(self, frame: int, image: np.ndarray, masks: Masks) -> None:
+        gray, index = self._frame_data(frame, image)
+        h, w = gray.shape
+        union = np.zeros((h, w), bool)
+        for m in masks.values():
+            union |= np.asarray(m, bool)
         for oid, m in masks.items():
             obj = self._objects.setdefault(int(oid), _Object())
             obj.absent_frames = 0
             obj.last_area = int(m.sum())
             obj.lut = None
-            self._prior[int(oid)] = m.astype(bool)
+            m = np.asarray(m, bool)
+            self._prior[int(oid)] = m
+            box = mask_box(m)
+            if box is not None:
+                x0, y0, x1, y1 = expand_box(box, self.search_margin, 4, w, h)
+                sl = (slice(y0, y1), slice(x0, x1))
+                obj.anchor = (histogram(index[sl], m[sl], self._n_bins), histogram(index[sl], self._bg(m, union)[sl], self._n_bins))
 
     def remove_objects(self, ids: Iterable[int]) -> None:
         for oid in ids:
@@ -108,11 +139,17 @@ class FlowTracker(BaseTracker):
                 entry.pop(oid, None)
         self._memory = {f: e for f, e in self._memory.items() if e}
 
+    def _bg(self, own: np.ndarray, union: np.ndarray) -> np.ndarray:
+        """Pixels that count as an object's background: everything but the object itself (other
+        objects included, so that two similar-looking objects are told apart by the colours that
+        differ), or, with others_as_background off, only pixels of no object."""
+        return ~own if self.others_as_background else ~union
+
     # -- per frame ----------------------------------------------------------------------------
     def _frame_data(self, frame: int, image: np.ndarray):
         if self._cache_frame != frame or self._cache is None:
             gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-            self._cache = (gray, color_index(image))
+            self._cache = (gray, color_index(image, *self.color_bins))
             self._cache_frame = frame
         return self._cache
 
@@ -127,10 +164,14 @@ class FlowTracker(BaseTracker):
             flow = self._flow.calc(gray, self._prev_gray, None)
             gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
             mx, my = gx + flow[..., 0], gy + flow[..., 1]
-            stack = np.stack([self._prior[i] for i in ids], axis=-1).astype(np.float32)
-            out = cv2.remap(stack, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-            out = out.reshape(h, w, len(ids))
-            warped = {i: out[..., k] for k, i in enumerate(ids)}
+            # cv2.remap returns a single channel for stacks of more than 128 channels: warp the
+            # priors in chunks of at most _REMAP_CHANNELS.
+            for c0 in range(0, len(ids), _REMAP_CHANNELS):
+                chunk = ids[c0:c0 + _REMAP_CHANNELS]
+                stack = np.stack([self._prior[i] for i in chunk], axis=-1).astype(np.float32)
+                out = cv2.remap(stack, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+                out = out.reshape(h, w, len(chunk))
+                warped.update({i: out[..., k] for k, i in enumerate(chunk)})
         elif ids:
             warped = {i: self._prior[i].astype(np.float32) for i in ids}
         if self._prev_rgb is not None and self._prev_rgb.shape == image.shape and self.match_search > 0:
@@ -226,9 +267,12 @@ class FlowTracker(BaseTracker):
         return float(self._lut(oid)[index[y0:y1, x0:x1][m[y0:y1, x0:x1]]].mean())
 
     def _redetect(self, oid, index, label) -> Optional[np.ndarray]:
-        obj = self._objects[oid]
-        if obj.last_area <= 0 or not any(oid in e for e in self._memory.values()):
+        areas = [e[oid][2] for e in self._memory.values() if oid in e]
+        if not areas:
             return None
+        # The size to look for: the object's typical size in long-term memory, not its last one
+        # (which shrinks to nothing while it is being occluded).
+        ref_area = float(np.median(areas))
         lr = self._lut(oid)[index]
         lr = cv2.blur(lr, (5, 5))
         cand = ((lr > self.redetect_min_lr) & (label == 0)).astype(np.uint8)
@@ -237,7 +281,7 @@ class FlowTracker(BaseTracker):
         best_k, best_score = -1, -np.inf
         for k in range(1, n):
             area = stats[k, cv2.CC_STAT_AREA]
-            if not lo * obj.last_area <= area <= hi * obj.last_area or area < self.min_area:
+            if not lo * ref_area <= area <= hi * ref_area or area < self.min_area:
                 continue
             score = float(lr[comp == k].mean())
             if score > best_score:
@@ -252,9 +296,12 @@ class FlowTracker(BaseTracker):
             fgs = [e[oid][0] for e in self._memory.values() if oid in e]
             bgs = [e[oid][1] for e in self._memory.values() if oid in e]
             if not fgs:
-                return np.zeros(N_COLOR_BINS, np.float32)
+                return np.zeros(self._n_bins, np.float32)
             fg = np.mean(fgs, axis=0)
             bg = np.mean(bgs, axis=0)
+            if obj.anchor is not None and self.anchor_weight > 0:
+                fg = (1 - self.anchor_weight) * fg + self.anchor_weight * obj.anchor[0]
+                bg = (1 - self.anchor_weight) * bg + self.anchor_weight * obj.anchor[1]
             if obj.recent_bg is not None:
                 bg = (1 - self.recent_bg_weight) * bg + self.recent_bg_weight * obj.recent_bg
             obj.lut = np.clip(np.log((fg + _EPS) / (bg + _EPS)), -_LR_CLIP, _LR_CLIP).astype(np.float32)
@@ -278,7 +325,7 @@ class FlowTracker(BaseTracker):
             obj.last_area = int(m.sum())
             x0, y0, x1, y1 = expand_box(box, self.search_margin, 4, w, h)
             sl = (slice(y0, y1), slice(x0, x1))
-            obj.recent_bg = histogram(index[sl], ~union[sl])
+            obj.recent_bg = histogram(index[sl], self._bg(m, union)[sl], self._n_bins)
             obj.lut = None
         self._pending = _Pending(frame, index, committed)
 
@@ -298,7 +345,8 @@ class FlowTracker(BaseTracker):
                 continue
             x0, y0, x1, y1 = expand_box(box, self.search_margin, 4, w, h)
             sl = (slice(y0, y1), slice(x0, x1))
-            entry[oid] = (histogram(p.index[sl], m[sl]), histogram(p.index[sl], ~union[sl]))
+            entry[oid] = (histogram(p.index[sl], m[sl], self._n_bins),
+                          histogram(p.index[sl], self._bg(m, union)[sl], self._n_bins), int(m.sum()))
             self._objects[oid].lut = None
         self._memory[frame] = entry
 
@@ -312,4 +360,5 @@ class FlowTracker(BaseTracker):
         return sorted(self._memory)
 
     def memory_bytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for e in self._memory.values() for a, b in e.values())
+        return sum(a.nbytes + b.nbytes + 8 for e in self._memory.values() for a, b, _ in e.values())
+

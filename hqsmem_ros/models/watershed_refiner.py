@@ -36,13 +36,14 @@ class WatershedRefiner(Refiner):
     accepts_mask_hint = True
 
     def __init__(self, bands=(0.02, 0.04, 0.08), min_band: int = 1, margin: float = 0.3,
-                 lines_to_background: bool = True):
+                 lines_to_background: Optional[bool] = True):
         if len(bands) != 3:
             raise ValueError(f"bands must hold 3 values, got {bands!r}")
         self.bands = tuple(float(b) for b in bands)
         self.min_band = int(min_band)
         self.margin = float(margin)
-        self.lines_to_background = bool(lines_to_background)
+        # None: seams keep the side the coarse mask gave them (no drift either way).
+        self.lines_to_background = None if lines_to_background is None else bool(lines_to_background)
         self._bgr = None
 
     @classmethod
