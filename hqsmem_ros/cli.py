@@ -139,7 +139,7 @@ def cmd_bench(args) -> int:
 def cmd_ablate(args) -> int:
     from .ablation import format_ablation, run_ablation
 
-    result = run_ablation(args.data_dir, rows=args.rows, config=args.config)
+    result = run_ablation(args.data_dir, rows=args.rows, config=args.config, stride=args.stride)
     print(json.dumps(result) if args.json else format_ablation(result))
     return 0
 
@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", help="DAVIS layout, or a folder of <seq>/JPEGImages + <seq>/Annotations")
     p.add_argument("--rows", nargs="+", choices=["base", "base_sam", "base_smem", "base_hqtf", "full"])
     p.add_argument("--config")
+    p.add_argument("--stride", type=int, default=1,
+                   help="keep every Nth frame of each sequence (N times the motion: a stress test)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ablate)
 

@@ -251,3 +251,25 @@ def test_track_with_129_objects(tmp_path):
     assert r.returncode == 0, r.stderr
     last = read_label(tmp_path / "pred" / "00002.png")
     assert len(set(np.unique(last)) - {0}) == 129
+
+
+@pytest.mark.parametrize("section, key", [("tracker: {type: flow, color_bins: [3, 32]}", "color_bins"),
+                                          ("tracker: {type: flow, anchor_weight: 2}", "anchor_weight"),
+                                          ("refiner: {type: watershed, bands: [1, 2]}", "bands")])
+def test_bad_model_parameter_is_a_one_line_error(seq, tmp_path, section, key):
+    frames, annotations = seq
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(section + "\n")
+    r = run("track", frames, "--init-mask", annotations / "00000.png", "--out", tmp_path / "o", "--config", cfg)
+    assert r.returncode == 2 and key in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_track_with_the_quality_profile(seq, tmp_path):
+    frames, annotations = seq
+    profile = Path(__file__).parent.parent / "config" / "quality.yaml"
+    out = tmp_path / "pred"
+    r = run("track", frames, "--init-mask", annotations / "00000.png", "--out", out, "--quiet", "--config", profile)
+    assert r.returncode == 0, r.stderr
+    r = run("eval", out, annotations, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["JF"] > 0.6  # copying the first mask scores about 0.01 here

@@ -81,3 +81,20 @@ def test_loo_bad_grid_is_a_one_line_error(tiny, tmp_path):
     assert r.returncode == 2 and "tau_verfy" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([*HQSMEM, "loo", tiny, "--grid", tmp_path / "none.yaml"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "none.yaml" in r.stderr
+
+
+def test_ablate_stride_keeps_every_nth_frame(tiny):
+    from hqsmem_ros.ablation import run_ablation, run_sequence
+    from hqsmem_ros.eval.davis_io import list_frames, list_labels, read_frame, read_label
+    from hqsmem_ros.eval.metrics import evaluate_sequence_arrays
+
+    out = run_ablation(tiny, rows=["base"], stride=3)
+    assert out["stride"] == 3
+    seq = "split"
+    frames = [read_frame(p) for p in list_frames(tiny / "JPEGImages" / seq)][::3]
+    gts = [read_label(p) for p in list_labels(tiny / "Annotations" / seq)][::3]
+    assert len(frames) == 4  # 12 frames: 0, 3, 6, 9
+    preds, _ = run_sequence(load_config({"ablation": "base"}), frames, gts)
+    assert out["rows"]["base"]["per_sequence"][seq]["JF"] == pytest.approx(evaluate_sequence_arrays(preds, gts)["JF"])
+    r = subprocess.run([*HQSMEM, "ablate", tiny, "--stride", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "stride" in r.stderr and "Traceback" not in r.stderr

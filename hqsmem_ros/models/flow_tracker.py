@@ -29,6 +29,7 @@ from typing import Dict, Iterable, List, Optional
 import cv2
 import numpy as np
 
+from ..core.config import ConfigError
 from ..core.interfaces import BaseTracker, Masks
 from .appearance import color_index, expand_box, histogram, mask_box
 
@@ -95,7 +96,10 @@ class FlowTracker(BaseTracker):
 
     @classmethod
     def from_config(cls, params, device="auto", precision="fp32"):
-        return cls(**params)
+        try:
+            return cls(**params)
+        except ValueError as exc:  # a bad value: a one-line configuration error, not a traceback
+            raise ConfigError(f"tracker 'flow': {exc}") from exc
 
     # -- state --------------------------------------------------------------------------------
     def reset(self) -> None:

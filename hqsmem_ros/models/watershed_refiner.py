@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 import cv2
 import numpy as np
 
+from ..core.config import ConfigError
 from ..core.interfaces import Refiner
 from .appearance import expand_box
 
@@ -48,7 +49,10 @@ class WatershedRefiner(Refiner):
 
     @classmethod
     def from_config(cls, params, device="auto", precision="fp32"):
-        return cls(**params)
+        try:
+            return cls(**params)
+        except ValueError as exc:  # a bad value: a one-line configuration error, not a traceback
+            raise ConfigError(f"refiner 'watershed': {exc}") from exc
 
     def set_image(self, image: np.ndarray) -> None:
         self._bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
