@@ -67,3 +67,31 @@ def test_context_block_is_off_by_default_and_empty_masks_stay_zero():
 def test_bad_context_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="context_"):
         HistogramFeatures(**kwargs)
+
+
+def test_every_gate_grid_candidate_runs_the_pipeline():
+    """config/loo/gate_grid.yaml: each candidate is a valid config whose features take the ring
+    settings, and the gate then runs on real frames (a typo in the grid fails here, not mid-run)."""
+    from pathlib import Path
+
+    from hqsmem_ros.core.config import load_config
+    from hqsmem_ros.core.pipeline import HQSMemPipeline, ObjectPrompt
+    from hqsmem_ros.data.synth import make_sequence
+    from hqsmem_ros.loo import apply_overrides, load_grid
+
+    root = Path(__file__).resolve().parents[1] / "config"
+    grid = load_grid(root / "loo" / "gate_grid.yaml")
+    assert "default" in grid and len(grid) >= 2
+    frames, labels = make_sequence("translate_scale", 0, (160, 120), 3, 2)
+    base = load_config(root / "track.yaml")
+    for name, overrides in grid.items():
+        cfg = apply_overrides(base, overrides)
+        pipe = HQSMemPipeline(cfg)
+        want = float(overrides.get("features", {}).get("context_weight", 0.0))
+        assert pipe.features.context_weight == want, name
+        ids = [int(i) for i in np.unique(labels[0]) if i]
+        res = pipe.process(frames[0], prompts=[ObjectPrompt(i, mask=labels[0] == i) for i in ids])
+        for frame in frames[1:]:
+            res = pipe.process(frame)
+        assert set(np.unique(res.label_map())) - {0} <= set(ids), name
+        assert res.label_map().any(), name
