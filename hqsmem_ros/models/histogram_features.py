@@ -7,6 +7,15 @@ Pooling under a mask gives three histograms; each is square-rooted and weighted 
 normalisation, so the cosine of two embeddings is a weighted Bhattacharyya coefficient in [0, 1].
 Without the position block a proposal covering only part of the object would look the same as
 the whole object, and the verification gate could not tell them apart.
+
+Context block (`context_weight` > 0): the colour histogram of a thin ring just outside the mask
+(`context_width` pixels). Histograms pooled over two nearly identical masks are nearly identical
+(a cosine of near-equal vectors is 1 minus a second-order term: 0.99+ for any proposal that moves
+a boundary by a pixel or two), so without it the gate's threshold decides nothing. The ring
+makes the gate see *where* a boundary moved: a proposal that cuts into the object puts the
+object's own colours into its ring (low cosine: rejected, as the paper's gate rejects a part of
+the object), one that trims a leak into the background keeps a background-coloured ring
+(high cosine: accepted).
 """
 from __future__ import annotations
 
@@ -22,10 +31,18 @@ N_ORIENT = 8
 class HistogramFeatures(FeatureExtractor):
     name = "histogram"
 
-    def __init__(self, gradient_weight: float = 0.5, position_weight: float = 2.0, grid: int = 32):
+    def __init__(self, gradient_weight: float = 0.5, position_weight: float = 2.0, grid: int = 32,
+                 context_weight: float = 0.0, context_width: int = 2):
         self.gradient_weight = float(gradient_weight)
         self.position_weight = float(position_weight)
         self.grid = int(grid)
+        self.context_weight = float(context_weight)
+        self.context_width = int(context_width)
+        if self.context_weight < 0 or self.context_width < 1:
+            raise ValueError(f"context_weight must be >= 0 and context_width >= 1, got "
+                             f"{context_weight!r} and {context_width!r}")
+        self._ring_kernel = cv2.getStructuringElement(
+            cv2.MORPH_ELLIPSE, (2 * self.context_width + 1, 2 * self.context_width + 1))
         self._index = None
 
     @classmethod
@@ -34,7 +51,7 @@ class HistogramFeatures(FeatureExtractor):
 
     @property
     def dim(self) -> int:
-        return N_COLOR_BINS + 2 * N_ORIENT + self.grid * self.grid
+        return N_COLOR_BINS + 2 * N_ORIENT + self.grid * self.grid + (N_COLOR_BINS if self.context_weight > 0 else 0)
 
     def set_image(self, image: np.ndarray) -> None:
         color = color_index(image)
@@ -67,13 +84,21 @@ class HistogramFeatures(FeatureExtractor):
             if rows.size == 0:
                 continue
             cols = np.flatnonzero(m.any(axis=0))
-            sl = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+            r = self.context_width if self.context_weight > 0 else 0
+            y0, y1 = max(0, rows[0] - r), min(self._shape[0], rows[-1] + 1 + r)
+            x0, x1 = max(0, cols[0] - r), min(self._shape[1], cols[-1] + 1 + r)
+            sl = (slice(y0, y1), slice(x0, x1))
             mm = m[sl]
             n = mm.sum()
             c = np.bincount(self._index[sl][mm], minlength=N_COLOR_BINS)
             g = np.bincount(self._grad[sl][mm] - N_COLOR_BINS, minlength=2 * N_ORIENT)
             p = np.bincount(self._cell[sl][mm], minlength=self.grid * self.grid)
-            v = np.concatenate([np.sqrt(c / n), self.gradient_weight * np.sqrt(g / n),
-                                self.position_weight * np.sqrt(p / n)])
+            blocks = [np.sqrt(c / n), self.gradient_weight * np.sqrt(g / n), self.position_weight * np.sqrt(p / n)]
+            if r:
+                ring = (cv2.dilate(mm.astype(np.uint8), self._ring_kernel) > 0) & ~mm
+                nr = ring.sum()
+                cr = np.bincount(self._index[sl][ring], minlength=N_COLOR_BINS)
+                blocks.append(self.context_weight * np.sqrt(cr / nr) if nr else np.zeros(N_COLOR_BINS))
+            v = np.concatenate(blocks)
             out[k] = v / np.linalg.norm(v)
         return out
