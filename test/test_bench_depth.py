@@ -1,7 +1,7 @@
-"""python -m hqsmem_ros.bench_depth accuracy: the measurement command on a short scene."""
+"""python -m hqsmem_ros.tools.bench_depth accuracy: the measurement command on a short scene."""
 import json
 
-from hqsmem_ros.bench_depth import main
+from hqsmem_ros.tools.bench_depth import main
 
 
 def test_accuracy_command_reports_per_object_and_overall_errors(capsys):

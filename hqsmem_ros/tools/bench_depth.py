@@ -1,7 +1,7 @@
 """3D from aligned depth on the synthetic RGB-D scene (hqsmem_ros.data.synth_rgbd): accuracy and cost.
 
-  python -m hqsmem_ros.bench_depth accuracy [--frames 120 --config config/track.yaml --seed 0]
-  python -m hqsmem_ros.bench_depth speed [--frames 200 --size 640x480 --objects 3]
+  python -m hqsmem_ros.tools.bench_depth accuracy [--frames 120 --config config/track.yaml --seed 0]
+  python -m hqsmem_ros.tools.bench_depth speed [--frames 200 --size 640x480 --objects 3]
 
 `accuracy` runs the tracker over the scene (seeded with the first frame's true masks) and
 measures every object in 3D twice, from the tracker's masks and from the true masks, against
@@ -137,7 +137,7 @@ def speed(frames: int, size, n_objects: int, seed: int, config: Optional[str], r
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.bench_depth", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.tools.bench_depth", description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=("accuracy", "speed"))
     ap.add_argument("--frames", type=int, default=None, help="frames (accuracy: 120, speed: 200)")
     ap.add_argument("--size", type=_size, default=(640, 480))
