@@ -387,3 +387,38 @@ def test_node_without_depth_fills_no_3d_and_has_no_points_publisher():
         assert rig.node.count_subscribers("/depth") == 0 and rig.node.count_subscribers("/depth/camera_info") == 0
     finally:
         rig.close()
+
+
+def test_hqsmem_node_lifecycle_flag_starts_unconfigured_and_configures_over_change_state():
+    """`hqsmem node --lifecycle` as its own process: ~/get_state says unconfigured, configure over
+    ~/change_state loads the models, SIGINT stops it with exit status 0."""
+    import signal
+    import subprocess
+    import sys
+    env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID))
+    proc = subprocess.Popen([sys.executable, "-m", "hqsmem_ros.ros.main", "--lifecycle", "--ros-args",
+                             "-r", "__node:=lc_proc"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    rig = Collector()
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    node = rclpy.create_node("lc_proc_client", context=ctx)
+    executor = MultiThreadedExecutor(num_threads=2, context=ctx)
+    executor.add_node(node)
+    spinner = BackgroundSpinner(executor).start()
+    try:
+        change = node.create_client(ChangeState, "/lc_proc/change_state")
+        get = node.create_client(GetState, "/lc_proc/get_state")
+        assert change.wait_for_service(timeout_sec=LONG) and get.wait_for_service(timeout_sec=LONG), proc.poll()
+        assert _state(rig, get) == State.PRIMARY_STATE_UNCONFIGURED
+        assert node.count_publishers("/lc_proc/objects") == 0
+        assert _transition(rig, change, Transition.TRANSITION_CONFIGURE)
+        assert _state(rig, get) == State.PRIMARY_STATE_INACTIVE
+    finally:
+        spinner.stop()
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "lifecycle node: unconfigured" in out and "configured: models loaded" in out, out

@@ -472,7 +472,9 @@ class _Tracking(NodeParameters):
             self.frame_log.append({"stamp": step.stamp, "wait": t0 - arrived, "decode": t_decode,
                                    "pipeline": step.pipeline_s,
                                    "pipeline_total": step.result.timings.get("total", 0.0),
-                                   "publish": t_publish, "overhead": overhead, "depth3d": t3d - t1,
+                                   "publish": t_publish, "overhead": overhead,
+                                   "depth3d": (t3d - t1) if frame3d is not None else 0.0,
+                                   "points": len(frame3d.points[0]) if frame3d is not None and frame3d.points else 0,
                                    "overhead_cpu": (cpu_end - cpu0) - step.pipeline_cpu_s})
 
     def _check_camera_info(self, shape) -> None:

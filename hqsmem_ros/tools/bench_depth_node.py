@@ -1,11 +1,12 @@
 """What 3D outputs add to the node per frame: HQSMemNode with use_depth against the same node
 without, on the same synthetic RGB-D frames, in one run (`python -m hqsmem_ros.tools.bench_depth node`).
 
-Both nodes are the real HQSMemNode over real DDS (Fast DDS, one process, a private domain); a
-client publishes each frame (with depth: its depth image and camera_info first, waited for until
+Both nodes are the real HQSMemNode over real DDS (Fast DDS, a private domain); a client in a
+process of its own publishes each frame (with depth: its depth image and camera_info first, waited for until
 the node holds them, so pairing never waits) and waits for its ~/objects (and ~/points) before
-the next, so no frame queues and the client's publishing never overlaps the node's work: client
-and node share this process's GIL, and rclpy holds it while it publishes a 600 KB image. The client subscribes to ~/masks, ~/objects and (with depth) ~/points, so
+the next, so no frame queues. (With the client in the node's process its executor's Python work
+for the extra ~/points message competed for the GIL and added 1-1.5 ms of wall time that a
+subscriber elsewhere does not cost the node.) The client subscribes to ~/masks, ~/objects and (with depth) ~/points, so
 everything is built. Per frame the node's own record (frame_log) gives `overhead`: its wall time
 from the callback to the last publish, the pipeline excluded (decode, 3D, message building,
 publishing), and `overhead_cpu`, the same as CPU time of the processing thread. Rounds alternate
@@ -24,45 +25,125 @@ from typing import Dict, List
 import numpy as np
 
 
-def run_node_bench(frames: int, size, n_objects: int, seed: int, rounds: int, config: str) -> Dict:
+def _client(conn, domain: int, frames: int, size, n_objects: int, seed: int) -> None:
+    """The camera and the subscriber, in a process of their own (so their Python work never
+    shares the node's GIL). Commands from the parent: ("round", mode), ("depth", k),
+    ("image", k) -> "ok" once ~/objects (and with depth ~/points) of frame k arrived, ("end",)."""
     import rclpy
     from rclpy.context import Context
     from rclpy.executors import MultiThreadedExecutor
-    from rclpy.parameter import Parameter
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 
     from hqsmem_ros.data.synth_rgbd import make_rgbd
     from hqsmem_ros.io import image_codec
     from hqsmem_ros.msg import TrackedObjectArray
-    from hqsmem_ros.ros.node import HQSMemNode
     from hqsmem_ros.ros.spinning import BackgroundSpinner
     from hqsmem_ros.tools.synthetic_rgbd_camera import _image, camera_info_msg
-    from PIL import Image as PILImage
 
-    from hqsmem_ros.malloc_tuning import reuse_large_buffers
-    from hqsmem_ros.ros.main import prefer_short_gil_slices
-    prefer_short_gil_slices()  # as `hqsmem node` runs the node
-    reuse_large_buffers()
     data = make_rgbd(seed, size, frames, n_objects)
-    tmp = tempfile.mkdtemp(prefix="bench_depth_node_")
-    mask = os.path.join(tmp, "initial.png")
-    PILImage.fromarray(data[0].label.astype(np.uint8)).save(mask)
-    rate = 30.0
     msgs = []
     for k, f in enumerate(data):
-        t = 1000.0 + k / rate
+        t = 1000.0 + k / 30.0
         img = image_codec.fill_image_msg(Image(), image_codec.encode_image(np.ascontiguousarray(f.rgb[..., ::-1]), "bgr8"))
         img.header.stamp.sec, img.header.stamp.nanosec = divmod(int(round(t * 1e9)), 1_000_000_000)
         img.header.frame_id = "camera_color_optical_frame"
         msgs.append((img, _image(f.depth_mm, "16UC1", "camera_color_optical_frame", t),
                      camera_info_msg(size[0], size[1], "camera_color_optical_frame", t)))
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=domain)
+    node = rclpy.create_node("bench_client", context=ctx)
+    cv = threading.Condition()
+    got = {"objects": 0, "points": 0, "point_bytes": 0}
+
+    def on(key):
+        def cb(msg):  # serialized (raw): counted, not parsed
+            with cv:
+                got[key] += 1
+                if key == "points":
+                    got["point_bytes"] += len(msg)
+                cv.notify_all()
+        return cb
+    node.create_subscription(TrackedObjectArray, "/hqsmem_node/objects", on("objects"), 100, raw=True)
+    node.create_subscription(Image, "/hqsmem_node/masks", lambda m: None, 100, raw=True)
+    node.create_subscription(PointCloud2, "/hqsmem_node/points", on("points"), 100, raw=True)
+    qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    pub_img = node.create_publisher(Image, "image", qos)
+    pub_depth = node.create_publisher(Image, "depth", qos)
+    pub_info = node.create_publisher(CameraInfo, "depth/camera_info", qos)
+    ex = MultiThreadedExecutor(num_threads=2, context=ctx)
+    ex.add_node(node)
+    spin = BackgroundSpinner(ex).start()
+    mode = "2d"
+    try:
+        while True:
+            cmd = conn.recv()
+            if cmd[0] == "end":
+                conn.send(got["point_bytes"])
+                return
+            if cmd[0] == "round":
+                mode = cmd[1]
+                with cv:
+                    got["objects"] = got["points"] = 0
+                _until(lambda: pub_img.get_subscription_count() > 0 and (mode == "2d" or pub_depth.get_subscription_count() > 0),
+                       60, "the node's subscriptions")
+                conn.send("ok")
+            elif cmd[0] == "depth":
+                img, depth, info = msgs[cmd[1]]
+                pub_info.publish(info)
+                pub_depth.publish(depth)
+            elif cmd[0] == "image":
+                k = cmd[1]
+                pub_img.publish(msgs[k][0])
+                with cv:
+                    ok = cv.wait_for(lambda: got["objects"] > k and (mode == "2d" or got["points"] > k), 60)
+                conn.send("ok" if ok else "timeout")
+    finally:
+        spin.stop()
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+
+
+def run_node_bench(frames: int, size, n_objects: int, seed: int, rounds: int, config: str) -> Dict:
+    import multiprocessing
+
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from hqsmem_ros.data.synth_rgbd import make_rgbd
+    from hqsmem_ros.malloc_tuning import reuse_large_buffers
+    from hqsmem_ros.ros.main import prefer_short_gil_slices
+    from hqsmem_ros.ros.node import HQSMemNode
+    from hqsmem_ros.ros.spinning import BackgroundSpinner
+    from PIL import Image as PILImage
+
+    prefer_short_gil_slices()  # as `hqsmem node` runs the node
+    reuse_large_buffers()
+    label0 = make_rgbd(seed, size, 1, n_objects)[0].label
+    tmp = tempfile.mkdtemp(prefix="bench_depth_node_")
+    mask = os.path.join(tmp, "initial.png")
+    PILImage.fromarray(label0.astype(np.uint8)).save(mask)
+    domain = 1 + (os.getpid() + 131) % 200
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    proc = multiprocessing.get_context("spawn").Process(target=_client, args=(child, domain, frames, size, n_objects, seed),
+                                                        daemon=True)
+    proc.start()
+
+    def ask(*cmd):
+        parent.send(cmd)
+        if not parent.poll(120):
+            raise RuntimeError(f"the client process did not answer {cmd[0]}")
+        answer = parent.recv()
+        if answer == "timeout":
+            raise RuntimeError(f"no result for frame {cmd[1]}")
+        return answer
 
     ctx = Context()
-    rclpy.init(context=ctx, domain_id=1 + (os.getpid() + 131) % 200)
-    per_mode: Dict[str, Dict[str, List[float]]] = {m: {"overhead": [], "overhead_cpu": [], "depth3d": [],
-                                                       "pipeline": [], "wait": [], "decode": [], "publish": []} for m in ("2d", "3d")}
-    points = []
+    rclpy.init(context=ctx, domain_id=domain)
+    keys = ("overhead", "overhead_cpu", "depth3d", "pipeline", "wait", "decode", "publish", "points")
+    per_mode: Dict[str, Dict[str, List[float]]] = {m: {k: [] for k in keys} for m in ("2d", "3d")}
     try:
         for r in range(2 * rounds):
             mode = "3d" if r % 2 else "2d"
@@ -71,53 +152,22 @@ def run_node_bench(frames: int, size, n_objects: int, seed: int, rounds: int, co
             node = HQSMemNode("hqsmem_node", context=ctx, parameter_overrides=[
                 Parameter(k, value=v) for k, v in params.items()])
             node.frame_log = []
-            client = rclpy.create_node("bench_client", context=ctx)
-            cv = threading.Condition()
-            got = {"objects": 0, "points": 0}
-
-            def on(key):
-                def cb(msg):
-                    with cv:
-                        got[key] += 1
-                        if key == "points":  # raw (serialized): width is not parsed here
-                            points.append(len(msg))
-                        cv.notify_all()
-                return cb
-            # Serialized messages (raw): the client shares the process and its GIL with the node,
-            # and turning a 600 KB label image or a 300 KB cloud into Python objects is not the
-            # node's cost (a subscriber elsewhere pays it).
-            client.create_subscription(TrackedObjectArray, "/hqsmem_node/objects", on("objects"), 100, raw=True)
-            client.create_subscription(Image, "/hqsmem_node/masks", lambda m: None, 100, raw=True)
-            if mode == "3d":
-                client.create_subscription(PointCloud2, "/hqsmem_node/points", on("points"), 100, raw=True)
-            qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-            pub_img = client.create_publisher(Image, "image", qos)
-            pub_depth = client.create_publisher(Image, "depth", qos)
-            pub_info = client.create_publisher(CameraInfo, "depth/camera_info", qos)
             ex = MultiThreadedExecutor(num_threads=4, context=ctx)
             ex.add_node(node)
-            ex.add_node(client)
             spin = BackgroundSpinner(ex).start()
             try:
-                _until(lambda: pub_img.get_subscription_count() > 0 and node.objects_pub.get_subscription_count() > 0
-                       and node.masks_pub.get_subscription_count() > 0
-                       and (mode == "2d" or (pub_depth.get_subscription_count() > 0
-                                             and node.points_pub.get_subscription_count() > 0)), 60, "discovery")
-                for k, (img, depth, info) in enumerate(msgs):
+                ask("round", mode)
+                _until(lambda: node.objects_pub.get_subscription_count() > 0 and node.masks_pub.get_subscription_count() > 0
+                       and (mode == "2d" or node.points_pub.get_subscription_count() > 0), 60, "discovery")
+                for k in range(frames):
                     if mode == "3d":
                         d3 = node.session.depth
                         n = d3.pairer.counts["depth_received"]
-                        pub_info.publish(info)
-                        pub_depth.publish(depth)
+                        parent.send(("depth", k))
                         _until(lambda: d3.pairer.counts["depth_received"] > n and d3.intrinsics is not None, 60, "depth")
-                    pub_img.publish(img)
-                    with cv:
-                        # with depth, ~/points is the node's last message of the frame: wait for it
-                        # too, so the next frame's publishing (this process) never races the node
-                        if not cv.wait_for(lambda: got["objects"] > k and (mode == "2d" or got["points"] > k), 60):
-                            raise RuntimeError(f"no result for frame {k}")
+                    ask("image", k)
                 rec = node.frame_log[1:]  # the first frame seeds the objects
-                for key in per_mode[mode]:
+                for key in keys:
                     per_mode[mode][key] += [x.get(key, 0.0) for x in rec]
                 if mode == "3d":
                     c = node.counters()["depth"]
@@ -125,17 +175,24 @@ def run_node_bench(frames: int, size, n_objects: int, seed: int, rounds: int, co
                         raise RuntimeError(f"only {c['frames_3d']} of {frames} frames had 3D: {c}")
             finally:
                 spin.stop()
-                client.destroy_node()
                 node.destroy_node()
+        parent.send(("end",))
+        point_bytes = parent.recv() if parent.poll(60) else 0
     finally:
         rclpy.shutdown(context=ctx)
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
 
     def med(values):
         return round(1000 * statistics.median(values), 3)
+    n_clouds = frames * rounds
     out = {"frames": frames, "size": f"{size[0]}x{size[1]}", "objects": n_objects, "rounds": rounds,
-           "load_avg": [round(v, 2) for v in os.getloadavg()], "points_per_frame": round((float(np.mean(points)) - 80) / 16) if points else 0}
+           "load_avg": [round(v, 2) for v in os.getloadavg()],
+           "points_per_frame": round(float(np.mean(per_mode["3d"]["points"]))),
+           "cloud_bytes_per_frame": round(point_bytes / n_clouds)}
     for mode, vals in per_mode.items():
-        out[mode] = {f"{k}_median_ms": med(v) for k, v in vals.items()}
+        out[mode] = {f"{k}_median_ms": med(v) for k, v in vals.items() if k != "points"}
         out[mode]["overhead_mean_ms"] = round(1000 * float(np.mean(vals["overhead"])), 3)
     out["added_median_ms"] = round(out["3d"]["overhead_median_ms"] - out["2d"]["overhead_median_ms"], 3)
     out["added_cpu_median_ms"] = round(out["3d"]["overhead_cpu_median_ms"] - out["2d"]["overhead_cpu_median_ms"], 3)
