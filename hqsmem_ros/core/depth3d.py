@@ -349,12 +349,9 @@ def pack_points(xyz: np.ndarray, ids: np.ndarray) -> Dict[str, Any]:
     ids = np.asarray(ids)
     if len(ids) != len(xyz):
         raise ValueError(f"{len(xyz)} points but {len(ids)} ids")
-    # One contiguous N x 4 block of 32-bit words: x, y, z, then the id in the low half of the
-    # fourth word (little-endian: bytes 12-13) and zero padding (14-15). Filling a structured
-    # array field by field cost 1-6 ms for 18,000 points (strided writes); this is one pass.
-    buf = np.empty((len(xyz), 4), "<f4")
-    buf[:, :3] = xyz
-    buf.view("<u4")[:, 3] = ids.astype(np.uint16)
+    buf = np.zeros(len(xyz), POINT_DTYPE)
+    buf["x"], buf["y"], buf["z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+    buf["id"] = ids.astype(np.uint16)
     return {"height": 1, "width": len(xyz), "fields": POINT_FIELDS, "is_bigendian": False,
             "point_step": POINT_DTYPE.itemsize, "row_step": POINT_DTYPE.itemsize * len(xyz),
             "data": buf.tobytes(), "is_dense": bool(np.isfinite(xyz).all())}
