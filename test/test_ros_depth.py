@@ -7,7 +7,6 @@ condition, with a generous deadline (no timing assumptions).
 """
 import math
 import os
-import threading
 import weakref
 
 import numpy as np
