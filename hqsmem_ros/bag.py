@@ -12,6 +12,14 @@ and bag time):
   <ns>/objects  hqsmem_ros/msg/TrackedObjectArray (the node's ~/objects)
   <ns>/overlay  sensor_msgs/Image rgb8, only with --overlay
 
+With --depth-topic (an aligned depth image topic, 16UC1 mm or 32FC1 m) and its camera_info
+(--depth-camera-info-topic, default: the depth topic's sibling `camera_info`), every result also
+carries the node's 3D fields (per object position, size, valid points; the array's frame_id_3d,
+depth stamp and status_3d): before a colour frame is processed, the depth messages stamped up
+to its stamp + depth_tolerance are handed to the same core.depth3d.Depth3D the node uses (the
+node with depth_wait 0). Frames without 3D keep their 2D result and are counted per reason in
+the summary (BagSummary.depth). ~/points is not written.
+
 <ns> defaults to /hqsmem_node, the node's default name, so tools that read a recording of the
 live node read this bag the same way. The messages are those the node publishes for the same
 frame and requests, because both step the same hqsmem_ros.stream.StreamSession: image stamps
@@ -52,7 +60,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from hqsmem_ros.core.config import load_config
 from hqsmem_ros.core.pipeline import HQSMemPipeline
 from hqsmem_ros.io import image_codec
-from hqsmem_ros.io.bag_stream import _END, _Discard, _InputThread, _Sink, _SinkThread, _speed_up_sqlite
+from hqsmem_ros.io.bag_stream import (_END, CAMERA_INFO_TYPE, DepthFeed, _Discard, _InputThread, _Sink,
+                                      _SinkThread, _speed_up_sqlite)
 from hqsmem_ros.io.bagfiles import (COMPRESSED_TYPE, DEFAULT_NS, IMAGE_TYPE, PROMPTS_TYPE,  # noqa: F401
                                     STORAGES, BagError, bag_storage, make_typestore, open_bag,
                                     read_outputs, stamp_ns_of, topic_table, verify_outputs)
@@ -165,6 +174,7 @@ class BagSummary:
     stage_ms: Dict[str, float] = field(default_factory=dict)  # pipeline stages, mean per result
     warnings: List[str] = field(default_factory=list)
     bench_pipeline_alone_s: Optional[float] = None  # --bench: the pipeline alone over the same frames
+    depth: Dict[str, int] = field(default_factory=dict)  # --depth-topic: Depth3D's counts (3D per reason)
 
     @property
     def dropped_total(self) -> int:
@@ -241,6 +251,12 @@ class BagSummary:
         if "pipeline_alone" in t:
             lines.append(f"  --bench: the pipeline alone over the same frames {t['pipeline_alone']:.2f} ms/frame; "
                          f"this run's whole time per frame is {t['wall_over_alone_pct']:+.1f}% of that")
+        if self.depth:
+            no3d = ", ".join(f"{k[6:]} {v}" for k, v in sorted(self.depth.items()) if k.startswith("no_3d.") and v)
+            lines.append(f"  3D: {self.depth.get('frames_3d', 0)} of {self.results} results"
+                         + (f"; without 3D (2D kept): {no3d}" if no3d else "")
+                         + f"; depth messages {self.depth.get('pairing.depth_received', 0)}, refused "
+                           f"{self.depth.get('bad_depth', 0)}, camera_info refused {self.depth.get('bad_camera_info', 0)}")
         lines.append("  written: " + ", ".join(f"{k} {v}" for k, v in self.topics_written.items()))
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -298,7 +314,8 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
                 exclude_topics: Sequence[str] = (), progress: bool = True, log=None,
                 io_threads: Optional[bool] = None, bench: bool = False,
                 allow_random_weights: bool = False,
-                max_image_pixels: Optional[int] = None) -> BagSummary:
+                max_image_pixels: Optional[int] = None, depth_topic: Optional[str] = None,
+                depth_info_topic: Optional[str] = None, depth_params: Any = None) -> BagSummary:
     """Run the pipeline over IN_BAG's image topic and write OUT_BAG (see the module docstring).
 
     io_threads: read/decode and encode/write in two threads beside the pipeline (True), or
@@ -312,6 +329,9 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
     max_image_pixels: images larger than this (width x height, from the message or the
     compressed header, checked before decoding) are dropped as bad_image; None = the node's
     default (image_codec.DEFAULT_MAX_PIXELS).
+
+    depth_topic / depth_info_topic: 3D as the node's use_depth (module docstring);
+    depth_params: a core.depth3d.DepthParams (default: the node's defaults).
 
     Raises BagError (input/output problems), PromptsFileError (prompts file), ConfigError.
     """
@@ -340,6 +360,7 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
             if prompt_topic not in by_topic:
                 raise BagError(f"{in_bag}: no prompt topic {prompt_topic!r}; topics in the bag: {topic_table(reader)}")
             recorded = _read_prompt_topic(reader, by_topic[prompt_topic][0], store, in_bag)
+        depth = _depth_inputs(by_topic, reader, in_bag, depth_topic, depth_info_topic, depth_params)
         out_storage = storage or bag_storage(in_bag)
         summary = BagSummary(str(in_bag), str(out_bag), out_storage, image_topic, image_type,
                              io_threads=io_threads,
@@ -359,11 +380,36 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
             log("hqsmem bag --bench: second pass, the real run")
         _write(reader, out_bag, out_storage, store, HQSMemPipeline(cfg), summary, image_conns, schedule, recorded,
                excluded, ns, overlay, overlay_alpha, Progress(total, enabled=progress), log, io_threads,
-               max_image_pixels)
+               max_image_pixels, depth=depth)
     finally:
         reader.close()
     _finish_summary(summary, schedule, recorded, prompt_topic, image_topic, total)
     return summary
+
+
+def _depth_inputs(by_topic, reader, in_bag: Path, depth_topic, info_topic, params):
+    """(depth connections, camera_info connections, DepthParams) for --depth-topic, or None."""
+    if depth_topic is None:
+        if info_topic is not None:
+            raise BagError("--depth-camera-info-topic needs --depth-topic")
+        return None
+    from hqsmem_ros.core.depth3d import DepthError, DepthParams
+
+    if info_topic is None:
+        info_topic = depth_topic.rsplit("/", 1)[0] + "/camera_info" if "/" in depth_topic.strip("/") else "camera_info"
+    for topic, want in ((depth_topic, IMAGE_TYPE), (info_topic, CAMERA_INFO_TYPE)):
+        if topic not in by_topic:
+            raise BagError(f"{in_bag}: no topic {topic!r} (--depth-topic / --depth-camera-info-topic); topics in "
+                           f"the bag: {topic_table(reader)}")
+        types = {c.msgtype for c in by_topic[topic]}
+        if types != {want}:
+            raise BagError(f"{in_bag}: topic {topic} has type {', '.join(sorted(types))}; expected {want}")
+    params = params or DepthParams()
+    try:
+        params.validate()
+    except DepthError as exc:
+        raise BagError(f"depth parameters: {exc}") from exc
+    return by_topic[depth_topic], by_topic[info_topic], params
 
 
 def _check_arguments(in_bag: Path, out_bag: Path, prompts_file, prompt_topic, overlay_alpha, storage, ns) -> str:
@@ -412,7 +458,7 @@ def _inputs(reader, in_bag: Path, image_topic: str, exclude_topics, ns: str, ove
 
 
 def _write(reader, out_bag: Path, out_storage: str, store, pipeline, summary, image_conns, schedule, recorded,
-           excluded, ns, overlay, overlay_alpha, progress, log, io_threads, max_pixels=None) -> None:
+           excluded, ns, overlay, overlay_alpha, progress, log, io_threads, max_pixels=None, depth=None) -> None:
     """The real run: into a hidden staging folder beside OUT_BAG, moved in place when complete."""
     from rosbags.rosbag2 import StoragePlugin, Writer
 
@@ -432,7 +478,7 @@ def _write(reader, out_bag: Path, out_storage: str, store, pipeline, summary, im
 
     try:
         _run(reader, open_writer, store, pipeline, summary, image_conns, schedule, recorded,
-             excluded, ns, overlay, overlay_alpha, progress, log, io_threads, max_pixels=max_pixels)
+             excluded, ns, overlay, overlay_alpha, progress, log, io_threads, max_pixels=max_pixels, depth=depth)
         try:
             os.replace(staging / out_bag.name, out_bag)
         except OSError as exc:  # e.g. OUT_BAG was created by someone else meanwhile
@@ -461,13 +507,21 @@ def _finish_summary(summary: BagSummary, schedule, recorded, prompt_topic, image
 
 def _run(reader, open_writer, store, pipeline, summary: BagSummary, image_conns, schedule, recorded,
          excluded, ns, overlay, overlay_alpha, progress: Progress, log, io_threads: bool = True,
-         max_pixels: Optional[int] = None) -> None:
-    """The frame loop. open_writer: () -> an opened rosbags Writer, or None for --bench's first pass."""
+         max_pixels: Optional[int] = None, depth=None) -> None:
+    """The frame loop. open_writer: () -> an opened rosbags Writer, or None for --bench's first pass.
+    depth: (depth connections, camera_info connections, DepthParams) or None."""
     clock = time.perf_counter
     spent = Counter()
     wall0 = clock()
+    feed = None
+    d3 = None
+    if depth is not None:
+        from hqsmem_ros.core.depth3d import Depth3D
+        d3 = Depth3D(depth[2])
+        feed = DepthFeed(open_bag(summary.in_bag), store, depth[0], depth[1], d3, summary.in_bag)
     session = StreamSession(pipeline, schedule=schedule, schedule_errors="raise",
-                            log=lambda level, text: log(f"{level}: {text}") if level != "info" else None)
+                            log=lambda level, text: log(f"{level}: {text}") if level != "info" else None,
+                            depth=d3)
     objects_seen = set()
     source = _InputThread(reader, store, {c.id for c in image_conns}, summary.image_type == COMPRESSED_TYPE,
                           summary.in_bag, max_pixels=max_pixels)
@@ -498,7 +552,7 @@ def _run(reader, open_writer, store, pipeline, summary: BagSummary, image_conns,
             if item[0] == "error":
                 raise item[1]
             if item[0] != "copy":
-                item = _frame(session, item, summary, recorded, spent)
+                item = _frame(session, item, summary, recorded, spent, feed)
                 progress.update(summary.frames_in)
                 if item is None:  # dropped: no result for this frame
                     continue
@@ -516,13 +570,18 @@ def _run(reader, open_writer, store, pipeline, summary: BagSummary, image_conns,
             source.join(timeout=30)
         if not finished:
             sink.stop()
+        if feed is not None:
+            feed.close()
     progress.finish(summary.frames_in)
     spent["wall"] = clock() - wall0
     spent["cpu_total"] = time.process_time() - cpu0
     _fill_summary(summary, session, spent, Counter(source.spent) + Counter(sink.spent), objects_seen, sink)
+    if feed is not None:
+        summary.depth = session.depth_counts()
+        summary.warnings += [f"depth input: {p}" for p in feed.problems]
 
 
-def _frame(session: StreamSession, item, summary: BagSummary, recorded, spent):
+def _frame(session: StreamSession, item, summary: BagSummary, recorded, spent, feed=None):
     """One image item through the session, with this frame's recorded prompt message (one per
     frame, as the node takes one request per frame): the sink's "result" item, or None when the
     frame is dropped (counted with its reason)."""
@@ -552,7 +611,13 @@ def _frame(session: StreamSession, item, summary: BagSummary, recorded, spent):
         _example(summary, index, stamp_ns, step.detail)
         return None
     session.times.add(step.result.timings)
-    return ("result", msg.header, rgb, step.result, step.frame_index, step.labels, bag_ns)
+    frame3d = None
+    if feed is not None:
+        t0 = time.perf_counter()
+        feed.feed_until(step.stamp)
+        frame3d = session.measure_3d(step.result)
+        spent["depth3d"] += time.perf_counter() - t0
+    return ("result", msg.header, rgb, step.result, step.frame_index, step.labels, bag_ns, frame3d)
 
 
 def _example(summary: BagSummary, index: int, stamp_ns: Optional[int], message: str) -> None:

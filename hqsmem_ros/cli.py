@@ -167,7 +167,8 @@ def cmd_bag(args) -> int:
                               io_threads={"auto": None, "on": True, "off": False}[args.io_threads],
                               bench=args.bench,
                               allow_random_weights=args.allow_random_weights,
-                              max_image_pixels=args.max_image_pixels)
+                              max_image_pixels=args.max_image_pixels, depth_topic=args.depth_topic,
+                              depth_info_topic=args.depth_camera_info_topic)
     except (BagError, PromptsFileError) as exc:
         raise CliError(str(exc))
     print(json.dumps(summary.to_dict()) if args.json else summary.format())
@@ -216,6 +217,11 @@ def _add_bag_parser(sub) -> None:
                    help="images over N pixels (width x height, read from the message or the "
                         "compressed header before decoding) are dropped as bad_image "
                         "(default: 40000000, as the node's max_image_pixels)")
+    p.add_argument("--depth-topic", metavar="TOPIC",
+                   help="aligned depth images (16UC1 mm or 32FC1 m, registered to the colour image): "
+                        "adds the node's 3D fields to <ns>/objects (as use_depth: true, depth_wait 0)")
+    p.add_argument("--depth-camera-info-topic", metavar="TOPIC",
+                   help="the depth image's camera_info (default: camera_info beside --depth-topic)")
     p.add_argument("--io-threads", choices=["auto", "on", "off"], default="auto",
                    help="read/decode and encode/write in threads beside the pipeline (auto: with >= 4 "
                         "cores); off: only image decoding runs beside it, one frame ahead")

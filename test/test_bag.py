@@ -467,3 +467,96 @@ def test_a_killed_bag_run_leaves_a_hidden_folder_that_the_next_run_removes(tmp_p
     r = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert stale() == [] and alive.is_dir() and (tmp_path / "out").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------
+# --depth-topic: the node's 3D fields offline
+
+
+def _depth_bag(path, data, storage="sqlite3", skip=(5,)):
+    """The synthetic RGB-D frames: colour on TOPIC, 16UC1 depth and its camera_info beside it
+    (depth frames in `skip` left out), written just before each colour frame."""
+    from hqsmem_ros.data.synth_rgbd import intrinsics
+    from hqsmem_ros.tools.synth_bag import _header
+
+    store = make_typestore()
+    h, w = data[0].label.shape
+    intr = intrinsics(w, h)
+    T = store.types
+    extra = []
+    for k, f in enumerate(data):
+        t = DEFAULT_START_NS + k * PERIOD
+        info = T["sensor_msgs/msg/CameraInfo"](
+            header=_header(store, t, "depth_optical"), height=h, width=w, distortion_model="plumb_bob",
+            d=np.zeros(5), k=np.array([intr.fx, 0, intr.cx, 0, intr.fy, intr.cy, 0, 0, 1], float),
+            r=np.eye(3).ravel(), p=np.zeros(12), binning_x=0, binning_y=0,
+            roi=T["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
+        extra.append(("/camera/depth/camera_info", "sensor_msgs/msg/CameraInfo", t, info))
+        if k in skip:
+            continue
+        mm = np.ascontiguousarray(f.depth_mm.astype("<u2"))
+        depth = T["sensor_msgs/msg/Image"](header=_header(store, t, "depth_optical"), height=h, width=w,
+                                           encoding="16UC1", is_bigendian=0, step=w * 2,
+                                           data=np.frombuffer(mm.tobytes(), np.uint8))
+        extra.append(("/camera/depth/image_raw", "sensor_msgs/msg/Image", t, depth))
+    write_frames_bag(path, [f.rgb for f in data], storage=storage, extra=extra)
+
+
+def test_bag_depth_topic_writes_the_nodes_3d_fields_and_counts_frames_without_depth(tmp_path, capsys):
+    from hqsmem_ros.core.depth3d import Depth3D, DepthParams, depth_from_array
+    from hqsmem_ros.data.synth_rgbd import intrinsics, make_rgbd
+    from hqsmem_ros.tools.synth_bag import write_prompts_file
+
+    data = make_rgbd(0, (320, 240), 10, 3)
+    _depth_bag(tmp_path / "in", data)
+    prompts = write_prompts_file(tmp_path / "p.prompts.yaml", data[0].label)
+    code, out, err = hqsmem(capsys, "bag", str(tmp_path / "in"), str(tmp_path / "out"), "--image-topic", TOPIC,
+                            "--prompts", str(prompts), "--depth-topic", "/camera/depth/image_raw", "--json", "--quiet")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["results"] == 10 and summary["depth"]["frames_3d"] == 9
+    assert summary["depth"]["no_3d.outside_tolerance"] == 1 and summary["depth"]["pairing.depth_received"] == 9
+    objects = [m for _, m in read_outputs(tmp_path / "out")["/hqsmem_node/objects"]]
+    assert len(objects) == 10 and not verify_outputs(tmp_path / "out", TOPIC)["problems"]
+
+    # the same as the node's steps: the pipeline's result, then Depth3D with the depth frame
+    pipeline, d3 = HQSMemPipeline(), Depth3D(DepthParams())
+    intr = intrinsics(320, 240)
+    d3.set_camera_info([intr.fx, 0, intr.cx, 0, intr.fy, intr.cy, 0, 0, 1], 320, 240)
+    errors = []
+    for k, (f, arr) in enumerate(zip(data, objects)):
+        t = (DEFAULT_START_NS + k * PERIOD) * 1e-9
+        prompts0 = [ObjectPrompt(int(i), mask=f.label == i) for i in np.unique(f.label) if i] if k == 0 else None
+        result = pipeline.process(f.rgb, stamp=t, prompts=prompts0)
+        if k != 5:
+            d3.add_depth_image(depth_from_array(f.depth_mm, "16UC1", t, "depth_optical"))
+        f3 = d3.process(result)
+        assert arr.status_3d == f3.reason == ("outside_tolerance" if k == 5 else "")
+        assert arr.frame_id_3d == ("" if k == 5 else "depth_optical")
+        for o, m in zip(f3.objects or [None] * len(arr.objects), arr.objects):
+            if k == 5:
+                assert not m.has_position_3d and m.position_3d_status == "outside_tolerance"
+                continue
+            assert m.has_position_3d and m.id == o.id and m.valid_depth_points == o.valid_points
+            np.testing.assert_allclose((m.position.x, m.position.y, m.position.z), o.position, rtol=0, atol=1e-9)
+            np.testing.assert_allclose((m.size.x, m.size.y, m.size.z), o.size, rtol=0, atol=1e-9)
+            errors.append(np.linalg.norm(np.subtract(o.position, f.truth[o.id].centre)))
+    assert len(errors) == 27 and np.median(errors) < 0.03
+
+
+def test_bag_without_depth_topic_writes_empty_3d_fields_and_a_missing_depth_topic_is_exit_2(tmp_path, capsys):
+    frames, labels = make_sequence("nodepth", seed=3, size=(96, 64), frames=3, n_objects=1, scenario="translate_scale")
+    write_frames_bag(tmp_path / "in", frames)
+    prompts = tmp_path / "p.prompts.yaml"
+    from hqsmem_ros.tools.synth_bag import write_prompts_file
+    write_prompts_file(prompts, labels[0])
+    code, _, err = hqsmem(capsys, "bag", str(tmp_path / "in"), str(tmp_path / "out"), "--image-topic", TOPIC,
+                          "--prompts", str(prompts), "--quiet")
+    assert code == 0, err
+    arr = read_outputs(tmp_path / "out")["/hqsmem_node/objects"][0][1]
+    assert arr.frame_id_3d == "" and arr.status_3d == "" and arr.depth_stamp.sec == 0
+    o = arr.objects[0]
+    assert not o.has_position_3d and o.position.z == 0.0 and o.position_3d_status == "" and o.valid_depth_points == 0
+    code, _, err = hqsmem(capsys, "bag", str(tmp_path / "in"), str(tmp_path / "out2"), "--image-topic", TOPIC,
+                          "--depth-topic", "/camera/depth/image_raw")
+    assert code == 2 and "no topic '/camera/depth/image_raw'" in err and not (tmp_path / "out2").exists()

@@ -1,7 +1,7 @@
-"""python -m hqsmem_ros.bench_depth accuracy: the measurement command on a short scene."""
+"""python -m hqsmem_ros.tools.bench_depth accuracy: the measurement command on a short scene."""
 import json
 
-from hqsmem_ros.bench_depth import main
+from hqsmem_ros.tools.bench_depth import main
 
 
 def test_accuracy_command_reports_per_object_and_overall_errors(capsys):
@@ -18,3 +18,17 @@ def test_accuracy_command_reports_per_object_and_overall_errors(capsys):
 def test_bad_arguments_exit_2(capsys):
     assert main(["accuracy", "--frames", "1"]) == 2
     assert "--frames must be >= 2" in capsys.readouterr().err
+
+
+def test_node_command_runs_both_nodes_and_reports_what_3d_adds(capsys):
+    """The measurement itself (a short run): both nodes over DDS, every 3D frame paired and
+    measured, ~/points received; the figures are printed, not judged here (no timed tests)."""
+    import pytest
+    pytest.importorskip("rclpy", reason="ROS 2 not installed: run scripts/setup_ros.sh")
+    code = main(["node", "--frames", "4", "--size", "160x120", "--rounds", "1", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == (0 if out["met"] else 1)
+    assert out["frames"] == 4 and out["size"] == "160x120" and out["points_per_frame"] > 0
+    assert out["cloud_bytes_per_frame"] > 16 * out["points_per_frame"]
+    assert out["3d"]["depth3d_median_ms"] > 0 and out["2d"]["depth3d_median_ms"] == 0
+    assert out["added_median_ms"] == round(out["3d"]["overhead_median_ms"] - out["2d"]["overhead_median_ms"], 3)

@@ -117,9 +117,11 @@ def test_every_parameter_the_launch_file_sets_is_declared_by_the_node():
         "image_topic": "/i/compressed", "lifecycle": "false", "autostart": "true", "config": TRACK}, TRACK)
     names = set(s["parameters"][1])
     pipeline_keys = {f"pipeline.{k}" for k in PipelineConfig.__dataclass_fields__}
-    # use_depth is declared from DEPTH_NODE_PARAMS when the node gets depth (phase 2 of issue 13).
-    assert names - set(NODE_PARAMS) - set(DEPTH_NODE_PARAMS) - pipeline_keys == {"use_sim_time"}
-    assert {"initial_mask", "prompts_file", "qos_reliability", "qos_depth", "frame_queue_size"} <= names & set(NODE_PARAMS)
+    # the depth parameters (DEPTH_NODE_PARAMS) are among the node's own (ros/parameters.py)
+    assert set(DEPTH_NODE_PARAMS) <= set(NODE_PARAMS)
+    assert names - set(NODE_PARAMS) - pipeline_keys == {"use_sim_time"}
+    assert {"initial_mask", "prompts_file", "qos_reliability", "qos_depth", "frame_queue_size",
+            "use_depth"} <= names & set(NODE_PARAMS)
 
 
 def test_hqsmem_node_refuses_a_config_of_neither_format_with_exit_2(tmp_path):

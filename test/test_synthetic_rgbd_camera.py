@@ -18,7 +18,7 @@ from hqsmem_ros.core.depth3d import pack_points  # noqa: E402
 from hqsmem_ros.io import image_codec  # noqa: E402
 from hqsmem_ros.ros.depth_msgs import add_depth_msg, pointcloud2_msg, set_camera_info_msg  # noqa: E402
 from hqsmem_ros.ros.spinning import BackgroundSpinner  # noqa: E402
-from hqsmem_ros.ros.synthetic_rgbd_camera import SyntheticRGBDCamera  # noqa: E402
+from hqsmem_ros.tools.synthetic_rgbd_camera import SyntheticRGBDCamera  # noqa: E402
 
 FRAMES = 24
 

@@ -64,7 +64,7 @@ POINT_FIELDS: Tuple[Tuple[str, int, int, int], ...] = (
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameters (the node declares these in phase 2; one owner: this table)
+# Parameters (the node declares these through ros/parameters.py; one owner: this table)
 
 
 @dataclass

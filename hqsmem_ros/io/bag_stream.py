@@ -14,7 +14,9 @@ import numpy as np
 from hqsmem_ros.io import image_codec
 from hqsmem_ros.io.bagfiles import BagError, IMAGE_TYPE, OBJECTS_TYPE
 from hqsmem_ros.io.image_codec import ImageDecodeError
-from hqsmem_ros.io.outputs import tracked_object_fields
+from hqsmem_ros.io.outputs import array_3d_fields, stamp_parts, tracked_object_fields
+
+CAMERA_INFO_TYPE = "sensor_msgs/msg/CameraInfo"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -30,6 +32,8 @@ class _Outputs:
         T = store.types
         self.Image, self.TrackedObject = T[IMAGE_TYPE], T["hqsmem_ros/msg/TrackedObject"]
         self.TrackedObjectArray = T[OBJECTS_TYPE]
+        self.Point, self.Vector3 = T["geometry_msgs/msg/Point"], T["geometry_msgs/msg/Vector3"]
+        self.Time = T["builtin_interfaces/msg/Time"]
         self.topics = {"masks": f"{ns}/masks", "objects": f"{ns}/objects"}
         if overlay:
             self.topics["overlay"] = f"{ns}/overlay"
@@ -41,12 +45,26 @@ class _Outputs:
                           encoding=fields["encoding"], is_bigendian=int(fields["is_bigendian"]),
                           step=fields["step"], data=np.frombuffer(fields["data"], np.uint8))
 
-    def encode(self, header, rgb, result, frame_index: int, labels: Dict[int, str]) -> List[Tuple[str, bytes]]:
+    def _object(self, fields: Dict[str, Any]) -> Any:
+        """A rosbags TrackedObject (every field must be given: the 3D ones default as in rclpy)."""
+        position, size = fields.pop("position", (0.0, 0.0, 0.0)), fields.pop("size", (0.0, 0.0, 0.0))
+        fields.setdefault("has_position_3d", False)
+        fields.setdefault("valid_depth_points", 0)
+        fields.setdefault("inlier_depth_points", 0)
+        fields.setdefault("position_3d_status", "")
+        return self.TrackedObject(position=self.Point(x=position[0], y=position[1], z=position[2]),
+                                  size=self.Vector3(x=size[0], y=size[1], z=size[2]), **fields)
+
+    def encode(self, header, rgb, result, frame_index: int, labels: Dict[int, str],
+               frame3d=None) -> List[Tuple[str, bytes]]:
         label = result.label_map()
         masks = self._image(header, image_codec.label_map_to_fields(label))
-        objects = [self.TrackedObject(**fields) for fields in tracked_object_fields(result, labels)]
+        objects = [self._object(fields) for fields in tracked_object_fields(result, labels, frame3d)]
+        f3 = array_3d_fields(frame3d)
+        sec, nsec = stamp_parts(f3["depth_stamp"])
         arr = self.TrackedObjectArray(header=header, frame_index=int(frame_index), width=int(label.shape[1]),
-                                      height=int(label.shape[0]), objects=objects)
+                                      height=int(label.shape[0]), objects=objects, frame_id_3d=f3["frame_id_3d"],
+                                      depth_stamp=self.Time(sec=sec, nanosec=nsec), status_3d=f3["status_3d"])
         out = [("masks", self.store.serialize_cdr(masks, IMAGE_TYPE)),
                ("objects", self.store.serialize_cdr(arr, OBJECTS_TYPE))]
         if self.overlay:
@@ -105,6 +123,64 @@ def _copy_connection(writer, conn, store):
                                      offered_qos_profiles=qos)
     raise BagError(f"topic {conn.topic}: type {conn.msgtype} has no recorded definition and is not a "
                    "standard type, so it cannot be copied; leave it out with --exclude-topic")
+
+
+class DepthFeed:
+    """The recorded depth images and their camera_info, handed to a Depth3D in recorded order up
+    to each colour frame's stamp + the pairing tolerance (what had arrived at a live node by
+    then, with depth_wait 0). Reads through a reader of its own, so the main pass is unchanged.
+
+    Bad depth messages are counted by Depth3D (bad_depth, bad_camera_info) and their messages
+    kept in `problems` (the first few) for the summary.
+    """
+
+    def __init__(self, reader, store, depth_conns, info_conns, depth3d, bag_path: str):
+        self.reader, self.store, self.depth3d, self.bag_path = reader, store, depth3d, bag_path
+        self.info_ids = {c.id for c in info_conns}
+        self._messages = reader.messages(connections=list(depth_conns) + list(info_conns))
+        self._next = None  # (stamp seconds, connection, raw) read ahead
+        self.problems: List[str] = []
+        self.undecodable = 0
+
+    def _read_ahead(self) -> bool:
+        while self._next is None:
+            item = next(self._messages, None)
+            if item is None:
+                return False
+            conn, bag_ns, raw = item
+            try:
+                msg = self.store.deserialize_cdr(raw, conn.msgtype)
+            except Exception as exc:
+                self.undecodable += 1
+                self._problem(f"{conn.topic} message at bag time {bag_ns} cannot be deserialized: {exc}")
+                continue
+            stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+            self._next = (stamp, conn, msg)
+        return True
+
+    def _problem(self, text: str) -> None:
+        if len(self.problems) < 10:
+            self.problems.append(text)
+
+    def feed_until(self, stamp: float) -> None:
+        """Every depth / camera_info message stamped up to `stamp` + tolerance into Depth3D."""
+        from hqsmem_ros.core.depth3d import DepthError
+
+        limit = stamp + self.depth3d.params.tolerance_s
+        while self._read_ahead() and self._next[0] <= limit + 1e-9:
+            t, conn, msg = self._next
+            self._next = None
+            try:
+                if conn.id in self.info_ids:
+                    self.depth3d.set_camera_info(list(msg.k), msg.width, msg.height)
+                else:
+                    self.depth3d.add_depth(msg.encoding, msg.height, msg.width, msg.step, bool(msg.is_bigendian),
+                                           msg.data, t, msg.header.frame_id)
+            except DepthError as exc:
+                self._problem(f"{conn.topic} at stamp {t:.6f}: {exc}")
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 class _Stop(Exception):
@@ -293,10 +369,10 @@ class _Sink:
         if item[0] == "copy":  # ("copy", input connection, bag_ns, raw)
             out = self.copies.get(item[1].id)
             writes = [(out, item[2], item[3])] if out is not None else []
-        else:  # ("result", header, rgb, result, frame_index, labels, bag_ns)
-            _, header, rgb, result, frame_index, labels, bag_ns = item
+        else:  # ("result", header, rgb, result, frame_index, labels, bag_ns, frame3d or None)
+            _, header, rgb, result, frame_index, labels, bag_ns, frame3d = item
             t0 = clock()
-            encoded = self.outputs.encode(header, rgb, result, frame_index, labels)
+            encoded = self.outputs.encode(header, rgb, result, frame_index, labels, frame3d)
             self.spent["encode"] += clock() - t0
             writes = [(self.outputs.conns[key], bag_ns, data) for key, data in encoded]
         for conn, bag_ns, data in writes:

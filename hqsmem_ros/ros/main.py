@@ -1,4 +1,8 @@
-"""`hqsmem node [--config FILE] [--ros-args ...]` and the `hqsmem_node` executable of the ROS package.
+"""`hqsmem node [--config FILE] [--lifecycle] [--ros-args ...]` and the `hqsmem_node` executable of the ROS package.
+
+--lifecycle runs the managed (lifecycle) node: it starts unconfigured and is driven through
+~/change_state (`ros2 lifecycle set /hqsmem_node configure`, then `activate`; launch's
+`lifecycle:=true autostart:=true` does both).
 
 --config takes a ROS 2 parameter file (like config/track.yaml) or a plain mapping of pipeline
 keys; everything after --ros-args goes to ROS as usual (remappings, -p name:=value, ...).
@@ -79,6 +83,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         epilog="Example: hqsmem node --config config/track.yaml --ros-args -r image:=/camera/image_raw")
     parser.add_argument("--config", "-c", help="parameter file (config/track.yaml format) or plain pipeline YAML")
     parser.add_argument("--name", default="hqsmem_node", help="node name (default: hqsmem_node)")
+    parser.add_argument("--lifecycle", action="store_true",
+                        help="run as a lifecycle node (unconfigured at start; configure loads the models, "
+                             "activate subscribes, deactivate pauses, cleanup frees the models)")
     args = parser.parse_args(ours)
 
     try:
@@ -90,7 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from hqsmem_ros.core.config import ConfigError
     from hqsmem_ros.launch_params import LaunchArgumentError
-    from hqsmem_ros.ros.node import HQSMemNode
+    from hqsmem_ros.ros.node import HQSMemLifecycleNode, HQSMemNode
 
     try:
         params_file = _params_file(args.config) if args.config else None  # its format first
@@ -110,11 +117,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     node = None
     try:
         try:
-            node = HQSMemNode(args.name)
+            node = (HQSMemLifecycleNode if args.lifecycle else HQSMemNode)(args.name)
         except (ConfigError, ValueError) as exc:
             print(f"hqsmem node: {exc}", file=sys.stderr)
             return 2
         node.get_logger().info(f"DDS transport: {transport}")
+        if args.lifecycle:
+            node.get_logger().info("lifecycle node: unconfigured; `ros2 lifecycle set "
+                                   f"{node.get_fully_qualified_name()} configure` loads the models")
         spin_until_shutdown(node)
         return 0
     finally:

@@ -2,10 +2,18 @@
 
 Topics (relative names, so a namespace and remappings apply):
   in   image (sensor_msgs/Image) or image/compressed (sensor_msgs/CompressedImage),
-       camera_info (optional), ~/prompts (hqsmem_ros/ObjectPromptArray)
-  out  ~/masks (mono16 label image, pixel = object id), ~/objects (TrackedObjectArray),
-       ~/overlay (rgb8, optional), /diagnostics
+       camera_info (optional), ~/prompts (hqsmem_ros/ObjectPromptArray),
+       depth + depth/camera_info (use_depth: aligned depth, 16UC1 mm or 32FC1 m)
+  out  ~/masks (mono16 label image, pixel = object id), ~/objects (TrackedObjectArray, with 3D
+       per object under use_depth), ~/overlay (rgb8, optional), ~/points (PointCloud2 of the
+       objects' depth points, use_depth, only while subscribed), /diagnostics
 Services: ~/add_objects, ~/remove_objects, ~/reset.
+
+Two classes share every line of this (the _Tracking mixin): HQSMemNode, the plain node, which
+configures and activates itself in its constructor, and HQSMemLifecycleNode (`hqsmem_node
+--lifecycle`), whose transitions call the same steps: configure (models, session, publishers),
+activate (subscriptions, services, diagnostics timer), deactivate (those removed, the models
+kept), cleanup (the models freed).
 
 Threading: image callbacks start one at a time, in the order the executor took the messages
 (_OrderedIntakeGroup). The callback that finds the node idle lets the next callback start, then
@@ -27,6 +35,7 @@ steps the session and publishes what it returns.
 """
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import time
@@ -35,24 +44,30 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.callback_groups import ReentrantCallbackGroup
+from geometry_msgs.msg import Point, Vector3
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.lifecycle import Node as LifecycleNode
+from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_msgs.msg import Header
 
 from hqsmem_ros.core import config_check
+from hqsmem_ros.core.depth3d import Depth3D, DepthError, pack_points
 from hqsmem_ros.core.pipeline import HQSMemPipeline
 from hqsmem_ros.io import image_codec
 from hqsmem_ros.io.image_codec import ImageDecodeError
-from hqsmem_ros.io.outputs import tracked_object_fields
+from hqsmem_ros.io.outputs import array_3d_fields, stamp_parts, tracked_object_fields
 from hqsmem_ros.io.overlay import render_overlay
 from hqsmem_ros.msg import ObjectPromptArray, TrackedObject, TrackedObjectArray
 from hqsmem_ros.ros import dds_transport
+from hqsmem_ros.ros.depth_msgs import add_depth_msg, pointcloud2_msg, set_camera_info_msg
 from hqsmem_ros.ros.intake import OrderedIntakeGroup, takes_message_info
 from hqsmem_ros.ros.parameters import (COMPONENT_KEYS, NODE_PARAMS, PIPELINE_PARAM_DOCS,  # noqa: F401
                                        RUNTIME_PIPELINE_KEYS, NodeParameters)
 from hqsmem_ros.srv import AddObjects, RemoveObjects, Reset
-from hqsmem_ros.stream.accounting import SequenceGaps
+from hqsmem_ros.stream.accounting import FrameAccount, SequenceGaps
 from hqsmem_ros.stream.session import Request, StreamSession
 
 
@@ -68,23 +83,39 @@ def publisher_key(info) -> Tuple[Optional[bytes], Optional[int]]:
     return (bytes(gid.get("data", b"")) if isinstance(gid, dict) else bytes(gid)), int(seq)
 
 
-class HQSMemNode(NodeParameters, Node):
+# A repeated depth problem (the same message) is logged at most this often; /diagnostics shows
+# it at WARN while it lasts.
+DEPTH_LOG_EVERY_S = 5.0
+
+
+def _tracked_object(fields: Dict[str, Any]) -> TrackedObject:
+    position, size = fields.pop("position", None), fields.pop("size", None)
+    obj = TrackedObject(**fields)
+    if position is not None:
+        obj.position = Point(x=position[0], y=position[1], z=position[2])
+        obj.size = Vector3(x=size[0], y=size[1], z=size[2])
+    return obj
+
+
+class _Tracking(NodeParameters):
+    """Everything of the tracking node; mixed into rclpy's Node or LifecycleNode."""
+
     def __init__(self, node_name: str = "hqsmem_node", **kwargs):
         super().__init__(node_name, **kwargs)
         self._declare_parameters()
         # Typos are errors at start (a key nobody reads would otherwise pass silently).
         config_check.refuse_unknown_overrides(getattr(self, "_parameter_overrides", {}) or {},
                                               self._parameters, sys.argv, self.get_name())
-        self.config = self._pipeline_config_from_parameters()
-        self._random_weight_parts = self._check_random_weights(self.config)
-        self.pipeline = HQSMemPipeline(self.config)
+        self.pipeline: Optional[HQSMemPipeline] = None
+        self.session: Optional[StreamSession] = None
+        self._final_account: Optional[Dict[str, Any]] = None  # the counts of a cleaned-up session
+        self._random_weight_parts: List[str] = []
         self._last_error: Optional[str] = None
         self._last_error_time = 0.0
-        self.session = StreamSession(
-            self.pipeline, schedule=self._load_prompts_file(self.get_parameter("prompts_file").value),
-            initial_labels=self._load_initial_mask(self.get_parameter("initial_mask").value),
-            reset_on_stamp_back=lambda: bool(self.get_parameter("reset_on_time_jump").value),
-            log=self._session_log)
+        self._depth_logged: Tuple[str, float] = ("", -1e9)
+        self._active_entities: List[Tuple[str, Any]] = []  # what activate created: (kind, entity)
+        self._output_pubs: List[Any] = []
+        self.points_pub = None
 
         # Frames waiting while one is processed, and requests waiting for a frame; shared by the
         # callbacks and the thread that processes (guarded by _cond).
@@ -98,7 +129,8 @@ class HQSMemNode(NodeParameters, Node):
         self._pending_config = None
         self._reset_requested: Optional[float] = None  # the ROS time after a backward clock jump
         self._pipe_lock = threading.Lock()  # the session: one frame or ~/reset at a time
-        self._stop = False
+        self._stop = True  # not processing until activated
+        self._stop_reason = "inactive"  # what a frame arriving while stopped is counted as
         # Benchmarks set this to a list to get one timing record per processed frame.
         self.frame_log: Optional[List[Dict[str, float]]] = None
         self._out_buffers: Dict[str, Any] = {}  # publisher -> array('B') reused for its data
@@ -110,16 +142,61 @@ class HQSMemNode(NodeParameters, Node):
         self._camera_info: Optional[CameraInfo] = None
         self._camera_info_mismatch: Optional[Tuple[int, int, int, int]] = None
         self._diag_window_start = time.monotonic()
+        self._install_clock_jump_handler()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._started = True
 
+    # ---------------------------------------------------------------- the steps of a lifecycle
+    def _configure(self) -> None:
+        """Models (checkpoints loaded, device checked), the stream session, the publishers.
+        Raises ConfigError / ValueError (or a model's own error) naming what is wrong."""
+        self.config = self._pipeline_config_from_parameters()
+        self._random_weight_parts = self._check_random_weights(self.config)
+        depth = Depth3D(self._depth_params()) if self.get_parameter("use_depth").value else None
+        schedule = self._load_prompts_file(self.get_parameter("prompts_file").value)
+        initial = self._load_initial_mask(self.get_parameter("initial_mask").value)
+        self.pipeline = HQSMemPipeline(self.config)
+        self.session = StreamSession(
+            self.pipeline, schedule=schedule, initial_labels=initial,
+            reset_on_stamp_back=lambda: bool(self.get_parameter("reset_on_time_jump").value),
+            log=self._session_log, depth=depth)
         self.masks_pub = self.create_publisher(Image, "~/masks", 10)
         self.objects_pub = self.create_publisher(TrackedObjectArray, "~/objects", 10)
         self.overlay_pub = self.create_publisher(Image, "~/overlay", 2)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._output_pubs = [self.masks_pub, self.objects_pub, self.overlay_pub, self.diag_pub]
+        if depth is not None:
+            self.points_pub = self.create_publisher(PointCloud2, "~/points", 5)
+            self._output_pubs.append(self.points_pub)
+
+    def _activate(self) -> None:
+        with self._cond:
+            self._stop = False
         self._create_subscriptions()
-        self._install_clock_jump_handler()
-        self.add_on_set_parameters_callback(self._on_set_parameters)
-        self._started = True
         self._log_start()
+
+    def _deactivate(self, reason: str = "deactivated") -> None:
+        """Stop processing (frames waiting, or arriving until the subscriptions are gone, are
+        counted as dropped with `reason`), then remove the subscriptions, services and timer."""
+        self.stop(reason)
+        for kind, entity in reversed(self._active_entities):
+            getattr(self, f"destroy_{kind}")(entity)
+        self._active_entities = []
+        self.sequence.pause()  # frames published while no subscription exists are not losses
+
+    def _cleanup(self) -> None:
+        """Free the models: the session and pipeline dropped, garbage collected, and CUDA's
+        cached blocks given back when torch is loaded."""
+        for pub in self._output_pubs:
+            self.destroy_publisher(pub)
+        self._output_pubs, self.points_pub = [], None
+        if self.session is not None:
+            self._final_account = self.session.account.snapshot()
+        self.session = self.pipeline = None
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _create_subscriptions(self) -> None:
         """Images in their own group, so a waiting service never delays them."""
@@ -132,6 +209,7 @@ class HQSMemNode(NodeParameters, Node):
                            if self.get_parameter("input_type").value == "compressed" else (Image, "image"))
         # Sequence numbers come with the message info (rclpy on Iron and later).
         on_image = self._on_image_with_info if takes_message_info() else self._on_image
+        keep = self._active_entities.append
         try:  # count messages the middleware reports lost (not every RMW supports the event)
             self.image_sub = self.create_subscription(
                 msg_type, topic, on_image, qos, callback_group=image_group,
@@ -139,20 +217,31 @@ class HQSMemNode(NodeParameters, Node):
         except Exception:
             self.image_sub = self.create_subscription(msg_type, topic, on_image, qos,
                                                       callback_group=image_group)
+        keep(("subscription", self.image_sub))
         if self.get_parameter("use_camera_info").value:
-            self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos,
-                                     callback_group=image_group)
+            keep(("subscription", self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, qos,
+                                                           callback_group=image_group)))
+        if self.session.depth is not None:
+            # Their own group: a frame waiting for its depth (depth_wait) must not block them.
+            depth_group = MutuallyExclusiveCallbackGroup()
+            keep(("subscription", self.create_subscription(Image, "depth", self._on_depth, qos,
+                                                           callback_group=depth_group)))
+            keep(("subscription", self.create_subscription(CameraInfo, "depth/camera_info",
+                                                           self._on_depth_camera_info, qos,
+                                                           callback_group=depth_group)))
         service_group = ReentrantCallbackGroup()
-        self.create_subscription(ObjectPromptArray, "~/prompts", self._on_prompts, 10,
-                                 callback_group=service_group)
-        self.create_service(AddObjects, "~/add_objects", self._on_add_objects, callback_group=service_group)
-        self.create_service(RemoveObjects, "~/remove_objects", self._on_remove_objects,
-                            callback_group=service_group)
-        self.create_service(Reset, "~/reset", self._on_reset, callback_group=service_group)
-        self.create_timer(self.get_parameter("diagnostics_period").value, self._publish_diagnostics,
-                          callback_group=service_group)
+        keep(("subscription", self.create_subscription(ObjectPromptArray, "~/prompts", self._on_prompts, 10,
+                                                       callback_group=service_group)))
+        keep(("service", self.create_service(AddObjects, "~/add_objects", self._on_add_objects,
+                                             callback_group=service_group)))
+        keep(("service", self.create_service(RemoveObjects, "~/remove_objects", self._on_remove_objects,
+                                             callback_group=service_group)))
+        keep(("service", self.create_service(Reset, "~/reset", self._on_reset, callback_group=service_group)))
+        keep(("timer", self.create_timer(self.get_parameter("diagnostics_period").value,
+                                         self._publish_diagnostics, callback_group=service_group)))
         # Wakes the executor when the image callbacks may start again before one returned.
         self._intake_wake = self.create_guard_condition(lambda: None, callback_group=service_group)
+        keep(("guard_condition", self._intake_wake))
 
     def _log_start(self) -> None:
         stats = self.pipeline.stats()
@@ -162,7 +251,9 @@ class HQSMemNode(NodeParameters, Node):
             + (f", JPEG decoding: {image_codec.jpeg_decoder()}" if input_type == "compressed" else "")
             + f", {self.get_parameter('qos_reliability').value}) with tracker={stats['tracker']} "
             f"refiner={stats['refiner']} features={stats['features']} ablation={stats['ablation']} "
-            f"device={self._device()}")
+            f"device={self._device()}"
+            + (f"; 3D from {self.resolve_topic_name('depth')} (+ depth/camera_info)"
+               if self.session.depth is not None else ""))
         if self._random_weight_parts:
             self.get_logger().warning(
                 f"RANDOM WEIGHTS in {', '.join(self._random_weight_parts)} (allow_random_weights is "
@@ -200,7 +291,12 @@ class HQSMemNode(NodeParameters, Node):
         with self._cond:
             self.frames_received += 1
             if self._stop:
-                self.session.account.drop("shutdown")
+                session = self.session
+                if session is not None:
+                    session.account.drop(self._stop_reason)
+                elif self._final_account is not None:  # cleaned up: counted with the last session's
+                    dropped = self._final_account["dropped"]
+                    dropped[self._stop_reason] = dropped.get(self._stop_reason, 0) + 1
                 return
             if self._busy:  # another callback is processing: leave only the newest frame(s)
                 if len(self._waiting) >= self._queue_size:
@@ -222,6 +318,35 @@ class HQSMemNode(NodeParameters, Node):
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._camera_info = msg
+
+    def _on_depth(self, msg: Image) -> None:
+        session = self.session
+        if session is None or session.depth is None:
+            return
+        try:
+            add_depth_msg(session.depth, msg)  # counted there (pairing.depth_received / bad_depth)
+        except DepthError as exc:
+            self._depth_problem(f"depth image refused: {exc}")
+
+    def _on_depth_camera_info(self, msg: CameraInfo) -> None:
+        session = self.session
+        if session is None or session.depth is None:
+            return
+        try:
+            set_camera_info_msg(session.depth, msg)
+        except DepthError as exc:
+            self._depth_problem(f"depth camera_info refused: {exc}")
+
+    def _depth_problem(self, message: str) -> None:
+        """A depth problem: /diagnostics at WARN while it lasts, a log line for each new message
+        and at most every DEPTH_LOG_EVERY_S for a repeated one."""
+        now = time.monotonic()
+        self._last_error, self._last_error_time = message, now
+        last, when = self._depth_logged
+        if message != last or now - when >= DEPTH_LOG_EVERY_S:
+            self._depth_logged = (message, now)
+            self.get_logger().warning(f"{message}; 2D results continue (repeated at most every "
+                                      f"{DEPTH_LOG_EVERY_S:g} s; counts on /diagnostics, depth.*)")
 
     def _on_prompts(self, msg: ObjectPromptArray) -> None:
         if not msg.prompts:
@@ -328,19 +453,28 @@ class HQSMemNode(NodeParameters, Node):
                 self._requeue(req)
             return
         t1 = time.perf_counter()
-        self._publish(msg.header, rgb, step)
+        frame3d = None
+        if self.session.depth is not None:
+            frame3d = self.session.measure_3d(step.result, want_points=self._points_wanted())
+            if frame3d.reason:
+                self._depth_problem(f"no 3D for this frame ({frame3d.reason}): {frame3d.error}")
+        t3d = time.perf_counter()
+        self._publish(msg.header, rgb, step, frame3d)
         t_end, cpu_end = time.perf_counter(), time.thread_time()
-        t_publish = t_end - t1
+        t_publish = t_end - t3d
         # Node overhead: from the image callback to the last publish, the pipeline excluded.
         overhead = (t_end - arrived) - step.pipeline_s
         self.session.times.add({**step.result.timings, "wait": t0 - arrived, "decode": t_decode,
-                                "publish": t_publish, "node_total": t_end - t0, "node_overhead": overhead})
+                                "publish": t_publish, "node_total": t_end - t0, "node_overhead": overhead,
+                                **({"depth3d": t3d - t1} if frame3d is not None else {})})
         if self.frame_log is not None:
             # overhead_cpu: CPU time of this thread, the pipeline excluded (same work, no waits)
             self.frame_log.append({"stamp": step.stamp, "wait": t0 - arrived, "decode": t_decode,
                                    "pipeline": step.pipeline_s,
                                    "pipeline_total": step.result.timings.get("total", 0.0),
                                    "publish": t_publish, "overhead": overhead,
+                                   "depth3d": (t3d - t1) if frame3d is not None else 0.0,
+                                   "points": len(frame3d.points[0]) if frame3d is not None and frame3d.points else 0,
                                    "overhead_cpu": (cpu_end - cpu0) - step.pipeline_cpu_s})
 
     def _check_camera_info(self, shape) -> None:
@@ -399,7 +533,11 @@ class HQSMemNode(NodeParameters, Node):
                                    "holds no frame stamped after it, so no reset is needed")
 
     # ---------------------------------------------------------------- output
-    def _publish(self, header, rgb: np.ndarray, step) -> None:
+    def _points_wanted(self) -> bool:
+        return (self.points_pub is not None and bool(self.get_parameter("publish_points").value)
+                and self.points_pub.get_subscription_count() > 0)
+
+    def _publish(self, header, rgb: np.ndarray, step, frame3d=None) -> None:
         result = step.result
         label = result.label_map()
         # Label images cost a megabyte-sized conversion each: only while someone subscribes.
@@ -413,8 +551,18 @@ class HQSMemNode(NodeParameters, Node):
         arr.header = header
         arr.frame_index = step.frame_index
         arr.height, arr.width = int(label.shape[0]), int(label.shape[1])
-        arr.objects = [TrackedObject(**fields) for fields in tracked_object_fields(result, step.labels)]
+        arr.objects = [_tracked_object(fields) for fields in tracked_object_fields(result, step.labels, frame3d)]
+        if frame3d is not None:
+            f = array_3d_fields(frame3d)
+            arr.frame_id_3d, arr.status_3d = f["frame_id_3d"], f["status_3d"]
+            arr.depth_stamp.sec, arr.depth_stamp.nanosec = stamp_parts(f["depth_stamp"])
         self.objects_pub.publish(arr)
+        if frame3d is not None and frame3d.points is not None and not frame3d.reason:
+            # One cloud per result that has 3D (possibly empty); none for a frame without 3D,
+            # which says nothing about where obstacles are. In the depth frame, colour stamp.
+            cloud = pointcloud2_msg(pack_points(*frame3d.points),
+                                    Header(stamp=header.stamp, frame_id=frame3d.frame_id))
+            self.points_pub.publish(cloud)
         if self.get_parameter("publish_overlay").value and self.overlay_pub.get_subscription_count() > 0:
             over = render_overlay(rgb, label, result.objects, self.get_parameter("overlay_alpha").value,
                                   step.labels)
@@ -433,6 +581,8 @@ class HQSMemNode(NodeParameters, Node):
         return self._last_error or ""
 
     def _device(self) -> str:
+        if self.pipeline is None:
+            return "none (not configured)"
         for part in (self.pipeline.tracker, self.pipeline.refiner, self.pipeline.features):
             dev = getattr(part, "device", None)
             if dev is not None:
@@ -445,7 +595,9 @@ class HQSMemNode(NodeParameters, Node):
         middleware's message-lost events); unknown_before_first: frames sent before a
         publisher's first received one (lost, or sent before the subscription matched)."""
         with self._cond:
-            acc = self.session.account.snapshot()
+            session = self.session
+            acc = session.account.snapshot() if session is not None else (
+                self._final_account or FrameAccount().snapshot())
             return {"received": self.frames_received, "processed": acc["results"],
                     "dropped": acc["dropped"], "pending": len(self._waiting),
                     "in_progress": int(self._busy), "requests_waiting": len(self._requests),
@@ -453,7 +605,9 @@ class HQSMemNode(NodeParameters, Node):
                     "lost_in_transport": max(self.sequence.gaps, self.messages_lost),
                     "sequence_gaps": self.sequence.gaps, "message_lost_events": self.messages_lost,
                     "unknown_before_first": self.sequence.unknown_head,
-                    "resets": acc["resets"], "bad_requests": acc["refused_requests"]}
+                    "resets": acc["resets"], "bad_requests": acc["refused_requests"],
+                    "while_inactive": self.sequence.paused_gaps,
+                    "depth": session.depth_counts() if session is not None else {}}
 
     def _publish_diagnostics(self) -> None:
         now = time.monotonic()
@@ -484,6 +638,11 @@ class HQSMemNode(NodeParameters, Node):
         values.update({f"dropped.{reason}": count for reason, count in sorted(c["dropped"].items())})
         values.update({f"refused_requests.{src}": count for src, count in sorted(c["bad_requests"].items())})
         values.update({f"latency_ms.{stage}": round(ms, 3) for stage, ms in sorted(latency.items())})
+        if self.session.depth is not None:
+            values.update({f"depth.{k}": v for k, v in sorted(c["depth"].items())})
+            values["depth.last_error"] = self.session.depth.last_error
+        if c["while_inactive"]:
+            values["frames_sent_while_inactive"] = c["while_inactive"]
         status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
@@ -507,21 +666,74 @@ class HQSMemNode(NodeParameters, Node):
                                      f"{sum(c['dropped'].values())} dropped of {c['received']}")
 
     # ---------------------------------------------------------------- shutdown
-    def stop(self) -> None:
+    def stop(self, reason: str = "shutdown") -> None:
         """Stop processing (waiting for a frame in progress); a frame still waiting in the
-        buffer, and any arriving later, is counted as dropped."""
+        buffer, and any arriving later, is counted as dropped (`reason`)."""
         if not getattr(self, "_started", False):  # the constructor failed before the end
             return
         with self._cond:
-            self._stop = True
+            self._stop, self._stop_reason = True, reason
             self._cond.wait_for(lambda: not self._busy, timeout=30)
+            if self.session is None:  # cleaned up: nothing waits (deactivate came first)
+                return
             if self._waiting:
-                self.session.account.drop("shutdown", len(self._waiting))
+                self.session.account.drop(reason, len(self._waiting))
                 self._waiting.clear()
             for req in self._requests:
-                self.session.refuse(req, "node shutting down")
+                self.session.refuse(req, f"node {'shutting down' if reason == 'shutdown' else reason}")
             self._requests.clear()
 
     def destroy_node(self) -> None:
         self.stop()
         super().destroy_node()
+
+
+class HQSMemNode(_Tracking, Node):
+    """The plain node (the default): configured and active from its constructor on."""
+
+    def __init__(self, node_name: str = "hqsmem_node", **kwargs):
+        super().__init__(node_name, **kwargs)
+        self._configure()
+        self._activate()
+
+
+class HQSMemLifecycleNode(_Tracking, LifecycleNode):
+    """`hqsmem_node --lifecycle`: unconfigured at start; ~/change_state drives it (module
+    docstring). A failed configure (a missing checkpoint, CUDA asked for on a machine
+    without it, a bad parameter) answers FAILURE with the reason logged and stays
+    unconfigured."""
+
+    def on_configure(self, state):
+        try:
+            self._configure()
+        except Exception as exc:  # any model/config error: refuse the transition, say why
+            self.get_logger().error(f"configure failed: {type(exc).__name__}: {exc}")
+            self._last_error, self._last_error_time = f"configure failed: {exc}", time.monotonic()
+            self._cleanup()
+            return TransitionCallbackReturn.FAILURE
+        self.get_logger().info("configured: models loaded")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state):
+        self._activate()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_deactivate(self, state):
+        self._deactivate("deactivated")
+        self.get_logger().info("deactivated: subscriptions and services removed, models kept")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_cleanup(self, state):
+        self._cleanup()
+        self.get_logger().info("cleaned up: models freed")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state):
+        if self._active_entities:
+            self._deactivate("shutdown")
+        if self.pipeline is not None:
+            self._cleanup()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state):
+        return self.on_shutdown(state)

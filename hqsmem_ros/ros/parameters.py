@@ -14,6 +14,7 @@ from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescr
                                 SetParametersResult)
 
 from hqsmem_ros.core.config import ConfigError, PipelineConfig
+from hqsmem_ros.core.depth3d import DEPTH_NODE_PARAMS
 from hqsmem_ros.core.pipeline import HQSMemPipeline
 from hqsmem_ros.io import image_codec
 from hqsmem_ros.io.prompt_msgs import MAX_ID
@@ -64,6 +65,17 @@ NODE_PARAMS: Dict[str, _NodeParam] = {
                                        "(untrained weights: masks are meaningless; speed benchmarks only)",
                                        False),
 }
+
+# The depth/3D parameters: names, defaults and meanings from core/depth3d.py (their one owner);
+# only the ranges and which may change while running are the node's.
+_DEPTH_RANGES = {"depth_tolerance": (0.0, 10.0), "depth_stale_after": (0.0, 3600.0), "depth_wait": (0.0, 5.0),
+                 "depth_mad_k": (0.0, 1000.0), "depth_min_m": (0.0, 1000.0), "depth_max_m": (0.0, 1000.0),
+                 "depth_buffer_size": (1, 1000), "depth_min_points": (1, 1_000_000), "points_decimation": (1, 10_000)}
+for _name, (_field, _default, _doc) in DEPTH_NODE_PARAMS.items():
+    _r = _DEPTH_RANGES.get(_name)
+    NODE_PARAMS[_name] = _NodeParam(_default, _doc, _name == "publish_points",
+                                    int_range=_r if isinstance(_default, int) and not isinstance(_default, bool) else None,
+                                    float_range=_r if isinstance(_default, float) else None)
 
 # What each pipeline key means (descriptions of the "pipeline.<key>" parameters).
 PIPELINE_PARAM_DOCS: Dict[str, str] = {
@@ -182,6 +194,11 @@ class NodeParameters:
             return PipelineConfig.from_dict(self._pipeline_dict())
         except (ConfigError, TypeError) as exc:
             raise ConfigError(f"invalid pipeline parameters: {exc}") from exc
+
+    def _depth_params(self):
+        """DepthParams from the depth parameters (DepthError, a ValueError, for bad values)."""
+        from hqsmem_ros.core.depth3d import params_from_node
+        return params_from_node({name: self.get_parameter(name).value for name in DEPTH_NODE_PARAMS})
 
     def _check_node_param(self, name: str, value: Any, startup: bool = False) -> Optional[str]:
         p = NODE_PARAMS[name]

@@ -101,6 +101,8 @@ class SequenceGaps:
         self._last: Dict[bytes, int] = {}
         self.gaps = 0
         self.unknown_head = 0
+        self.paused_gaps = 0  # numbers skipped while the subscription did not exist (pause())
+        self._paused: set = set()
 
     def see(self, publisher: Optional[bytes], seq: Optional[int]) -> None:
         if not seq or not publisher:  # the middleware does not fill them in
@@ -110,6 +112,16 @@ class SequenceGaps:
             if last is None:
                 self.unknown_head += seq - 1
             elif seq > last + 1:
-                self.gaps += seq - last - 1
+                if publisher in self._paused:
+                    self.paused_gaps += seq - last - 1
+                else:
+                    self.gaps += seq - last - 1
+            self._paused.discard(publisher)
             # seq <= last: a restarted publisher (same id is unlikely): it starts over
             self._last[publisher] = seq
+
+    def pause(self) -> None:
+        """The subscription goes away (a lifecycle deactivate): the numbers each known publisher
+        skips before its next received frame were sent while nobody listened, not lost."""
+        with self._lock:
+            self._paused = set(self._last)

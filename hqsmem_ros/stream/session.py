@@ -9,7 +9,10 @@ StreamSession.step() and encode what it returns; everything in between is owned 
 - the prompt schedule: the initial mask, a prompts file, and one Request per frame (a topic
   message, a service call or a recorded message), applied with its outcome on the Request;
 - frame accounting (results + drops counted by reason, FrameAccount) and stage timings
-  (StageTimes).
+  (StageTimes);
+- with depth (a core.depth3d.Depth3D given as `depth`), each result's 3D: `measure_3d(result)`
+  pairs it with a depth frame and counts the outcome per reason (Depth3D.counts, read through
+  `depth_counts()`): a frame without 3D still has its 2D result, and is counted.
 
 Not thread-safe by itself: one thread steps a session; precheck() and the counters may be read
 from others (the node's service threads).
@@ -23,6 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Un
 
 import numpy as np
 
+from ..core.depth3d import Depth3D, Frame3D
 from ..core.pipeline import FrameError, FrameResult, HQSMemPipeline, ObjectPrompt, PromptError, check_image
 from ..io import prompt_msgs
 from ..io.prompt_msgs import MAX_ID
@@ -82,7 +86,8 @@ class StreamSession:
 
     def __init__(self, pipeline: HQSMemPipeline, *, schedule: Optional[PromptSchedule] = None,
                  schedule_errors: str = "skip", initial_labels: Optional[np.ndarray] = None,
-                 reset_on_stamp_back: Union[bool, Callable[[], bool]] = True, log: Optional[Log] = None):
+                 reset_on_stamp_back: Union[bool, Callable[[], bool]] = True, log: Optional[Log] = None,
+                 depth: Optional[Depth3D] = None):
         if schedule_errors not in ("skip", "raise"):
             raise ValueError(f"schedule_errors must be 'skip' or 'raise', got {schedule_errors!r}")
         self.pipeline = pipeline
@@ -102,6 +107,24 @@ class StreamSession:
         self.last_stamp: Optional[float] = None
         self.frame_shape: Optional[Tuple[int, int]] = None
         self._low_id = 1  # no id below this is free (ids are never reused, so it only grows)
+        self.depth = depth
+
+    # -- 3D -----------------------------------------------------------------------------------
+    def measure_3d(self, result: FrameResult, want_points: bool = False) -> Optional[Frame3D]:
+        """The result's objects in 3D (None without depth). A frame without usable depth gets a
+        Frame3D with its reason, counted in depth_counts() as no_3d.<reason>.
+
+        Depth frames are not forgotten on a tracker reset: the pairer empties itself when depth
+        stamps go back, and older depth frames only ever pair with colour frames near them."""
+        if self.depth is None:
+            return None
+        return self.depth.process(result, want_points)
+
+    def depth_counts(self) -> Dict[str, int]:
+        """3D outcomes per result and depth message counts ({} without depth)."""
+        if self.depth is None:
+            return {}
+        return {**self.depth.counts, **{f"pairing.{k}": v for k, v in self.depth.pairer.counts.items()}}
 
     # -- ids ----------------------------------------------------------------------------------
     def fresh_id(self, reserved: Sequence[int] = ()) -> int:

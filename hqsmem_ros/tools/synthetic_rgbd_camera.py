@@ -12,7 +12,7 @@ K frames (a depth stream that stops). With `out_dir` it writes labels/*.png, sta
 truth3d.csv (frame, stamp_ns, id, distance, centre x y z, box min x y z, box max x y z, visible
 pixels; metres, camera optical frame).
 
-  python -m hqsmem_ros.ros.synthetic_rgbd_camera --ros-args -p frames:=150 -p depth_encoding:=32FC1
+  python -m hqsmem_ros.tools.synthetic_rgbd_camera --ros-args -p frames:=150 -p depth_encoding:=32FC1
 """
 from __future__ import annotations
 

@@ -1,14 +1,17 @@
 """3D from aligned depth on the synthetic RGB-D scene (hqsmem_ros.data.synth_rgbd): accuracy and cost.
 
-  python -m hqsmem_ros.bench_depth accuracy [--frames 120 --config config/track.yaml --seed 0]
-  python -m hqsmem_ros.bench_depth speed [--frames 200 --size 640x480 --objects 3]
+  python -m hqsmem_ros.tools.bench_depth accuracy [--frames 120 --config config/track.yaml --seed 0]
+  python -m hqsmem_ros.tools.bench_depth speed [--frames 200 --size 640x480 --objects 3]
+  python -m hqsmem_ros.tools.bench_depth node [--frames 100 --size 640x480 --rounds 2]
 
 `accuracy` runs the tracker over the scene (seeded with the first frame's true masks) and
 measures every object in 3D twice, from the tracker's masks and from the true masks, against
 the scene's position truth (the centre of the visible surface, see synth_rgbd); it prints the
 median 3D position error per object and overall. `speed` times Depth3D.process (pairing, checks,
 3D of every object, with and without the point cloud, and the PointCloud2 packing) against the
-pipeline's own time per frame, in one process pinned to one core.
+pipeline's own time per frame, in one process pinned to one core. `node` runs the ROS node with
+and without use_depth on the same frames, alternating, and prints what 3D adds to the node's
+time per frame (tools/bench_depth_node.py; needs rclpy).
 """
 from __future__ import annotations
 
@@ -137,8 +140,9 @@ def speed(frames: int, size, n_objects: int, seed: int, config: Optional[str], r
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.bench_depth", description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("accuracy", "speed"))
+    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.tools.bench_depth", description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=("accuracy", "speed", "node"))
+    ap.add_argument("--rounds", type=int, default=2, help="node: rounds per mode (alternating)")
     ap.add_argument("--frames", type=int, default=None, help="frames (accuracy: 120, speed: 200)")
     ap.add_argument("--size", type=_size, default=(640, 480))
     ap.add_argument("--objects", type=int, default=3)
@@ -155,6 +159,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if a.what == "accuracy":
             out = accuracy(a.frames or 120, a.size, a.objects, a.seed, a.config, a.encoding,
                            DepthParams(mad_k=a.mad_k) if a.mad_k != DepthParams.mad_k else None)
+        elif a.what == "node":
+            from hqsmem_ros.tools.bench_depth_node import format_node_bench, run_node_bench
+            out = run_node_bench(a.frames or 100, a.size, a.objects, a.seed, max(1, a.rounds), a.config)
+            print(json.dumps(out) if a.json else format_node_bench(out))
+            return 0 if out["met"] else 1
         else:
             out = speed(a.frames or 200, a.size, a.objects, a.seed, a.config)
     except (ValueError, OSError) as exc:
