@@ -28,7 +28,7 @@ def _result(label, stamp):
     for i in sorted(int(v) for v in np.unique(label) if v):
         box = mask_box(label == i)
         objs.append(TrackedObject(i, box, 1.0, True, False, int((label == i).sum()), (0.0, 0.0)))
-    return FrameResult(0, stamp, label.shape, {}, objs, {}, [], label.astype(np.uint16))
+    return FrameResult(0, stamp, label.shape, objs, {}, [], label.astype(np.uint16))
 
 
 def _k(intr):

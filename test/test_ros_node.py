@@ -725,6 +725,8 @@ def _clean_env():
     workspace, none of what the venv's interpreter set up for itself and its children)."""
     env = {k: os.environ[k] for k in ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR") if k in os.environ}
     env["ROS_DOMAIN_ID"] = str(DOMAIN_ID)
+    # This checkout's code (the venv's `hqsmem` script imports the tree it was installed from).
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return env
 
 

@@ -55,7 +55,7 @@ def _stage(report: Dict, name: str, fn: Callable[[], Dict]) -> None:
 
 
 def stage_dino(a) -> Dict:
-    from .bench_models import bench_dino_resampling
+    from ..tools.bench_models import bench_dino_resampling
 
     out = {}
     for dev in (["cpu"] if a.dry else ["cuda", "cpu"]):
@@ -75,7 +75,7 @@ def _paper_config(a):
 
 
 def stage_hqsmem_step(a) -> Dict:
-    from ..bench import run_bench
+    from ..tools.bench import run_bench
 
     r = run_bench(size=a.size, objects=a.objects, frames=a.step_frames, config=_paper_config(a), one_core=False,
                   random_weights=True, device=a.device, precision=a.precision)
@@ -86,7 +86,7 @@ def stage_hqsmem_step(a) -> Dict:
 
 
 def stage_hqsmem_memory(a) -> Dict:
-    from ..bench import run_bench
+    from ..tools.bench import run_bench
 
     ref, last = a.reference, a.memory_frames
     r = run_bench(size=a.size, objects=a.objects, frames=last, config=_paper_config(a), one_core=False,
@@ -109,7 +109,7 @@ def stage_hqsmem_memory(a) -> Dict:
 
 
 def _bench_sam2(a, frames: int, predictor: bool, batch_frames: int, tag: str) -> Dict:
-    from . import bench_sam2
+    from ..tools import bench_sam2
 
     path = Path(a.out) / f"{tag}_raw.json"
     argv = ["--model", "tiny", "--frames", str(frames), "--every", str(a.sam2_every),
