@@ -47,9 +47,9 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from hqsmem_ros.core.config import load_config
+from hqsmem_ros.core.config import ConfigError, load_config
 from hqsmem_ros.core.pipeline import HQSMemPipeline
 from hqsmem_ros.io import image_codec
 from hqsmem_ros.io.bag_stream import _END, _Discard, _InputThread, _Sink, _SinkThread, _speed_up_sqlite
@@ -81,8 +81,10 @@ class Progress:
     CI) one line is printed every `log_every` seconds.
     """
 
-    def __init__(self, total: int, stream=None, enabled: bool = True, log_every: float = 10.0):
+    def __init__(self, total: int, stream=None, enabled: bool = True, log_every: float = 10.0,
+                 callback: Optional[Callable[[int, int], None]] = None):
         self.total = max(0, int(total))
+        self.callback = callback  # instead of the line: callback(done, total) on every update
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -102,6 +104,9 @@ class Progress:
         return f"hqsmem bag: {done} frames  {rate:6.1f} frames/s"
 
     def update(self, done: int, force: bool = False) -> None:
+        if self.callback is not None:
+            self.callback(done, self.total)
+            return
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -117,7 +122,7 @@ class Progress:
         self.stream.flush()
 
     def finish(self, done: int) -> None:
-        if not self.enabled:
+        if self.callback is not None or not self.enabled:
             return
         self.update(done, force=True)
         if self.tty:
@@ -295,11 +300,17 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
                 prompts_file: Optional[Union[str, Path]] = None, prompt_topic: Optional[str] = None,
                 config: Any = None, overlay: bool = False, overlay_alpha: float = 0.5,
                 storage: Optional[str] = None, ns: str = DEFAULT_NS,
-                exclude_topics: Sequence[str] = (), progress: bool = True, log=None,
+                exclude_topics: Sequence[str] = (),
+                progress: Union[bool, Callable[[int, int], None]] = True, log=None,
                 io_threads: Optional[bool] = None, bench: bool = False,
                 allow_random_weights: bool = False,
-                max_image_pixels: Optional[int] = None) -> BagSummary:
+                max_image_pixels: Optional[int] = None,
+                pipeline: Optional[HQSMemPipeline] = None) -> BagSummary:
     """Run the pipeline over IN_BAG's image topic and write OUT_BAG (see the module docstring).
+
+    progress: True = a line on stderr, False = none, or progress(frames done, total) per image.
+    pipeline: one built from this `config` before (models loaded once for many bags), reset
+    before each pass (so the output is a fresh pipeline's); None: built here.
 
     io_threads: read/decode and encode/write in two threads beside the pipeline (True), or
     everything in the calling thread except image decoding, one frame ahead in a worker (False:
@@ -352,18 +363,29 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
             replay = (_read_prompt_topic(reader, by_topic[prompt_topic][0], store, in_bag)
                       if prompt_topic is not None else None)
             log("hqsmem bag --bench: first pass, the pipeline alone (no output)")
-            _run(reader, None, store, HQSMemPipeline(cfg), alone, image_conns, again, replay, excluded, ns,
-                 False, overlay_alpha, Progress(total, enabled=progress), lambda text: None, False,
+            _run(reader, None, store, _fresh(pipeline, cfg), alone, image_conns, again, replay, excluded, ns,
+                 False, overlay_alpha, Progress(total, enabled=progress is True), lambda text: None, False,
                  max_pixels=max_image_pixels)
             summary.bench_pipeline_alone_s = alone.seconds["pipeline"]
             log("hqsmem bag --bench: second pass, the real run")
-        _write(reader, out_bag, out_storage, store, HQSMemPipeline(cfg), summary, image_conns, schedule, recorded,
-               excluded, ns, overlay, overlay_alpha, Progress(total, enabled=progress), log, io_threads,
-               max_image_pixels)
+        bar = Progress(total, enabled=progress is True, callback=None if isinstance(progress, bool) else progress)
+        _write(reader, out_bag, out_storage, store, _fresh(pipeline, cfg), summary, image_conns, schedule, recorded,
+               excluded, ns, overlay, overlay_alpha, bar, log, io_threads, max_image_pixels)
     finally:
         reader.close()
     _finish_summary(summary, schedule, recorded, prompt_topic, image_topic, total)
     return summary
+
+
+def _fresh(pipeline: Optional[HQSMemPipeline], cfg) -> HQSMemPipeline:
+    """The given pipeline reset (no object, memory, size or clock of an earlier run; ConfigError
+    if it was built from another config), or a new one."""
+    if pipeline is None:
+        return HQSMemPipeline(cfg)
+    if pipeline.config.to_dict() != cfg.to_dict():
+        raise ConfigError("process_bag: the pipeline given was built from another config than the one given")
+    pipeline.reset()
+    return pipeline
 
 
 def _check_arguments(in_bag: Path, out_bag: Path, prompts_file, prompt_topic, overlay_alpha, storage, ns) -> str:

@@ -4,7 +4,7 @@
                 [--config FILE] [--workers N] [--ray ADDRESS] [--ship-checkpoints] [--force]
 
 INPUT: bags (a bag folder, or a single .mcap/.db3 file) or folders searched for bags. Each bag
-goes through `hqsmem bag` (hqsmem_ros.bag.process_bag, unchanged) into DIR/<name>, so its
+goes through `hqsmem bag` (hqsmem_ros.bag.process_bag, with the worker's pipeline) into DIR/<name>, so its
 messages are those of a single-bag run, whichever way this command ran it.
 
 Local by default: a pool of worker processes (`--workers`, default: the usable cores, or one per
@@ -260,91 +260,52 @@ def _write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
 
 
 class WorkerState:
-    """One worker: the resolved config, models built once (reused by every bag's pipeline) and a
-    frame counter for the parent's progress bar.
+    """One worker: the resolved config, its pipeline (models built once, reused by every bag)
+    and a frame counter for the parent's progress bar.
 
-    process_bag builds its pipeline from the config. Building the models again for every bag
-    would cost their load time per bag (seconds for the neural profile, docs/benchmarks.md), so
-    the worker hands every pipeline the models it built first: model construction goes through
-    registry.build, which this worker answers from a cache keyed by the model's config. Each
-    pipeline resets its tracker when it starts; refiners and feature extractors hold no state
-    between frames. The same wrapper counts frames for the progress bar (process_bag reports its
-    progress only on its own stderr line).
+    Building the models again for every bag would cost their load time per bag (seconds for
+    the neural profile, docs/benchmarks.md), so the worker builds one pipeline and hands it to
+    every process_bag call (`pipeline=`), which resets it first: each bag's output is a fresh
+    single-bag run's. process_bag's `progress=` callback counts the frames.
     """
 
     def __init__(self, cfg: Dict[str, Any], threads: int = 0, report: Optional[Callable] = None):
         self.cfg = cfg
-        self.report = report  # report(job_index, frames) from the frame counter, throttled
+        self.report = report  # report(job_index, frames), throttled
         self.job_index: Optional[int] = None
         self.frames = 0
         self.last_report = 0.0
         self.threads = threads
-        self.models: Dict[str, Any] = {}
+        self.pipeline = None
         self.load_s = 0.0
-        self._install()
-
-    def _install(self) -> None:
-        import cv2
-
-        from .core import pipeline as pipeline_mod
-        from .core import registry
-
-        if self.threads:
-            cv2.setNumThreads(self.threads)
-        build = registry.build
-        models = self.models
-
-        def cached_build(kind, spec, device="auto", precision="fp32"):
-            key = json.dumps([kind, spec, device, precision], sort_keys=True, default=str)
-            if key not in models:
-                models[key] = build(kind, spec, device, precision)
-            return models[key]
-
-        if not getattr(registry.build, "_hqsmem_fleet", False):
-            cached_build._hqsmem_fleet = True
-            registry.build = cached_build
-        state = self
-        cls = pipeline_mod.HQSMemPipeline
-        if not getattr(cls.process, "_hqsmem_fleet", False):
-            process = cls.process
-
-            def counted(self_, *args, **kwargs):
-                result = process(self_, *args, **kwargs)
-                _WORKER.count()
-                return result
-
-            counted._hqsmem_fleet = True
-            cls.process = counted
-        global _WORKER
-        _WORKER = state
+        if threads:
+            import cv2
+            cv2.setNumThreads(threads)
 
     def load(self) -> float:
-        """Build the models (once); returns the seconds it took (importing the bag code included)."""
-        from . import bag
-        from .core.pipeline import HQSMemPipeline
-
+        """Build the pipeline (once); returns the seconds it took (importing the bag code included)."""
         t0 = time.perf_counter()
-        warm = getattr(bag, "make_typestore", None)  # the message types, parsed once per process
-        if warm is not None:
-            warm()
-        HQSMemPipeline(self.cfg)
+        from . import bag  # noqa: F401 (its imports count as loading)
+        from .core.pipeline import HQSMemPipeline
+        from .io.bagfiles import make_typestore
+
+        make_typestore()  # the message types, parsed once per process
+        self.pipeline = HQSMemPipeline(self.cfg)
         if "torch" in sys.modules and self.threads:
             sys.modules["torch"].set_num_threads(self.threads)
         self.load_s = time.perf_counter() - t0
         return self.load_s
 
-    def count(self) -> None:
-        self.frames += 1
+    def progress(self, done: int, total: int) -> None:
+        """process_bag's progress callback: frames done in the current bag, reported every 0.25 s."""
+        self.frames = done
         now = time.perf_counter()
         if self.report is not None and self.job_index is not None and now - self.last_report > 0.25:
             self.last_report = now
-            self.report(self.job_index, self.frames)
+            self.report(self.job_index, done)
 
     def run(self, job: Job, options: Dict[str, Any]) -> Dict[str, Any]:
         return run_job(self, job, options)
-
-
-_WORKER: Optional[WorkerState] = None
 
 
 def run_job(state: WorkerState, job: Job, options: Dict[str, Any]) -> Dict[str, Any]:
@@ -363,11 +324,13 @@ def run_job(state: WorkerState, job: Job, options: Dict[str, Any]) -> Dict[str, 
         if job.key.get("code") != code_digest():
             raise BagError("this worker runs other hqsmem_ros code than the command that sent the bag "
                            "(install the same version on every node)")
+        if state.pipeline is None:
+            state.load()
         shutil.rmtree(work, ignore_errors=True)
         work.parent.mkdir(parents=True, exist_ok=True)
         summary = process_bag(job.in_bag, work, job.image_topic, prompts_file=job.prompts_file,
-                              prompt_topic=job.prompt_topic, config=state.cfg, progress=False,
-                              log=lambda text: warnings.append(text), **options)
+                              prompt_topic=job.prompt_topic, config=state.cfg, pipeline=state.pipeline,
+                              progress=state.progress, log=lambda text: warnings.append(text), **options)
         data = summary.to_dict()
         data["out_bag"] = str(out)
         row["summary"] = data
