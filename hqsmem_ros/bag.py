@@ -39,7 +39,6 @@ costs (see BagSummary.timing).
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
@@ -57,6 +56,7 @@ from hqsmem_ros.io.bagfiles import (COMPRESSED_TYPE, DEFAULT_NS, IMAGE_TYPE, PRO
                                     STORAGES, BagError, bag_storage, make_typestore, open_bag,
                                     read_outputs, stamp_ns_of, topic_table, verify_outputs)
 from hqsmem_ros.io.prompts_file import PromptSchedule, format_stamp, load_prompts_file
+from hqsmem_ros.progress import Progress
 from hqsmem_ros.stream.session import Request, StreamSession
 from hqsmem_ros.staging import make_staging
 
@@ -68,73 +68,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Progress
-
-
-class Progress:
-    """A plain-text progress line on stderr: frames, frames/s and ETA.
-
-    On a terminal the line is redrawn in place (about 5 times a second); otherwise (a log file,
-    CI) one line is printed every `log_every` seconds.
-    """
-
-    def __init__(self, total: int, stream=None, enabled: bool = True, log_every: float = 10.0,
-                 callback: Optional[Callable[[int, int], None]] = None):
-        self.total = max(0, int(total))
-        self.callback = callback  # instead of the line: callback(done, total) on every update
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every = 0.2 if self.tty else log_every
-        self.start = time.perf_counter()
-        self.last = -math.inf
-        self.width = 0
-
-    def line(self, done: int) -> str:
-        elapsed = time.perf_counter() - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        if self.total:
-            pct = 100.0 * done / self.total
-            left = (self.total - done) / rate if rate > 0 else float("nan")
-            eta = _hms(left) if math.isfinite(left) else "?"
-            return f"hqsmem bag: {done}/{self.total} frames {pct:5.1f}%  {rate:6.1f} frames/s  ETA {eta}"
-        return f"hqsmem bag: {done} frames  {rate:6.1f} frames/s"
-
-    def update(self, done: int, force: bool = False) -> None:
-        if self.callback is not None:
-            self.callback(done, self.total)
-            return
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if not force and now - self.last < self.every:
-            return
-        self.last = now
-        text = self.line(done)
-        if self.tty:
-            self.stream.write("\r" + text.ljust(self.width))
-            self.width = len(text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def finish(self, done: int) -> None:
-        if self.callback is not None or not self.enabled:
-            return
-        self.update(done, force=True)
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
   hqsmem bench [--size WxH --objects N --frames F --json]
   hqsmem ablate DATA_DIR [--rows ...] [--json]
   hqsmem bag IN_BAG OUT_BAG --image-topic TOPIC [--prompts FILE | --prompt-topic TOPIC]
-  hqsmem bags INPUT... --out DIR [--workers N | --ray ADDRESS] [--force]   (hqsmem_ros/fleet.py)
+  hqsmem bags INPUT... --out DIR [--workers N | --ray ADDRESS] [--force]   (hqsmem_ros/fleet/)
   hqsmem node [--config FILE] [--ros-args ...]     (needs rclpy)
 """
 from __future__ import annotations

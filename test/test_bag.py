@@ -453,7 +453,7 @@ def test_prompt_events_after_the_last_image_are_reported(tmp_path, capsys, scene
 
 
 def test_decompression_bomb_and_the_pixel_limit(tmp_path, capsys, scene):
-    from hqsmem_ros.bench_bomb import jpeg_claiming
+    from hqsmem_ros.tools.bench_bomb import jpeg_claiming
 
     frames, _ = scene
     frames = list(frames[:6])

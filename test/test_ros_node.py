@@ -337,7 +337,7 @@ def test_compressed_input_and_corrupt_data(harness):
 
 
 def test_decompression_bomb_and_oversized_raw_frames_are_dropped_and_the_node_goes_on(harness):
-    from hqsmem_ros.bench_bomb import jpeg_claiming
+    from hqsmem_ros.tools.bench_bomb import jpeg_claiming
     h = harness(input_type="compressed")
     bomb = CompressedImage(format="jpeg", data=jpeg_claiming(60000, 60000, pad_to=12_000))
     bomb.header.stamp.sec = 1

@@ -1,6 +1,6 @@
 """Benchmark of `hqsmem bags`: throughput of 1 vs N local workers and of Ray, in one run.
 
-  python -m hqsmem_ros.fleet_bench --bags 8 --frames 300 --size 640x480 --workers 1 2 [--no-ray]
+  python -m hqsmem_ros.tools.fleet_bench --bags 8 --frames 300 --size 640x480 --workers 1 2 [--no-ray]
       [--neural-config config/paper_models.yaml] [--json]
 
 Writes one synthetic camera bag (hqsmem_ros.tools.synth_bag) and hard-links it into --bags bag
@@ -12,9 +12,9 @@ out to the last result), the ratios between the runs, the scheduling overhead pe
 round trip from the parent minus process_bag's own run: opening, pipeline set-up, manifest,
 rename, result), each worker's model-load time and when the last worker was ready (workers
 start in parallel with the first bags; with few, short bags that start-up weighs on the figure). With --neural-config it also builds that
-config's models (random weights, CPU) three times in this process: cold (imports and first
-construction), again (what a per-bag rebuild would cost without the worker's model cache) and
-through the cache.
+config's models (random weights, CPU) in this process: cold (imports and first construction),
+again (what a per-bag rebuild would cost), a worker's one build (WorkerState.load) and the reset
+of that pipeline that each further bag costs (process_bag(pipeline=...)).
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def neural_load(config: str) -> Dict[str, float]:
     from hqsmem_ros.tools.bench import with_random_weights
     from hqsmem_ros.core.config import load_config
     from hqsmem_ros.core.pipeline import HQSMemPipeline
-    from hqsmem_ros.fleet import WorkerState
+    from hqsmem_ros.fleet.workers import WorkerState
 
     cfg = with_random_weights(load_config(config).replace(device="cpu", precision="fp32"))
     t0 = time.perf_counter()
@@ -90,7 +90,7 @@ def neural_load(config: str) -> Dict[str, float]:
 def main(argv=None) -> int:
     from hqsmem_ros.cli import _size
 
-    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.fleet_bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.tools.fleet_bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--bags", type=int, default=8)
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--size", type=_size, default=(640, 480))
