@@ -30,7 +30,7 @@ setup(
         "models": ["torch>=2.1", "torchvision", "timm>=0.9", "segment-anything-hq>=0.3", "safetensors"],
         "bag": ["rosbags>=0.10"],
         "plots": ["matplotlib>=3.7"],
-        # `hqsmem bags --ray`: the same work on a Ray cluster (hqsmem_ros/fleet.py).
+        # `hqsmem bags --ray`: the same work on a Ray cluster (hqsmem_ros/fleet/).
         "cluster": ["ray>=2.9", "rosbags>=0.10"],
         "test": ["pytest>=7", "rosbags>=0.10", "matplotlib>=3.7"],
     },

@@ -47,7 +47,6 @@ costs (see BagSummary.timing).
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
@@ -55,9 +54,9 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from hqsmem_ros.core.config import load_config
+from hqsmem_ros.core.config import ConfigError, load_config
 from hqsmem_ros.core.pipeline import HQSMemPipeline
 from hqsmem_ros.io import image_codec
 from hqsmem_ros.io.bag_stream import (_END, CAMERA_INFO_TYPE, DepthFeed, _Discard, _InputThread, _Sink,
@@ -66,6 +65,7 @@ from hqsmem_ros.io.bagfiles import (COMPRESSED_TYPE, DEFAULT_NS, IMAGE_TYPE, PRO
                                     STORAGES, BagError, bag_storage, make_typestore, open_bag,
                                     read_outputs, stamp_ns_of, topic_table, verify_outputs)
 from hqsmem_ros.io.prompts_file import PromptSchedule, format_stamp, load_prompts_file
+from hqsmem_ros.progress import Progress
 from hqsmem_ros.stream.session import Request, StreamSession
 from hqsmem_ros.staging import make_staging
 
@@ -77,68 +77,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Progress
-
-
-class Progress:
-    """A plain-text progress line on stderr: frames, frames/s and ETA.
-
-    On a terminal the line is redrawn in place (about 5 times a second); otherwise (a log file,
-    CI) one line is printed every `log_every` seconds.
-    """
-
-    def __init__(self, total: int, stream=None, enabled: bool = True, log_every: float = 10.0):
-        self.total = max(0, int(total))
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every = 0.2 if self.tty else log_every
-        self.start = time.perf_counter()
-        self.last = -math.inf
-        self.width = 0
-
-    def line(self, done: int) -> str:
-        elapsed = time.perf_counter() - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        if self.total:
-            pct = 100.0 * done / self.total
-            left = (self.total - done) / rate if rate > 0 else float("nan")
-            eta = _hms(left) if math.isfinite(left) else "?"
-            return f"hqsmem bag: {done}/{self.total} frames {pct:5.1f}%  {rate:6.1f} frames/s  ETA {eta}"
-        return f"hqsmem bag: {done} frames  {rate:6.1f} frames/s"
-
-    def update(self, done: int, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if not force and now - self.last < self.every:
-            return
-        self.last = now
-        text = self.line(done)
-        if self.tty:
-            self.stream.write("\r" + text.ljust(self.width))
-            self.width = len(text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def finish(self, done: int) -> None:
-        if not self.enabled:
-            return
-        self.update(done, force=True)
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,12 +249,18 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
                 prompts_file: Optional[Union[str, Path]] = None, prompt_topic: Optional[str] = None,
                 config: Any = None, overlay: bool = False, overlay_alpha: float = 0.5,
                 storage: Optional[str] = None, ns: str = DEFAULT_NS,
-                exclude_topics: Sequence[str] = (), progress: bool = True, log=None,
+                exclude_topics: Sequence[str] = (),
+                progress: Union[bool, Callable[[int, int], None]] = True, log=None,
                 io_threads: Optional[bool] = None, bench: bool = False,
                 allow_random_weights: bool = False,
                 max_image_pixels: Optional[int] = None, depth_topic: Optional[str] = None,
-                depth_info_topic: Optional[str] = None, depth_params: Any = None) -> BagSummary:
+                depth_info_topic: Optional[str] = None, depth_params: Any = None,
+                pipeline: Optional[HQSMemPipeline] = None) -> BagSummary:
     """Run the pipeline over IN_BAG's image topic and write OUT_BAG (see the module docstring).
+
+    progress: True = a line on stderr, False = none, or progress(frames done, total) per image.
+    pipeline: one built from this `config` before (models loaded once for many bags), reset
+    before each pass (so the output is a fresh pipeline's); None: built here.
 
     io_threads: read/decode and encode/write in two threads beside the pipeline (True), or
     everything in the calling thread except image decoding, one frame ahead in a worker (False:
@@ -373,14 +317,14 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
             replay = (_read_prompt_topic(reader, by_topic[prompt_topic][0], store, in_bag)
                       if prompt_topic is not None else None)
             log("hqsmem bag --bench: first pass, the pipeline alone (no output)")
-            _run(reader, None, store, HQSMemPipeline(cfg), alone, image_conns, again, replay, excluded, ns,
-                 False, overlay_alpha, Progress(total, enabled=progress), lambda text: None, False,
+            _run(reader, None, store, _fresh(pipeline, cfg), alone, image_conns, again, replay, excluded, ns,
+                 False, overlay_alpha, Progress(total, enabled=progress is True), lambda text: None, False,
                  max_pixels=max_image_pixels)
             summary.bench_pipeline_alone_s = alone.seconds["pipeline"]
             log("hqsmem bag --bench: second pass, the real run")
-        _write(reader, out_bag, out_storage, store, HQSMemPipeline(cfg), summary, image_conns, schedule, recorded,
-               excluded, ns, overlay, overlay_alpha, Progress(total, enabled=progress), log, io_threads,
-               max_image_pixels, depth=depth)
+        bar = Progress(total, enabled=progress is True, callback=None if isinstance(progress, bool) else progress)
+        _write(reader, out_bag, out_storage, store, _fresh(pipeline, cfg), summary, image_conns, schedule, recorded,
+               excluded, ns, overlay, overlay_alpha, bar, log, io_threads, max_image_pixels, depth=depth)
     finally:
         reader.close()
     _finish_summary(summary, schedule, recorded, prompt_topic, image_topic, total)
@@ -410,6 +354,17 @@ def _depth_inputs(by_topic, reader, in_bag: Path, depth_topic, info_topic, param
     except DepthError as exc:
         raise BagError(f"depth parameters: {exc}") from exc
     return by_topic[depth_topic], by_topic[info_topic], params
+
+
+def _fresh(pipeline: Optional[HQSMemPipeline], cfg) -> HQSMemPipeline:
+    """The given pipeline reset (no object, memory, size or clock of an earlier run; ConfigError
+    if it was built from another config), or a new one."""
+    if pipeline is None:
+        return HQSMemPipeline(cfg)
+    if pipeline.config.to_dict() != cfg.to_dict():
+        raise ConfigError("process_bag: the pipeline given was built from another config than the one given")
+    pipeline.reset()
+    return pipeline
 
 
 def _check_arguments(in_bag: Path, out_bag: Path, prompts_file, prompt_topic, overlay_alpha, storage, ns) -> str:

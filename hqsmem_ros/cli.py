@@ -7,7 +7,7 @@
   hqsmem ablate DATA_DIR [--rows ...] [--json]
   hqsmem loo DATA_DIR --grid GRID.yaml [--config FILE] [--json]
   hqsmem bag IN_BAG OUT_BAG --image-topic TOPIC [--prompts FILE | --prompt-topic TOPIC]
-  hqsmem bags INPUT... --out DIR [--workers N | --ray ADDRESS] [--force]   (hqsmem_ros/fleet.py)
+  hqsmem bags INPUT... --out DIR [--workers N | --ray ADDRESS] [--force]   (hqsmem_ros/fleet/)
   hqsmem node [--config FILE] [--ros-args ...]     (needs rclpy)
 """
 from __future__ import annotations

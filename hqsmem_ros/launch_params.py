@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from hqsmem_ros.core.config import ConfigError, PipelineConfig
+from hqsmem_ros.core.config import (ConfigError, PipelineConfig, is_ros_param_file, read_yaml_mapping,
+                                    ros_parameter_sections)
 
 EXPECTED_FORMATS = ("a ROS 2 parameter file (`/**:` or `<node>:` then `ros__parameters:`, like "
                     "config/track.yaml) or a plain mapping of pipeline keys (the `hqsmem --config` "
@@ -65,36 +66,24 @@ def is_true(text: str) -> bool:
     raise LaunchArgumentError(f"expected true or false, got {text!r}")
 
 
-def _has_ros_parameters(data: Any, depth: int = 0) -> bool:
-    if not isinstance(data, dict) or depth > 4:
-        return False
-    return "ros__parameters" in data or any(_has_ros_parameters(v, depth + 1) for v in data.values())
-
-
 def ros_params_file(path: str, tmp_dir: Optional[str] = None) -> str:
     """A ROS 2 parameter file for the config file `path`: `path` itself if it is one, else a new
     temporary file that puts a plain pipeline mapping under `/**: ros__parameters: pipeline:`.
 
     Raises LaunchArgumentError naming the file and the expected formats otherwise.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise LaunchArgumentError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise LaunchArgumentError(f"config file {path} is not valid YAML: {exc}") from exc
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise LaunchArgumentError(f"config file {path} holds a {type(data).__name__}; expected {EXPECTED_FORMATS}")
-    if _has_ros_parameters(data):
-        bad = [k for k, v in data.items() if not _has_ros_parameters(v) and k != "ros__parameters"]
-        if "ros__parameters" in data or bad:
+        data = read_yaml_mapping(path, expected=EXPECTED_FORMATS)
+    except ConfigError as exc:
+        raise LaunchArgumentError(str(exc)) from exc
+    if is_ros_param_file(data):
+        sections = {keys[0] for keys, _ in ros_parameter_sections(data)}
+        bad = [k for k in data if str(k) not in sections]
+        if bad:
             raise LaunchArgumentError(
-                f"config file {path} mixes ROS parameters with plain keys ({', '.join(map(str, bad or ['ros__parameters']))} "
+                f"config file {path} mixes ROS parameters with plain keys ({', '.join(map(str, bad))} "
                 f"at the top level); expected {EXPECTED_FORMATS}")
-        return str(p)
+        return str(path)
     body = data["pipeline"] if set(data) == {"pipeline"} and isinstance(data["pipeline"], dict) else data
     try:
         PipelineConfig.from_dict(body)

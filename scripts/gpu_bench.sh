@@ -6,7 +6,7 @@
 #   scripts/gpu_bench.sh --fetch-wheels  # HERE (with PyPI access): save the wheels the device lacks
 #                                        # into .whl/ (git-ignored); the device tool then needs
 #                                        # carry: [".whl"] (about 2 MB)
-# Any other arguments go to `python -m hqsmem_ros.models.gpu_bench` (see its --help), e.g.
+# Any other arguments go to `python -m hqsmem_ros.tools.gpu_bench` (see its --help), e.g.
 #   scripts/gpu_bench.sh --stages dino,sam2 --sam2-frames 5000
 #
 # What it needs, and where it gets it (nothing is downloaded if it is already importable):
@@ -81,4 +81,4 @@ if [[ -n "$MISSING" ]]; then
 fi
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1
-exec "$PY" -m hqsmem_ros.models.gpu_bench "$@"
+exec "$PY" -m hqsmem_ros.tools.gpu_bench "$@"

@@ -7,6 +7,12 @@ import os
 
 import pytest
 
+# Subprocesses the tests start (`python -m hqsmem_ros...`, the venv's `hqsmem` script, spawned
+# workers, Ray) import this checkout, not whichever one the venv was installed from.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != ROOT:
+    os.environ["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):

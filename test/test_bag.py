@@ -172,6 +172,41 @@ def test_masks_are_the_pipelines_and_output_is_deterministic(tmp_path, capsys, s
         assert np.array_equal(image_codec.mask_from_msg(masks[k][1]), result.label_map()), f"frame {k}"
 
 
+def test_a_given_pipeline_is_reset_and_gives_a_fresh_runs_bytes_and_progress_is_reported(tmp_path, capsys, scene):
+    """process_bag(pipeline=...): one pipeline through two bags (and a --bench pass) gives the
+    bytes of fresh single-bag runs; one built from another config is refused; progress(done,
+    total) is called once per image of the real run."""
+    from hqsmem_ros.bag import process_bag
+    from hqsmem_ros.core.config import ConfigError, load_config
+
+    frames, labels = scene
+    write_frames_bag(tmp_path / "in1", frames)
+    write_frames_bag(tmp_path / "in2", frames[::-1][:12], storage="sqlite3")
+    write_label(tmp_path / "start.png", labels[0])
+    (tmp_path / "p.yaml").write_text("prompts:\n" + "".join(
+        f"  - {{id: {i}, frame: 0, mask: start.png}}\n" for i in (1, 2, 3)))
+    cfg = load_config({"memory_interval": 2})
+    for name in ("in1", "in2"):
+        process_bag(tmp_path / name, tmp_path / f"fresh_{name}", TOPIC, prompts_file=tmp_path / "p.yaml",
+                    config=cfg, progress=False, log=lambda text: None)
+    pipeline = HQSMemPipeline(cfg)
+    calls = []
+    for name, bench in (("in1", False), ("in2", True), ("in1", True)):
+        calls.clear()
+        out = tmp_path / f"shared_{name}_{bench}"
+        summary = process_bag(tmp_path / name, out, TOPIC, prompts_file=tmp_path / "p.yaml", config=cfg,
+                              pipeline=pipeline, progress=lambda done, total: calls.append((done, total)),
+                              bench=bench, log=lambda text: None)
+        assert all_raw(out) == all_raw(tmp_path / f"fresh_{name}"), (name, bench)
+        n = summary.frames_in
+        assert calls == [(k, n) for k in range(1, n + 1)]
+    assert "frames/s" not in capsys.readouterr().err  # a callback instead of the progress line
+    with pytest.raises(ConfigError, match="another config"):
+        process_bag(tmp_path / "in1", tmp_path / "other", TOPIC, prompts_file=tmp_path / "p.yaml",
+                    config={"memory_interval": 3}, pipeline=pipeline, progress=False)
+    assert not (tmp_path / "other").exists()
+
+
 def test_prompts_file_box_mask_label_and_removal(tmp_path, capsys, scene):
     frames, labels = scene
     write_frames_bag(tmp_path / "in", frames, storage="sqlite3", image_format="png")
@@ -418,7 +453,7 @@ def test_prompt_events_after_the_last_image_are_reported(tmp_path, capsys, scene
 
 
 def test_decompression_bomb_and_the_pixel_limit(tmp_path, capsys, scene):
-    from hqsmem_ros.bench_bomb import jpeg_claiming
+    from hqsmem_ros.tools.bench_bomb import jpeg_claiming
 
     frames, _ = scene
     frames = list(frames[:6])

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hqsmem_ros.models.gpu_bench import main
+from hqsmem_ros.tools.gpu_bench import main
 
 ROOT = Path(__file__).parent.parent
 

@@ -299,7 +299,7 @@ def _png_claiming(width: int, height: int) -> bytes:
 
 
 def test_decompression_bomb_is_refused_from_the_header():
-    from hqsmem_ros.bench_bomb import jpeg_claiming
+    from hqsmem_ros.tools.bench_bomb import jpeg_claiming
     bomb = jpeg_claiming(60000, 60000, pad_to=12_000)
     assert 11_000 < len(bomb) < 13_000
     assert ic.compressed_size(np.frombuffer(bomb, np.uint8)) == ("jpeg", 60000, 60000)

@@ -337,7 +337,7 @@ def test_compressed_input_and_corrupt_data(harness):
 
 
 def test_decompression_bomb_and_oversized_raw_frames_are_dropped_and_the_node_goes_on(harness):
-    from hqsmem_ros.bench_bomb import jpeg_claiming
+    from hqsmem_ros.tools.bench_bomb import jpeg_claiming
     h = harness(input_type="compressed")
     bomb = CompressedImage(format="jpeg", data=jpeg_claiming(60000, 60000, pad_to=12_000))
     bomb.header.stamp.sec = 1
@@ -725,6 +725,8 @@ def _clean_env():
     workspace, none of what the venv's interpreter set up for itself and its children)."""
     env = {k: os.environ[k] for k in ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR") if k in os.environ}
     env["ROS_DOMAIN_ID"] = str(DOMAIN_ID)
+    # This checkout's code (the venv's `hqsmem` script imports the tree it was installed from).
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return env
 
 

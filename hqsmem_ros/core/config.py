@@ -9,7 +9,7 @@ import difflib
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import yaml
 
@@ -171,15 +171,7 @@ def load_config(source: Union[None, str, Path, Dict[str, Any], PipelineConfig] =
     if isinstance(source, dict):
         return PipelineConfig.from_dict(source)
     path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
-    data = extract_pipeline_section(data)
+    data = extract_pipeline_section(read_yaml_mapping(path))
     try:
         return PipelineConfig.from_dict(data)
     except ConfigError as exc:
@@ -188,12 +180,54 @@ def load_config(source: Union[None, str, Path, Dict[str, Any], PipelineConfig] =
         raise ConfigError(f"{path}: {exc}") from exc
 
 
+def read_yaml_mapping(path: Union[str, Path], who: str = "config file", expected: str = "a mapping") -> Dict[str, Any]:
+    """A YAML file holding a mapping (empty: {}), or ConfigError naming the file: missing, not
+    UTF-8, not YAML, or not a mapping (`expected` says what it should hold). Every config file
+    (--config, parameter files, launch's config) is read here."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{who} not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{who} {path} is not UTF-8 text: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{who} {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {who} {path}: {exc.strerror or exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{who} {path} holds a {type(data).__name__}; expected {expected}")
+    return data
+
+
+_MAX_SECTION_DEPTH = 4  # namespaces nested in a parameter file before a node's section
+
+
+def ros_parameter_sections(data: Mapping[str, Any], _keys: Tuple[str, ...] = ()) -> Iterator[Tuple[Tuple[str, ...], Dict[str, Any]]]:
+    """(section keys, parameters) of each `<ns...>: <node>: ros__parameters:` in a ROS 2
+    parameter file's mapping (`/**`, `hqsmem_node`, nested namespaces); none for a plain mapping."""
+    for key, body in data.items():
+        if not isinstance(body, dict):
+            continue
+        keys = _keys + (str(key),)
+        if "ros__parameters" in body:
+            yield keys, body["ros__parameters"] or {}
+        elif len(keys) < _MAX_SECTION_DEPTH:
+            yield from ros_parameter_sections(body, keys)
+
+
+def is_ros_param_file(data: Mapping[str, Any]) -> bool:
+    """Is this mapping a ROS 2 parameter file (rather than a plain mapping of pipeline keys)?"""
+    return next(ros_parameter_sections(data), None) is not None
+
+
 def extract_pipeline_section(data: Dict[str, Any]) -> Dict[str, Any]:
     """Unwrap `{node: {ros__parameters: {pipeline: {...}}}}` or `{pipeline: {...}}` to the pipeline keys."""
-    if len(data) == 1:
-        (only,) = data.values()
-        if isinstance(only, dict) and "ros__parameters" in only:
-            data = only["ros__parameters"] or {}
+    sections = list(ros_parameter_sections(data))
+    if len(data) == 1 and len(sections) == 1:  # one node's section and nothing beside it
+        data = sections[0][1]
     if "pipeline" in data and isinstance(data["pipeline"], dict):
         data = data["pipeline"]
     return dict(data)

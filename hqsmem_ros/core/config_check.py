@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
-from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from .config import ConfigError, PipelineConfig
+from .config import ConfigError, PipelineConfig, is_ros_param_file, read_yaml_mapping, ros_parameter_sections
 
 # Parameters every rclpy node has or accepts, besides the node's own.
 ROS_BUILTIN_PARAMS = ("use_sim_time", "start_type_description_service")
@@ -31,28 +30,6 @@ def did_you_mean(key: str, known: Iterable[str]) -> str:
 def unknown_key_message(key: str, known: Iterable[str], where: str) -> str:
     known = sorted(set(known))
     return f"{where}: unknown key {key!r}{did_you_mean(key, known)} (known: {', '.join(known)})"
-
-
-def read_yaml_mapping(path: str, who: str = "config file") -> Dict[str, Any]:
-    """A YAML file holding a mapping, or ConfigError (missing, not UTF-8, not YAML, not a mapping)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{who} not found: {path}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{who} {path} is not UTF-8 text: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{who} {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
-    except OSError as exc:
-        raise ConfigError(f"cannot read {who} {path}: {exc.strerror or exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{who} {path} must hold a mapping, got {type(data).__name__}")
-    return data
-
-
-def is_ros_param_file(data: Mapping[str, Any]) -> bool:
-    return any(isinstance(v, dict) and "ros__parameters" in v for v in data.values())
 
 
 def _flatten(prefix: str, value: Any, out: Dict[str, Any]) -> None:
@@ -78,9 +55,9 @@ def file_parameters(path: str, node_name: str) -> Dict[str, Any]:
     if not is_ros_param_file(data):
         _flatten("pipeline", data, out) if data else None
         return out
-    for section, body in data.items():
-        if isinstance(body, dict) and "ros__parameters" in body and _section_applies(str(section), node_name):
-            _flatten("", body["ros__parameters"] or {}, out)
+    for keys, params in ros_parameter_sections(data):
+        if _section_applies("/".join(keys), node_name):
+            _flatten("", params, out)
     return out
 
 

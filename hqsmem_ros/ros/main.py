@@ -57,7 +57,9 @@ class _ConsoleLogger:
 
 
 def spin_until_shutdown(node) -> None:
-    """Spin the node as `hqsmem node` does until Ctrl-C or an external shutdown."""
+    """Spin the node as `hqsmem node` does until Ctrl-C or an external shutdown; then stop it
+    and wait for the executor's threads, so that no callback runs while the node is destroyed
+    (destroying it under a running callback crashed the process now and then: SIGSEGV)."""
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
     executor = MultiThreadedExecutor(num_threads=6)  # processing, intake, waiting services
     executor.add_node(node)
@@ -65,6 +67,9 @@ def spin_until_shutdown(node) -> None:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    finally:
+        node.stop()  # wakes service callbacks that wait for a frame
+        executor.shutdown()
 
 
 def _split(argv: List[str]):

@@ -117,7 +117,7 @@ def bench_dino_resampling(size: Tuple[int, int] = (854, 480), n_objects: int = 5
     """Median ms of the feature step, official resampling vs the previous timm path, same run."""
     import torch.nn.functional as F
 
-    from .dino import DinoFeatureExtractor
+    from ..models.dino import DinoFeatureExtractor
 
     class _Previous(DinoFeatureExtractor):
         """The code before the official resampling: timm's forward, adaptive average pooling."""

@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     if not args.skip_predictor:
         net = build_model(args.model, args.image_size, args.seed).to(device).eval()
         if args.checkpoint:
-            from .checkpoints import apply_state_dict, load_state_dict
+            from ..models.checkpoints import apply_state_dict, load_state_dict
             apply_state_dict(net, load_state_dict(args.checkpoint, f"sam2 {args.model}"), args.checkpoint,
                              f"sam2 {args.model}")
         report["predictor"] = run_predictor(net, frames, label0, args.predictor_frames or args.frames, args.every,

@@ -1,4 +1,4 @@
-"""`python -m hqsmem_ros.bench_bomb`: how fast and how cheaply a decompression bomb is refused.
+"""`python -m hqsmem_ros.tools.bench_bomb`: how fast and how cheaply a decompression bomb is refused.
 
 A 12 KB JPEG whose frame header claims 60000x60000 pixels (10.8 GB as RGB) goes through the
 decoder the node and `hqsmem bag` use (image_codec.decode_compressed, default pixel limit);
@@ -31,7 +31,7 @@ def jpeg_claiming(width: int, height: int, pad_to: int = 0) -> bytes:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.bench_bomb", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m hqsmem_ros.tools.bench_bomb", description=__doc__)
     ap.add_argument("--size", default="60000x60000", help="size the header claims (WxH)")
     ap.add_argument("--bytes", type=int, default=12_000, help="size of the JPEG file")
     ap.add_argument("--repeat", type=int, default=20)

@@ -75,7 +75,7 @@ def _paper_config(a):
 
 
 def stage_hqsmem_step(a) -> Dict:
-    from ..bench import run_bench
+    from .bench import run_bench
 
     r = run_bench(size=a.size, objects=a.objects, frames=a.step_frames, config=_paper_config(a), one_core=False,
                   random_weights=True, device=a.device, precision=a.precision)
@@ -86,7 +86,7 @@ def stage_hqsmem_step(a) -> Dict:
 
 
 def stage_hqsmem_memory(a) -> Dict:
-    from ..bench import run_bench
+    from .bench import run_bench
 
     ref, last = a.reference, a.memory_frames
     r = run_bench(size=a.size, objects=a.objects, frames=last, config=_paper_config(a), one_core=False,
@@ -143,8 +143,6 @@ def stage_sam2(a) -> Dict:
     a.predictor_frames = a.sam2_latency_frames
     r = _bench_sam2(a, a.sam2_latency_frames, True, a.batch_frames, "sam2")
     key = "cuda_mb" if not a.dry else "state_mb"
-    at = lambda recs, frame: _at(recs, frame, key)  # noqa: E731
-
     def at(recs: List[Dict], frame: int) -> Optional[float]:
         hit = [x[key] for x in recs if x["frame"] == frame]
         return hit[0] if hit else None
@@ -234,7 +232,7 @@ def _start_child(a, argv, stage: str):
 
     sub = Path(a.out) / stage
     args = [x for x in (sys.argv[1:] if argv is None else list(argv))]
-    cmd = [sys.executable, "-m", "hqsmem_ros.models.gpu_bench", *args, "--out", str(sub), "--stages", stage]
+    cmd = [sys.executable, "-m", "hqsmem_ros.tools.gpu_bench", *args, "--out", str(sub), "--stages", stage]
     print(f"[gpu_bench] {stage}: started beside the next stage (pid follows)", flush=True)
     proc = subprocess.Popen(cmd)
     print(f"[gpu_bench] {stage}: pid {proc.pid}", flush=True)
