@@ -1,4 +1,5 @@
-"""`hqsmem_node --lifecycle`: the tracking node as an rclpy LifecycleNode.
+"""`hqsmem_node --lifecycle`: the tracking node as an rclpy LifecycleNode, unconfigured at
+start and driven through ~/change_state.
 
 Its transitions call the steps every tracking node has (hqsmem_ros.ros.node._Tracking):
 configure (models, session, publishers), activate (subscriptions, services, diagnostics timer),
