@@ -26,7 +26,8 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField  # noqa: 
 from hqsmem_ros.core.depth3d import unpack_points  # noqa: E402
 from hqsmem_ros.io import image_codec as ic  # noqa: E402
 from hqsmem_ros.msg import TrackedObjectArray  # noqa: E402
-from hqsmem_ros.ros.node import HQSMemLifecycleNode, HQSMemNode  # noqa: E402
+from hqsmem_ros.ros.lifecycle import HQSMemLifecycleNode  # noqa: E402
+from hqsmem_ros.ros.node import HQSMemNode  # noqa: E402
 from hqsmem_ros.ros.spinning import BackgroundSpinner  # noqa: E402
 from hqsmem_ros.tools.synthetic_rgbd_camera import SyntheticRGBDCamera, camera_info_msg  # noqa: E402
 

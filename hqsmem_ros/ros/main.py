@@ -102,7 +102,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from hqsmem_ros.core.config import ConfigError
     from hqsmem_ros.launch_params import LaunchArgumentError
-    from hqsmem_ros.ros.node import HQSMemLifecycleNode, HQSMemNode
+    from hqsmem_ros.ros.lifecycle import HQSMemLifecycleNode
+    from hqsmem_ros.ros.node import HQSMemNode
 
     try:
         params_file = _params_file(args.config) if args.config else None  # its format first

@@ -11,9 +11,14 @@ Services: ~/add_objects, ~/remove_objects, ~/reset.
 
 Two classes share every line of this (the _Tracking mixin): HQSMemNode, the plain node, which
 configures and activates itself in its constructor, and HQSMemLifecycleNode (`hqsmem_node
---lifecycle`), whose transitions call the same steps: configure (models, session, publishers),
-activate (subscriptions, services, diagnostics timer), deactivate (those removed, the models
-kept), cleanup (the models freed).
+--lifecycle`, hqsmem_ros.ros.lifecycle), whose transitions call the same steps: configure
+(models, session, publishers), activate (subscriptions, services, diagnostics timer),
+deactivate (those removed, the models kept), cleanup (the models freed).
+
+This module owns the lifecycle steps, the image intake and one frame's path (decode -> session
+step -> publish). Its mixins own the rest: parameters (parameters.py), the prompt topic and
+services (requests.py), depth in and ~/points out (depth_io.py), the counters and /diagnostics
+(diagnostics.py).
 
 Threading: image callbacks start one at a time, in the order the executor took the messages
 (_OrderedIntakeGroup). The callback that finds the node idle lets the next callback start, then
@@ -43,31 +48,29 @@ from collections import deque
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Point, Vector3
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.lifecycle import Node as LifecycleNode
-from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.qos import (HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data)
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
-from std_msgs.msg import Header
 
 from hqsmem_ros.core import config_check
-from hqsmem_ros.core.depth3d import Depth3D, DepthError, pack_points
+from hqsmem_ros.core.depth3d import Depth3D
 from hqsmem_ros.core.pipeline import HQSMemPipeline
 from hqsmem_ros.io import image_codec
 from hqsmem_ros.io.image_codec import ImageDecodeError
 from hqsmem_ros.io.outputs import array_3d_fields, stamp_parts, tracked_object_fields
 from hqsmem_ros.io.overlay import render_overlay
 from hqsmem_ros.msg import ObjectPromptArray, TrackedObject, TrackedObjectArray
-from hqsmem_ros.ros import dds_transport
-from hqsmem_ros.ros.depth_msgs import add_depth_msg, pointcloud2_msg, set_camera_info_msg
+from hqsmem_ros.ros.depth_io import DepthIO
+from hqsmem_ros.ros.diagnostics import Diagnostics
 from hqsmem_ros.ros.intake import OrderedIntakeGroup, takes_message_info
 from hqsmem_ros.ros.parameters import (COMPONENT_KEYS, NODE_PARAMS, PIPELINE_PARAM_DOCS,  # noqa: F401
                                        RUNTIME_PIPELINE_KEYS, NodeParameters)
+from hqsmem_ros.ros.requests import RequestIO
 from hqsmem_ros.srv import AddObjects, RemoveObjects, Reset
-from hqsmem_ros.stream.accounting import FrameAccount, SequenceGaps
+from hqsmem_ros.stream.accounting import SequenceGaps
 from hqsmem_ros.stream.session import Request, StreamSession
 
 
@@ -83,11 +86,6 @@ def publisher_key(info) -> Tuple[Optional[bytes], Optional[int]]:
     return (bytes(gid.get("data", b"")) if isinstance(gid, dict) else bytes(gid)), int(seq)
 
 
-# A repeated depth problem (the same message) is logged at most this often; /diagnostics shows
-# it at WARN while it lasts.
-DEPTH_LOG_EVERY_S = 5.0
-
-
 def _tracked_object(fields: Dict[str, Any]) -> TrackedObject:
     position, size = fields.pop("position", None), fields.pop("size", None)
     obj = TrackedObject(**fields)
@@ -97,7 +95,7 @@ def _tracked_object(fields: Dict[str, Any]) -> TrackedObject:
     return obj
 
 
-class _Tracking(NodeParameters):
+class _Tracking(RequestIO, DepthIO, Diagnostics, NodeParameters):
     """Everything of the tracking node; mixed into rclpy's Node or LifecycleNode."""
 
     def __init__(self, node_name: str = "hqsmem_node", **kwargs):
@@ -319,91 +317,6 @@ class _Tracking(NodeParameters):
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._camera_info = msg
 
-    def _on_depth(self, msg: Image) -> None:
-        session = self.session
-        if session is None or session.depth is None:
-            return
-        try:
-            add_depth_msg(session.depth, msg)  # counted there (pairing.depth_received / bad_depth)
-        except DepthError as exc:
-            self._depth_problem(f"depth image refused: {exc}")
-
-    def _on_depth_camera_info(self, msg: CameraInfo) -> None:
-        session = self.session
-        if session is None or session.depth is None:
-            return
-        try:
-            set_camera_info_msg(session.depth, msg)
-        except DepthError as exc:
-            self._depth_problem(f"depth camera_info refused: {exc}")
-
-    def _depth_problem(self, message: str) -> None:
-        """A depth problem: /diagnostics at WARN while it lasts, a log line for each new message
-        and at most every DEPTH_LOG_EVERY_S for a repeated one."""
-        now = time.monotonic()
-        self._last_error, self._last_error_time = message, now
-        last, when = self._depth_logged
-        if message != last or now - when >= DEPTH_LOG_EVERY_S:
-            self._depth_logged = (message, now)
-            self.get_logger().warning(f"{message}; 2D results continue (repeated at most every "
-                                      f"{DEPTH_LOG_EVERY_S:g} s; counts on /diagnostics, depth.*)")
-
-    def _on_prompts(self, msg: ObjectPromptArray) -> None:
-        if not msg.prompts:
-            return
-        self._enqueue(Request("~/prompts", list(msg.prompts), []))
-
-    def _enqueue(self, req: Request) -> bool:
-        """Queue a request for the next frame, or refuse it now if it needs no frame to be wrong."""
-        reason = self.session.precheck(req)
-        if reason:
-            self.session.refuse(req, reason)
-            return False
-        with self._cond:
-            self._requests.append(req)
-            self._cond.notify_all()
-        return True
-
-    def _on_add_objects(self, request, response):
-        req = Request("~/add_objects", list(request.prompts), [])
-        if not req.prompts:
-            response.success, response.message = False, "no prompts given"
-            return response
-        self._submit_and_wait(req)
-        response.success, response.message, response.ids = req.success, req.message, req.ids
-        return response
-
-    def _on_remove_objects(self, request, response):
-        req = Request("~/remove_objects", [], [int(i) for i in request.ids])
-        if not req.remove:
-            response.success, response.message = False, "no ids given"
-            return response
-        self._submit_and_wait(req)
-        response.success, response.message = req.success, req.message
-        response.removed_ids = req.remove if req.success else []
-        return response
-
-    def _on_reset(self, request, response):
-        with self._pipe_lock:
-            cleared = self.session.reset("reset requested on ~/reset")
-        response.success = True
-        response.message = f"tracker reset; retired ids {cleared}" if cleared else "tracker reset"
-        response.cleared_ids = cleared
-        return response
-
-    def _submit_and_wait(self, req: Request) -> None:
-        if not self._enqueue(req):
-            return
-        timeout = float(self.get_parameter("service_timeout").value)
-        if not req.done.wait(timeout):
-            with self._cond:
-                if not req.taken:  # no frame came: withdraw it, nothing was applied
-                    self._requests.remove(req)
-                    self.session.refuse(req, f"no camera frame arrived within {timeout:g} s "
-                                             f"(service_timeout); nothing was applied")
-                    return
-            req.done.wait()  # a frame is being processed with it right now
-
     # ---------------------------------------------------------------- processing
     def _lead(self, msg, arrived: float) -> None:
         """Process `msg`, then every frame left in the buffer meanwhile; only one caller at a
@@ -492,12 +405,6 @@ class _Tracking(NodeParameters):
         else:  # keep /diagnostics at WARN while it lasts, without a log line per frame
             self._last_error, self._last_error_time = message, time.monotonic()
 
-    def _requeue(self, req: Request) -> None:
-        """The frame could not be used: the request waits for the next one."""
-        with self._cond:
-            req.taken = False
-            self._requests.appendleft(req)
-
     def _install_clock_jump_handler(self) -> None:
         """With use_sim_time, a bag that loops makes /clock jump back: reset before the next frame."""
         try:
@@ -533,10 +440,6 @@ class _Tracking(NodeParameters):
                                    "holds no frame stamped after it, so no reset is needed")
 
     # ---------------------------------------------------------------- output
-    def _points_wanted(self) -> bool:
-        return (self.points_pub is not None and bool(self.get_parameter("publish_points").value)
-                and self.points_pub.get_subscription_count() > 0)
-
     def _publish(self, header, rgb: np.ndarray, step, frame3d=None) -> None:
         result = step.result
         label = result.label_map()
@@ -557,12 +460,7 @@ class _Tracking(NodeParameters):
             arr.frame_id_3d, arr.status_3d = f["frame_id_3d"], f["status_3d"]
             arr.depth_stamp.sec, arr.depth_stamp.nanosec = stamp_parts(f["depth_stamp"])
         self.objects_pub.publish(arr)
-        if frame3d is not None and frame3d.points is not None and not frame3d.reason:
-            # One cloud per result that has 3D (possibly empty); none for a frame without 3D,
-            # which says nothing about where obstacles are. In the depth frame, colour stamp.
-            cloud = pointcloud2_msg(pack_points(*frame3d.points),
-                                    Header(stamp=header.stamp, frame_id=frame3d.frame_id))
-            self.points_pub.publish(cloud)
+        self._publish_points(header, frame3d)
         if self.get_parameter("publish_overlay").value and self.overlay_pub.get_subscription_count() > 0:
             over = render_overlay(rgb, label, result.objects, self.get_parameter("overlay_alpha").value,
                                   step.labels)
@@ -570,100 +468,6 @@ class _Tracking(NodeParameters):
             self._out_buffers["overlay"] = msg.data
             msg.header = header
             self.overlay_pub.publish(msg)
-
-    def _note_error(self, message: str) -> None:
-        self._last_error, self._last_error_time = message, time.monotonic()
-        self.get_logger().error(message)
-
-    @property
-    def last_error(self) -> str:
-        """The latest error or warning the node reported ('' if none)."""
-        return self._last_error or ""
-
-    def _device(self) -> str:
-        if self.pipeline is None:
-            return "none (not configured)"
-        for part in (self.pipeline.tracker, self.pipeline.refiner, self.pipeline.features):
-            dev = getattr(part, "device", None)
-            if dev is not None:
-                return str(dev)
-        return "cpu"  # no part has a device of its own: the weight-free models run on the CPU
-
-    def counters(self) -> Dict[str, Any]:
-        """Frame accounting (also in /diagnostics): received == processed + dropped + pending +
-        in_progress. lost_in_transport: frames that never reached the node (sequence gaps, or the
-        middleware's message-lost events); unknown_before_first: frames sent before a
-        publisher's first received one (lost, or sent before the subscription matched)."""
-        with self._cond:
-            session = self.session
-            acc = session.account.snapshot() if session is not None else (
-                self._final_account or FrameAccount().snapshot())
-            return {"received": self.frames_received, "processed": acc["results"],
-                    "dropped": acc["dropped"], "pending": len(self._waiting),
-                    "in_progress": int(self._busy), "requests_waiting": len(self._requests),
-                    "clock_jump_pending": self._reset_requested is not None,
-                    "lost_in_transport": max(self.sequence.gaps, self.messages_lost),
-                    "sequence_gaps": self.sequence.gaps, "message_lost_events": self.messages_lost,
-                    "unknown_before_first": self.sequence.unknown_head,
-                    "resets": acc["resets"], "bad_requests": acc["refused_requests"],
-                    "while_inactive": self.sequence.paused_gaps,
-                    "depth": session.depth_counts() if session is not None else {}}
-
-    def _publish_diagnostics(self) -> None:
-        now = time.monotonic()
-        latency, window_frames = self.session.times.take()
-        elapsed = max(1e-6, now - self._diag_window_start)
-        self._diag_window_start = now
-        c = self.counters()
-        stats = self.pipeline.stats()
-        dropped_total = sum(c["dropped"].values())
-        status = DiagnosticStatus()
-        status.name = f"{self.get_fully_qualified_name()}: tracking"
-        status.hardware_id = self._device()
-        status.level, status.message = self._diagnostic_level(now, c, stats, window_frames / elapsed)
-        values = {
-            "frames_received": c["received"], "frames_processed": c["processed"],
-            "frames_dropped": dropped_total, "frames_pending": c["pending"],
-            "messages_lost_in_transport": c["lost_in_transport"],
-            "frames_unknown_before_first": c["unknown_before_first"],
-            "rate_hz": round(window_frames / elapsed, 3), "objects": stats["objects"],
-            "object_ids": list(self.pipeline.object_ids), "resets": c["resets"],
-            "memory_size": stats["memory_size"], "memory_capacity": stats["memory_capacity"],
-            "memory_bytes": stats["memory_bytes"], "device": self._device(),
-            "tracker": stats["tracker"], "refiner": stats["refiner"], "features": stats["features"],
-            "ablation": stats["ablation"], "refine_mode": stats["refine_mode"],
-            "last_error": self._last_error or "",
-            "random_weights": ", ".join(self._random_weight_parts) or "none",
-        }
-        values.update({f"dropped.{reason}": count for reason, count in sorted(c["dropped"].items())})
-        values.update({f"refused_requests.{src}": count for src, count in sorted(c["bad_requests"].items())})
-        values.update({f"latency_ms.{stage}": round(ms, 3) for stage, ms in sorted(latency.items())})
-        if self.session.depth is not None:
-            values.update({f"depth.{k}": v for k, v in sorted(c["depth"].items())})
-            values["depth.last_error"] = self.session.depth.last_error
-        if c["while_inactive"]:
-            values["frames_sent_while_inactive"] = c["while_inactive"]
-        status.values = [KeyValue(key=k, value=str(v)) for k, v in values.items()]
-        arr = DiagnosticArray()
-        arr.header.stamp = self.get_clock().now().to_msg()
-        arr.status = [status]
-        self.diag_pub.publish(arr)
-
-    def _diagnostic_level(self, now: float, c, stats, rate: float) -> Tuple[bytes, str]:
-        recent_error = self._last_error and now - self._last_error_time < 2 * self.get_parameter(
-            "diagnostics_period").value + 1.0
-        transport_loss = dds_transport.loss_warning(c["received"], c["lost_in_transport"])
-        if recent_error:
-            return DiagnosticStatus.WARN, self._last_error[:500]
-        if transport_loss:
-            return DiagnosticStatus.WARN, transport_loss
-        if self._random_weight_parts:
-            return DiagnosticStatus.WARN, (f"random weights in {', '.join(self._random_weight_parts)}: "
-                                           "outputs are meaningless (allow_random_weights)")
-        if c["received"] == 0:
-            return DiagnosticStatus.WARN, f"no image received on {self.image_sub.topic_name}"
-        return DiagnosticStatus.OK, (f"{stats['objects']} objects, {rate:.1f} frames/s, "
-                                     f"{sum(c['dropped'].values())} dropped of {c['received']}")
 
     # ---------------------------------------------------------------- shutdown
     def stop(self, reason: str = "shutdown") -> None:
@@ -696,44 +500,3 @@ class HQSMemNode(_Tracking, Node):
         self._configure()
         self._activate()
 
-
-class HQSMemLifecycleNode(_Tracking, LifecycleNode):
-    """`hqsmem_node --lifecycle`: unconfigured at start; ~/change_state drives it (module
-    docstring). A failed configure (a missing checkpoint, CUDA asked for on a machine
-    without it, a bad parameter) answers FAILURE with the reason logged and stays
-    unconfigured."""
-
-    def on_configure(self, state):
-        try:
-            self._configure()
-        except Exception as exc:  # any model/config error: refuse the transition, say why
-            self.get_logger().error(f"configure failed: {type(exc).__name__}: {exc}")
-            self._last_error, self._last_error_time = f"configure failed: {exc}", time.monotonic()
-            self._cleanup()
-            return TransitionCallbackReturn.FAILURE
-        self.get_logger().info("configured: models loaded")
-        return TransitionCallbackReturn.SUCCESS
-
-    def on_activate(self, state):
-        self._activate()
-        return TransitionCallbackReturn.SUCCESS
-
-    def on_deactivate(self, state):
-        self._deactivate("deactivated")
-        self.get_logger().info("deactivated: subscriptions and services removed, models kept")
-        return TransitionCallbackReturn.SUCCESS
-
-    def on_cleanup(self, state):
-        self._cleanup()
-        self.get_logger().info("cleaned up: models freed")
-        return TransitionCallbackReturn.SUCCESS
-
-    def on_shutdown(self, state):
-        if self._active_entities:
-            self._deactivate("shutdown")
-        if self.pipeline is not None:
-            self._cleanup()
-        return TransitionCallbackReturn.SUCCESS
-
-    def on_error(self, state):
-        return self.on_shutdown(state)
