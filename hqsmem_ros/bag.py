@@ -69,7 +69,9 @@ from hqsmem_ros.progress import Progress
 from hqsmem_ros.stream.session import Request, StreamSession
 from hqsmem_ros.staging import make_staging
 
-IO_THREADS_MIN_CORES = 4
+# I/O threads beside the pipeline pay from 2 cores on since the default tracker got faster (raw
+# 640x480: 17.5 % overhead in line against 9.4 % threaded, docs/benchmarks.md "Offline bag processing").
+IO_THREADS_MIN_CORES = 2
 
 
 def usable_cores() -> int:
@@ -265,8 +267,9 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
     io_threads: read/decode and encode/write in two threads beside the pipeline (True), or
     everything in the calling thread except image decoding, one frame ahead in a worker (False:
     the summary's overhead is then the sum of the parts less the decoding it hid); None
-    (default) = threads only when the process may use at least IO_THREADS_MIN_CORES cores.
-    With fewer, the threads compete with the pipeline for the same cores and measured slower than doing the I/O in line (docs/benchmarks.md, "Offline bag processing").
+    (default) = threads only when the process may use at least IO_THREADS_MIN_CORES cores (on
+    one core they only compete with the pipeline; a `hqsmem bags` worker pinned to one core
+    runs in line).
     bench: first run the pipeline alone over the same frames (decoded, nothing written, no
     threads), and report the real run's time per frame against that pass's pipeline time too.
 

@@ -223,7 +223,7 @@ def _add_bag_parser(sub) -> None:
     p.add_argument("--depth-camera-info-topic", metavar="TOPIC",
                    help="the depth image's camera_info (default: camera_info beside --depth-topic)")
     p.add_argument("--io-threads", choices=["auto", "on", "off"], default="auto",
-                   help="read/decode and encode/write in threads beside the pipeline (auto: with >= 4 "
+                   help="read/decode and encode/write in threads beside the pipeline (auto: with >= 2 "
                         "cores); off: only image decoding runs beside it, one frame ahead")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
