@@ -325,7 +325,8 @@ def test_ray_ship_checkpoints_through_the_object_store(fleet, ray_cluster, tmp_p
     out = tmp_path / "out"
     import glob
     import tempfile
-    copies = os.path.join(tempfile.gettempdir(), "hqsmem-ckpt-*")
+    from hqsmem_ros.fleet.workers import SHIPPED_COPY_PREFIX
+    copies = os.path.join(tempfile.gettempdir(), f"{SHIPPED_COPY_PREFIX}{os.getpid()}-*")  # this run's only
     before = set(glob.glob(copies))
     report = run_bags([bag], out, prompts_dir=fleet["bags"], config=str(cfg), ray_address="auto", workers=1,
                       ship_checkpoints=True, progress=False, log=lambda text: None)

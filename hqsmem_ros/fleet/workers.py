@@ -289,10 +289,13 @@ def _import_ray():
     return ray
 
 
+SHIPPED_COPY_PREFIX = "hqsmem-ckpt-"  # + the driver's pid: a Ray worker's copies of --ship-checkpoints files
+
+
 class _RayWorker:
     """A Ray actor around WorkerState: models built once in __init__, bags one after another."""
 
-    def __init__(self, cfg, options, threads: int, shipped: Dict[str, Any], progress_queue):
+    def __init__(self, cfg, options, threads: int, shipped: Dict[str, Any], progress_queue, driver_pid: int = 0):
         import ray
 
         self.options = options
@@ -300,7 +303,8 @@ class _RayWorker:
         self.tmp = None
         if shipped:  # --ship-checkpoints: files through the object store, written locally
             import tempfile
-            self.tmp = tempfile.mkdtemp(prefix="hqsmem-ckpt-")
+            # Named after the driving process, so that runs side by side can tell their copies apart.
+            self.tmp = tempfile.mkdtemp(prefix=f"{SHIPPED_COPY_PREFIX}{driver_pid}-")
             cfg = json.loads(json.dumps(cfg))
             for key in ("tracker", "refiner", "features"):
                 path = cfg[key].get("checkpoint")
@@ -369,7 +373,7 @@ def run_ray(jobs: List[Job], cfg, options, address: str, workers: int, cuda: Opt
     shipped = _ship(ray, cfg) if ship else {}
     progress = Queue(maxsize=10000)
     Actor = ray.remote(num_cpus=1, num_gpus=1 if cuda else 0, max_restarts=0)(_RayWorker)
-    actors = [Actor.remote(cfg, options, 1, shipped, progress) for _ in range(n)]  # every actor made, to kill
+    actors = [Actor.remote(cfg, options, 1, shipped, progress, os.getpid()) for _ in range(n)]  # every actor made, to kill
     pending = list(jobs)
     running: Dict[Any, tuple] = {}
     ready_refs = {a.ready.remote(): a for a in actors}
@@ -413,7 +417,7 @@ def run_ray(jobs: List[Job], cfg, options, address: str, workers: int, cuda: Opt
                 except Exception as exc:  # the actor died (node lost, out of memory, crash)
                     row = {"index": job.index, "status": "failed", "summary": None, "warnings": [], "worker": "",
                            "error": f"the Ray worker failed while processing this bag: {str(exc).splitlines()[0]}"}
-                    replacement = Actor.remote(cfg, options, 1, shipped, progress)
+                    replacement = Actor.remote(cfg, options, 1, shipped, progress, os.getpid())
                     actors.append(replacement)
                     ready_refs[replacement.ready.remote()] = replacement
                 on_event("result", id(actor), job.index, row)
