@@ -96,11 +96,17 @@ def _run_camera(rig, cam, frames):
     rig.wait_subscribed(pubs, "the client to match the node's outputs")
     rig.wait_subscribed([cam.pub_image, cam.pub_depth, cam.pub_depth_info], "the node to match the camera")
     points = rig.node.points_pub is not None and rig.node.get_parameter("publish_points").value
+    sent_depth = 0
     for k in range(frames):
         image, info, depth, depth_info = cam.messages(k)
         if depth is not None:
             cam.pub_depth_info.publish(depth_info)
             cam.pub_depth.publish(depth)
+            sent_depth += 1
+            # Colour and depth are separate topics with no order between them: the colour frame
+            # goes once the node holds this depth frame and its camera_info, whatever the load.
+            rig.wait_for(lambda: rig.node.counters()["depth"].get("pairing.depth_received", 0) >= sent_depth
+                         and rig.node.session.depth.intrinsics is not None, f"the depth of frame {k}", LONG)
         cam.pub_info.publish(info)
         cam.pub_image.publish(image)
         stamp = (image.header.stamp.sec, image.header.stamp.nanosec)
