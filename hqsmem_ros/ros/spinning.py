@@ -35,3 +35,14 @@ class BackgroundSpinner:
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout=timeout_s)
         self.executor.shutdown()
+
+
+def stop_tool(spinner: BackgroundSpinner, node) -> None:
+    """A tool's last step: stop its spinning thread, then destroy the node and shut ROS down
+    (in that order: rclpy's shutdown races a thread still spinning)."""
+    import rclpy
+
+    spinner.stop()
+    node.destroy_node()
+    if rclpy.ok():
+        rclpy.shutdown()

@@ -30,7 +30,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
 
 from hqsmem_ros.io.bagfiles import BagError, IMAGE_TYPE, COMPRESSED_TYPE, make_typestore, open_bag
-from hqsmem_ros.ros.spinning import BackgroundSpinner
+from hqsmem_ros.ros.spinning import BackgroundSpinner, stop_tool
 
 DEFAULT_RESULTS_TOPIC = "/hqsmem_node/objects"
 
@@ -260,10 +260,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        spinner.stop()
-        node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+        stop_tool(spinner, node)
     return code
 
 

@@ -25,7 +25,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from hqsmem_ros.data.synth import make_sequence
 from hqsmem_ros.io import image_codec
-from hqsmem_ros.ros.spinning import BackgroundSpinner
+from hqsmem_ros.ros.spinning import BackgroundSpinner, stop_tool
 
 
 class SyntheticCamera(Node):
@@ -152,10 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if rclpy.ok():
             raise  # a real error; otherwise we were interrupted while publishing
     finally:
-        spinner.stop()
-        node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+        stop_tool(spinner, node)
     return 0
 
 

@@ -30,7 +30,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 
 from hqsmem_ros.data.synth_rgbd import Truth3D, intrinsics, make_rgbd
-from hqsmem_ros.ros.spinning import BackgroundSpinner
+from hqsmem_ros.ros.spinning import BackgroundSpinner, stop_tool
 
 DEPTH_ENCODINGS = ("16UC1", "32FC1")
 
@@ -175,10 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        spinner.stop()
-        node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+        stop_tool(spinner, node)
     return 0
 
 
