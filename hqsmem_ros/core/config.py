@@ -37,8 +37,8 @@ def _component_ok(spec: Dict[str, Any]) -> bool:
 
 
 def _component(kind: str, default: str) -> Any:
-    return setting({"type": default}, f"The {kind} model: its registered name `type` "
-                   f"(hqsmem_ros/core/registry.py) and its own settings (tables below)",
+    return setting({"type": default}, f"Registered {kind} model name (`type`); the model's own settings "
+                   f"are the other keys beside it, `pipeline.{kind}.<key>`",
                    check=_component_ok, rule="a mapping with a 'type' name")
 
 

@@ -97,7 +97,7 @@ class FlowSettings:
                                          "background (similar-looking objects are told apart)")
     color_bins: Tuple[int, int] = setting(
         (4, 32), "Colour histogram bins: [luminance, chroma per axis]", check=_color_bins_ok,
-        rule="two powers of two (luminance <= 256, chroma <= 64)")
+        rule="two powers of two, luminance <= 256 and chroma <= 64")
 
 
 class FlowTracker(BaseTracker):

@@ -95,7 +95,7 @@ class SAM2Settings(WeightSettings):
                          choices=tuple(MODELS) + tuple(ALIASES))
     image_size: Optional[int] = setting(None, "SAM2's square input size, pixels (unset: the model's 1024)",
                                         check=lambda v: v >= 64 and v % 32 == 0,
-                                        rule="a multiple of 32, at least 64 (SAM2's default is 1024)")
+                                        rule="a multiple of 32, at least 64")
     memory_rule: str = setting("auto", "Which past frames the memory attention reads: the pipeline's "
                                "(smart memory), SAM2's own rule, or auto (the pipeline's when it runs "
                                "smart memory)", choices=MEMORY_RULES)

@@ -90,21 +90,22 @@ class NodeParameters:
         for info in settings_info(PipelineConfig):
             runtime = info.name in RUNTIME_PIPELINE_KEYS
             if info.name in COMPONENT_KEYS:
-                self._declare_component(info.name, info.default["type"])
+                self._declare_component(info)
                 continue
             desc = setting_descriptor(info, read_only=not runtime, why="" if runtime else FIXED_WHY)
             self._declare_setting(f"pipeline.{info.name}", info, desc)
 
-    def _declare_component(self, kind: str, default_type: str) -> None:
+    def _declare_component(self, component: SettingInfo) -> None:
         """`pipeline.<kind>.type` and every setting of that model (its Settings: description,
         range, choices). The given ones are checked first, so an unknown key or a bad value
         stops the start with the model's own message, the one `hqsmem track` gives."""
+        kind, default_type = component.name, component.default["type"]
         prefix = f"pipeline.{kind}."
         overrides = getattr(self, "_parameter_overrides", {}) or {}
         given = overrides.get(prefix + "type")
         model = given.value if given is not None else default_type
         self._declare(prefix + "type", default_type, ParameterDescriptor(
-            description=f"Registered {kind} model name{FIXED_WHY}", read_only=True,
+            description=component.description + FIXED_WHY, read_only=True,
             additional_constraints="one of " + ", ".join(registry.names(kind))))
         cls = registry.model_class(kind, model)
         infos = list(settings_info(cls.Settings))
