@@ -63,11 +63,16 @@ class PipelineConfig:
                              choices=("fp32", "fp16", "bf16"))
 
     # Smart memory (Eq. 3-7) and verification (Eq. 8-9): two distinct thresholds.
-    memory_capacity: int = setting(8, "Smart memory size K (frames)", minimum=1)
-    memory_lambda: float = setting(1.0, "Recency weight of the memory eviction score", minimum=0.0)
-    tau_memory: float = setting(0.9, "Smart-memory similarity threshold", minimum=-1.0, maximum=1.0)
+    memory_capacity: int = setting(8, "Smart memory size K: long-term memory never holds more frames "
+                                   "(prompt frames are pinned)", minimum=1)
+    memory_lambda: float = setting(1.0, "Recency weight lambda of the memory removal score "
+                                   "O = Rel (1 + lambda / (t - j))", minimum=0.0)
+    tau_memory: float = setting(0.9, "Smart-memory threshold: a candidate replaces the most redundant "
+                                "stored frame if its relevance >= this, else it is appended",
+                                minimum=-1.0, maximum=1.0)
     # < 0 would accept empty proposals (cos 0)
-    tau_verify: float = setting(0.9, "Refined-mask acceptance threshold (verification)", minimum=0.0, maximum=1.0)
+    tau_verify: float = setting(0.9, "Verification: a refined proposal is accepted if its feature "
+                                "cosine to the coarse mask > this", minimum=0.0, maximum=1.0)
     memory_interval: int = setting(5, "A memory candidate every N processed frames", minimum=1)
     memory_interval_s: Optional[float] = setting(
         None, "A memory candidate every S seconds of image stamps, for live cameras (unset: use "
