@@ -75,6 +75,7 @@ class NodeParameters:
     def _declare_parameters(self) -> None:
         self._declared: List[str] = []
         self._setting_infos: Dict[str, SettingInfo] = {}  # pipeline parameter -> its setting
+        self._given_settings: Dict[str, set] = {}  # component -> the model keys given at start
         for name, p in NODE_PARAMS.items():
             desc = ParameterDescriptor(description=p.description, read_only=not p.runtime)
             if p.choices:
@@ -113,6 +114,9 @@ class NodeParameters:
         params = {k[len(prefix):]: self._plain(p.value) for k, p in overrides.items()
                   if k.startswith(prefix) and k != prefix + "type"}
         cls.parse_settings({k: from_ros_value(by_name[k], v) if k in by_name else v for k, v in params.items()})
+        # The config holds the keys given, as `hqsmem track` would read them from the same file;
+        # the others are declared (described) at their defaults, which the model applies anyway.
+        self._given_settings[kind] = set(params)
         for info in infos:
             self._declare_setting(prefix + info.name, info, setting_descriptor(info, True, FIXED_WHY))
 
@@ -159,7 +163,9 @@ class NodeParameters:
             info = self._setting_infos.get(name)
             value = from_ros_value(info, value) if info is not None else value
             if parts[1] in COMPONENT_KEYS:
-                out[parts[1]][".".join(parts[2:])] = value
+                key = ".".join(parts[2:])
+                if key == "type" or key in self._given_settings[parts[1]] or name in (changes or {}):
+                    out[parts[1]][key] = value
             else:
                 out[parts[1]] = value
         return out
