@@ -344,7 +344,7 @@ def test_config_checks_and_official_checkpoint_layout(r50, tmp_path):
         DeAOTTracker.from_config({"random_weights": True, "long_term_mem_gap": 5})
     with pytest.raises(ConfigError, match="prompt frame"):
         DeAOTTracker.from_config({"random_weights": True, "max_len_long_term": 5})
-    with pytest.raises(ConfigError, match="unknown model"):
+    with pytest.raises(ConfigError, match="tracker 'deaot': model must be one of r50_deaotl, .*got 'r51'"):
         DeAOTTracker.from_config({"model": "r51", "random_weights": True})
     with pytest.raises(ValueError, match="too small"):
         make_tracker(r50).add_objects(0, np.zeros((20, 20, 3), np.uint8), {1: np.ones((20, 20), bool)})

@@ -245,7 +245,7 @@ def test_config_errors():
         DinoFeatureExtractor.from_config({"model_name": "dino_vitz", "random_weights": True}, device="cpu")
     with pytest.raises(ConfigError, match="not a timm VisionTransformer"):
         DinoFeatureExtractor.from_config({"model_name": "resnet18", "random_weights": True}, device="cpu")
-    with pytest.raises(ConfigError, match="unknown parameters"):
+    with pytest.raises(ConfigError, match="features 'dino': unknown parameter 'size'.*known: .*input_size"):
         DinoFeatureExtractor.from_config({"random_weights": True, "size": 3}, device="cpu")
     with pytest.raises(ConfigError, match="input_size"):
         DinoFeatureExtractor.from_config({"random_weights": True, "input_size": "big"}, device="cpu")

@@ -838,19 +838,51 @@ def test_invalid_prompts_file_stops_start_up_with_its_name(tmp_path):
         rclpy.shutdown(context=ctx)
 
 
-def test_every_node_parameter_is_in_the_docs_table_with_its_default_and_range():
-    from hqsmem_ros.ros.node import NODE_PARAMS
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "ros.md").read_text(encoding="utf-8")
-    rows = {line.split("|")[1].strip().strip("`"): line for line in doc.splitlines()
-            if line.startswith("| `")}
-    for name, p in NODE_PARAMS.items():
-        assert name in rows, f"docs/ros.md has no row for {name}"
-        default = {True: "true", False: "false"}.get(p.default, p.default) if isinstance(p.default, bool) else p.default
-        cells = [c.strip() for c in rows[name].split("|")]
-        assert cells[2] == ('`""`' if default == "" else f"`{default}`"), (name, cells[2])
-        assert cells[3].startswith("yes" if p.runtime else "no"), (name, cells[3])
-        if p.int_range:
-            assert f"({p.int_range[0]}..{p.int_range[1]})" in cells[4], (name, cells[4])
+def test_model_parameters_are_declared_from_the_models_settings_with_meaning_range_and_choices():
+    from hqsmem_ros.core import registry
+    from hqsmem_ros.core.settings import settings_info
+    from hqsmem_ros.models.flow_tracker import FlowSettings
+    infos = {i.name: i for i in settings_info(FlowSettings)}
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    try:
+        # 1 for a number and [1, 3] for two numbers, as a YAML file gives them
+        node = HQSMemNode("settings_node", context=ctx, parameter_overrides=[
+            Parameter("pipeline.tracker.anchor_weight", value=1),
+            Parameter("pipeline.tracker.redetect_area_range", value=[1, 3]),
+            Parameter("pipeline.refiner.lines_to_background", value="")])
+        try:
+            declared = {n for n in node._parameters if n.startswith("pipeline.tracker.")}
+            assert declared == {f"pipeline.tracker.{k}" for k in infos} | {"pipeline.tracker.type"}
+            d = node.describe_parameter("pipeline.tracker.anchor_weight")
+            assert d.description.startswith(infos["anchor_weight"].description) and d.read_only
+            assert (d.floating_point_range[0].from_value, d.floating_point_range[0].to_value) == (0.0, 1.0)
+            assert d.additional_constraints == "a number in [0, 1]"
+            d = node.describe_parameter("pipeline.tracker.flow_preset")
+            assert d.additional_constraints == "one of ultrafast, fast, medium" and d.description.startswith("DIS")
+            d = node.describe_parameter("pipeline.tracker.match_size")
+            assert d.integer_range[0].from_value == 1
+            d = node.describe_parameter("pipeline.memory_capacity")
+            assert d.integer_range[0].from_value == 1 and d.description.startswith("Smart memory size K")
+            assert node.get_parameter("pipeline.tracker.anchor_weight").value == 1.0
+            assert node.config.tracker["anchor_weight"] == 1.0
+            assert node.config.tracker["redetect_area_range"] == [1.0, 3.0]
+            assert node.config.refiner["lines_to_background"] is None  # "" leaves it unset
+            assert node.pipeline.tracker.anchor_weight == 1.0 and node.pipeline.refiner.lines_to_background is None
+        finally:
+            node.destroy_node()
+        # What the Settings refuse stops the start with the message `hqsmem track` gives.
+        for bad in ({"pipeline.tracker.colour_bins": [4, 32]}, {"pipeline.tracker.anchor_weight": 2.0},
+                    {"pipeline.features.context_width": 0}):
+            (name, value), = bad.items()
+            kind, key = name.split(".")[1:]
+            with pytest.raises(ConfigError) as built:
+                registry.build(kind, {"type": {"tracker": "flow", "features": "histogram"}[kind], key: value})
+            with pytest.raises(ConfigError) as started:
+                HQSMemNode("bad_settings", context=ctx, parameter_overrides=[Parameter(name, value=value)])
+            assert str(started.value) == str(built.value) and key in str(started.value)
+    finally:
+        rclpy.shutdown(context=ctx)
 
 
 def test_intake_group_starts_one_callback_at_a_time_and_release_lets_the_next_start():

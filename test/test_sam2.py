@@ -402,7 +402,7 @@ def test_config_is_validated():
     base = {"type": "sam2", "model": "tiny", "image_size": SIZE}
     with pytest.raises(ConfigError, match="no checkpoint"):
         registry.build("tracker", base, "cpu")
-    for bad, msg in (({"model": "huge"}, "unknown model"), ({"image_size": 100}, "multiple of 32"),
+    for bad, msg in (({"model": "huge"}, "model must be one of sam2.1_hiera_tiny"), ({"image_size": 100}, "multiple of 32"),
                      ({"memory_rule": "fifo"}, "memory_rule"), ({"num_maskmem": 3}, "not used"),
                      ({"recent_frames": 0}, "recent_frames"), ({"colour": 1}, "unknown parameter")):
         with pytest.raises(ConfigError, match=msg):

@@ -180,7 +180,7 @@ def test_config_errors():
         registry.build("refiner", {"type": "sam_hq", "model_type": "vit_b"}, "cpu", "fp32")
     with pytest.raises(ConfigError, match="model_type must be one of"):
         SamHQRefiner.from_config({"model_type": "vit_xl", "random_weights": True}, device="cpu")
-    with pytest.raises(ConfigError, match="unknown parameters.*'boxes'"):
+    with pytest.raises(ConfigError, match=r"refiner 'sam_hq': unknown parameter 'boxes' \(known: checkpoint, .*model_type"):
         SamHQRefiner.from_config({"random_weights": True, "boxes": 3}, device="cpu")
     with pytest.raises(ValueError, match="fp16"):
         SamHQRefiner.from_config({"random_weights": True}, device="cpu", precision="fp16")

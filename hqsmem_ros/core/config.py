@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """An invalid configuration value; the message names the key."""
+from .settings import ConfigError, check_value, setting, settings_info  # noqa: F401 (ConfigError: its home for callers)
 
 
 # The paper's ablation rows (supp. Table 1) as presets: refine mode, teacher forcing, smart memory.
@@ -31,38 +28,63 @@ REFINE_MODES = ("off", "always", "gated")
 DEVICES_HELP = "'auto', 'cpu', 'cuda' or 'cuda:N'"
 
 
+def _device_ok(dev: str) -> bool:
+    return dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())
+
+
+def _component_ok(spec: Dict[str, Any]) -> bool:
+    return isinstance(spec.get("type"), str) and bool(spec["type"])
+
+
+def _component(kind: str, default: str) -> Any:
+    return setting({"type": default}, f"Registered {kind} model name (`type`); the model's own settings "
+                   f"are the other keys beside it, `pipeline.{kind}.<key>`",
+                   check=_component_ok, rule="a mapping with a 'type' name")
+
+
 @dataclass
 class PipelineConfig:
-    # Which paper row to run; individual switches below override the preset when set.
-    ablation: str = "full"
-    refine: Optional[str] = None  # off | always | gated
-    teacher_forcing: Optional[bool] = None
-    smart_memory: Optional[bool] = None
+    """Every field's meaning and allowed values are in its setting() (core/settings.py): the
+    node's parameter descriptions and docs/ros.md's table come from them."""
+    ablation: str = setting("full", "Paper row (supp. Table 1); the three switches below override it "
+                            "when set", choices=tuple(ABLATIONS))
+    refine: Optional[str] = setting(None, "Refiner use (unset: from ablation)", choices=REFINE_MODES)
+    teacher_forcing: Optional[bool] = setting(None, "Feed accepted refined masks back to the tracker "
+                                              "(unset: from ablation)")
+    smart_memory: Optional[bool] = setting(None, "Use the smart long-term memory (unset: from ablation)")
 
-    # Components: {"type": registry name, ...constructor params}.
-    tracker: Dict[str, Any] = field(default_factory=lambda: {"type": "flow"})
-    refiner: Dict[str, Any] = field(default_factory=lambda: {"type": "watershed"})
-    features: Dict[str, Any] = field(default_factory=lambda: {"type": "histogram"})
-    device: str = "auto"
-    precision: str = "fp32"
+    # Components: {"type": registry name, ...the model's settings}.
+    tracker: Dict[str, Any] = _component("tracker", "flow")
+    refiner: Dict[str, Any] = _component("refiner", "watershed")
+    features: Dict[str, Any] = _component("features", "histogram")
+    device: str = setting("auto", "Where the models run; a missing device is refused, never replaced "
+                          "by the CPU", check=_device_ok, rule=DEVICES_HELP)
+    precision: str = setting("fp32", "Model precision (half precision on CUDA only)",
+                             choices=("fp32", "fp16", "bf16"))
 
     # Smart memory (Eq. 3-7) and verification (Eq. 8-9): two distinct thresholds.
-    memory_capacity: int = 8
-    memory_lambda: float = 1.0
-    tau_memory: float = 0.9
-    tau_verify: float = 0.9
-    # Candidate frames for long-term memory: every `memory_interval` frames, or every
-    # `memory_interval_s` seconds of stamps when set (live cameras), or L/30 when
-    # `sequence_length` is known (the paper's offline rule).
-    memory_interval: int = 5
-    memory_interval_s: Optional[float] = None
-    sequence_length: Optional[int] = None
-    # Objects whose coarse mask is smaller than this (pixels) are not sent to the refiner.
-    min_refine_area: int = 16
-    # Processing resolution: frames are downscaled so their longer side is at most this many
-    # pixels before the models see them; masks are scaled back to the input size. 0 (or None)
-    # = input size (neural models do their own resizing).
-    process_max_side: Optional[int] = 384
+    memory_capacity: int = setting(8, "Smart memory size K: long-term memory never holds more frames "
+                                   "(prompt frames are pinned)", minimum=1)
+    memory_lambda: float = setting(1.0, "Recency weight lambda of the memory removal score "
+                                   "O = Rel (1 + lambda / (t - j))", minimum=0.0)
+    tau_memory: float = setting(0.9, "Smart-memory threshold: a candidate replaces the most redundant "
+                                "stored frame if its relevance >= this, else it is appended",
+                                minimum=-1.0, maximum=1.0)
+    # < 0 would accept empty proposals (cos 0)
+    tau_verify: float = setting(0.9, "Verification: a refined proposal is accepted if its feature "
+                                "cosine to the coarse mask > this", minimum=0.0, maximum=1.0)
+    memory_interval: int = setting(5, "A memory candidate every N processed frames", minimum=1)
+    memory_interval_s: Optional[float] = setting(
+        None, "A memory candidate every S seconds of image stamps, for live cameras (unset: use "
+        "memory_interval)", minimum=0.0, exclusive_minimum=True)
+    sequence_length: Optional[int] = setting(
+        None, "Known sequence length L: candidates every L/30 frames (the paper's offline rule; "
+        "unset: live)", minimum=1)
+    min_refine_area: int = setting(16, "Coarse masks smaller than this (pixels) are not refined", minimum=0)
+    process_max_side: Optional[int] = setting(
+        384, "Downscale frames so the longer side is at most this (pixels) before the models see "
+        "them; masks are scaled back to the input size (0 or unset: input size; neural models "
+        "resize for themselves)", check=lambda v: v == 0 or v >= 32, rule="0 or an integer >= 32")
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -111,49 +133,9 @@ class PipelineConfig:
 
     # -- validation -------------------------------------------------------------------------
     def validate(self) -> None:
-        if self.ablation not in ABLATIONS:
-            raise ConfigError(f"ablation must be one of {', '.join(ABLATIONS)}, got {self.ablation!r}")
-        if self.refine is not None and self.refine not in REFINE_MODES:
-            raise ConfigError(f"refine must be one of {', '.join(REFINE_MODES)}, got {self.refine!r}")
-        for key in ("teacher_forcing", "smart_memory"):
-            v = getattr(self, key)
-            if v is not None and not isinstance(v, bool):
-                raise ConfigError(f"{key} must be true or false, got {v!r}")
-        for key in ("tracker", "refiner", "features"):
-            v = getattr(self, key)
-            if not isinstance(v, dict) or not isinstance(v.get("type"), str) or not v["type"]:
-                raise ConfigError(f"{key} must be a mapping with a 'type' name, got {v!r}")
-        dev = self.device
-        if not isinstance(dev, str) or not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
-            raise ConfigError(f"device must be {DEVICES_HELP}, got {dev!r}")
-        if self.precision not in ("fp32", "fp16", "bf16"):
-            raise ConfigError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
-        _int_at_least("memory_capacity", self.memory_capacity, 1)
-        _int_at_least("memory_interval", self.memory_interval, 1)
-        _int_at_least("min_refine_area", self.min_refine_area, 0)
-        if self.process_max_side:
-            _int_at_least("process_max_side", self.process_max_side, 32)
-        elif self.process_max_side is not None:
-            _int_at_least("process_max_side", self.process_max_side, 0)
-        if self.sequence_length is not None:
-            _int_at_least("sequence_length", self.sequence_length, 1)
-        _number_in("memory_lambda", self.memory_lambda, 0.0, math.inf)
-        _number_in("tau_memory", self.tau_memory, -1.0, 1.0)
-        _number_in("tau_verify", self.tau_verify, 0.0, 1.0)  # < 0 would accept empty proposals (cos 0)
-        if self.memory_interval_s is not None:
-            _number_in("memory_interval_s", self.memory_interval_s, 0.0, math.inf)
-            if self.memory_interval_s <= 0:
-                raise ConfigError(f"memory_interval_s must be > 0, got {self.memory_interval_s!r}")
-
-
-def _int_at_least(key: str, v: Any, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ConfigError(f"{key} must be an integer >= {lo}, got {v!r}")
-
-
-def _number_in(key: str, v: Any, lo: float, hi: float) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-        raise ConfigError(f"{key} must be a number in [{lo}, {hi}], got {v!r}")
+        """Every field against its setting(): ConfigError '<key> must be <allowed>, got <value>'."""
+        for info in settings_info(PipelineConfig):
+            setattr(self, info.name, check_value(info, getattr(self, info.name)))
 
 
 def load_config(source: Union[None, str, Path, Dict[str, Any], PipelineConfig] = None) -> PipelineConfig:

@@ -19,7 +19,7 @@ from .config import ConfigError, PipelineConfig, is_ros_param_file, read_yaml_ma
 # Parameters every rclpy node has or accepts, besides the node's own.
 ROS_BUILTIN_PARAMS = ("use_sim_time", "start_type_description_service")
 ROS_BUILTIN_PREFIXES = ("qos_overrides.",)
-COMPONENT_KEYS = ("tracker", "refiner", "features")  # free-form constructor parameters below them
+COMPONENT_KEYS = ("tracker", "refiner", "features")  # below them: the model's settings (its Settings checks them)
 
 
 def did_you_mean(key: str, known: Iterable[str]) -> str:

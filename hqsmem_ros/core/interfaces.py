@@ -9,21 +9,40 @@ Conventions shared by all parts:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from .settings import parse_settings
 
 Masks = Dict[int, np.ndarray]
 
 
 class _Buildable:
-    """Every part is built by the registry from a config entry through from_config."""
+    """Every part is built by the registry from a config entry through from_config.
+
+    Its settings are the dataclass `Settings` (fields made with core/settings.py's setting():
+    default, meaning, allowed values), the one owner of what each parameter means: the config
+    entry is validated against it (parse_settings), the node declares its parameters from it and
+    docs/ros.md's tables are generated from it.
+    """
+
+    kind: ClassVar[str] = "part"  # tracker | refiner | features: how config keys and messages name it
+    name: str = "part"
+    Settings: ClassVar[type]
+
+    @classmethod
+    def parse_settings(cls, params: Optional[Dict[str, Any]]):
+        """The typed Settings for a config entry's parameters (its `type` removed), or ConfigError
+        naming the model, the key, the value and what is allowed (unknown keys: the known ones)."""
+        return parse_settings(cls.Settings, params, f"{cls.kind} {cls.name!r}")
 
     @classmethod
     def from_config(cls, params: Dict[str, Any], device: str = "auto", precision: str = "fp32"):
-        """The part for a config entry's parameters (its `type` removed); ConfigError (or
-        TypeError, reported as bad parameters) for parameters it does not take."""
-        raise NotImplementedError(f"{cls.__name__} has no from_config")
+        """The part for a config entry's parameters, validated by parse_settings. The default
+        suits a weight-free part whose constructor takes the settings as keywords and ignores
+        device and precision; a neural part overrides it to load its weights."""
+        return cls(**params)
 
 
 class BaseTracker(_Buildable, ABC):
@@ -33,6 +52,7 @@ class BaseTracker(_Buildable, ABC):
     tells the tracker which frames to write to or drop from its long-term memory.
     """
 
+    kind = "tracker"
     name: str = "base"
 
     @abstractmethod
@@ -92,6 +112,7 @@ class BaseTracker(_Buildable, ABC):
 class Refiner(_Buildable, ABC):
     """Box-prompted mask refiner: image + box -> 3 proposals per object (SAM-HQ's role)."""
 
+    kind = "refiner"
     name: str = "refiner"
 
     @abstractmethod
@@ -120,6 +141,7 @@ class Refiner(_Buildable, ABC):
 class FeatureExtractor(_Buildable, ABC):
     """Appearance features phi(x, m): masked pooling of a per-frame feature map (DINO's role)."""
 
+    kind = "features"
     name: str = "features"
 
     @abstractmethod

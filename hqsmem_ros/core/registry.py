@@ -2,12 +2,13 @@
 
 Entries are "module:Class" strings so that importing the core never imports torch; a model's
 module is imported only when a config asks for it. Every class is built through
-`Cls.from_config(params: dict, device: str, precision: str)`.
+`Cls.from_config(params: dict, device: str, precision: str)`, and its parameters are those of
+`Cls.Settings` (core/settings.py).
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from .config import ConfigError
 
@@ -28,11 +29,15 @@ FEATURES: Dict[str, str] = {
 _KINDS = {"tracker": TRACKERS, "refiner": REFINERS, "features": FEATURES}
 
 
-def build(kind: str, spec: Dict[str, Any], device: str = "auto", precision: str = "fp32"):
+def names(kind: str) -> List[str]:
+    """The registered model names of a kind (tracker, refiner, features)."""
+    return sorted(_KINDS[kind])
+
+
+def model_class(kind: str, name: Any):
+    """The class registered as `name` for this kind (importing its module), or ConfigError."""
     table = _KINDS[kind]
-    params = dict(spec)
-    name = params.pop("type")
-    if name not in table:
+    if not isinstance(name, str) or name not in table:
         raise ConfigError(f"unknown {kind} type {name!r}; available: {', '.join(sorted(table))}")
     module_name, cls_name = table[name].split(":")
     try:
@@ -41,8 +46,19 @@ def build(kind: str, spec: Dict[str, Any], device: str = "auto", precision: str 
         raise ConfigError(
             f"{kind} {name!r} needs a package that is not installed ({exc}); "
             "install the project with its 'models' extra: pip install -e .[models]") from exc
-    cls = getattr(module, cls_name)
+    return getattr(module, cls_name)
+
+
+def settings_class(kind: str, name: Any) -> type:
+    """The Settings dataclass of a registered model: what its parameters mean and take."""
+    return model_class(kind, name).Settings
+
+
+def build(kind: str, spec: Dict[str, Any], device: str = "auto", precision: str = "fp32"):
+    params = dict(spec)
+    name = params.pop("type")
+    cls = model_class(kind, name)
     try:
         return cls.from_config(params, device=device, precision=precision)
-    except TypeError as exc:
+    except TypeError as exc:  # a from_config with its own keyword handling; Settings raise ConfigError
         raise ConfigError(f"{kind} {name!r}: bad parameters {params}: {exc}") from exc

@@ -20,12 +20,14 @@ import contextlib
 import hashlib
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
 
 from ..core.config import ConfigError
+from ..core.settings import setting
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state")
 _MAX_LISTED = 5
@@ -37,6 +39,19 @@ class CheckpointError(ConfigError):
 
 class DeviceError(ConfigError):
     """A device or precision that this machine cannot provide."""
+
+
+@dataclass
+class WeightSettings:
+    """The settings every neural model has (its Settings dataclass extends this one)."""
+    checkpoint: Optional[str] = setting(None, "Path of the official weights file (nothing is downloaded; "
+                                        "the error names where to get it)")
+    sha256: Optional[str] = setting(None, "Expected SHA-256 of the checkpoint file, checked before it is "
+                                    "read (unset: not checked)")
+    random_weights: bool = setting(False, "Run untrained random weights instead of a checkpoint (speed "
+                                   "benchmarks only: masks are meaningless; the node refuses them "
+                                   "unless allow_random_weights)")
+    seed: int = setting(0, "Seed of the random weights")
 
 
 def sha256_of_file(path, chunk_size: int = 1 << 20) -> str:

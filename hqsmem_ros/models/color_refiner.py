@@ -21,36 +21,48 @@ only (supp. Table 2); neural refiners keep doing exactly that.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import cv2
 import numpy as np
 
 from ..core.interfaces import Refiner
+from ..core.settings import setting
 from .appearance import N_COLOR_BINS, color_index, expand_box
 
 _EPS = 1e-3
 
 
+@dataclass
+class ColorSettings:
+    thresholds: Tuple[float, float, float] = setting(
+        (0.5, 0.0, -0.5), "Colour log-likelihood ratio cuts of the three proposals: [tight, middle, loose]")
+    ring: float = setting(0.3, "Background colours come from the ring around the box, this fraction of "
+                          "its size wide", minimum=0.0)
+    iterations: int = setting(1, "Re-estimations of the object colours from the refiner's own "
+                              "segmentation", minimum=0)
+    smooth: int = setting(5, "Gaussian smoothing of the ratio (kernel pixels, made odd)", minimum=0)
+    seed_radius: float = setting(0.6, "With a box alone: the central ellipse (this fraction of the box) "
+                                 "seeds the object colours", minimum=0.0)
+    use_mask_hint: bool = setting(True, "Seed the colours from the tracker's coarse mask when the "
+                                  "pipeline passes it (false: from the box alone)")
+
+
 class ColorBoxRefiner(Refiner):
     name = "color"
     accepts_mask_hint = True  # see propose(): the coarse mask may seed the colour models
+    Settings = ColorSettings
 
-    def __init__(self, thresholds=(0.5, 0.0, -0.5), ring: float = 0.3, iterations: int = 1,
-                 smooth: int = 5, seed_radius: float = 0.6, use_mask_hint: bool = True):
-        if len(thresholds) != 3:
-            raise ValueError(f"thresholds must hold 3 values, got {thresholds!r}")
-        self.thresholds = tuple(float(t) for t in thresholds)
-        self.ring = float(ring)
-        self.iterations = int(iterations)
-        self.smooth = int(smooth) | 1
-        self.seed_radius = float(seed_radius)
-        self.use_mask_hint = bool(use_mask_hint)
+    def __init__(self, **params):
+        s = self.parse_settings(params)
+        self.thresholds = s.thresholds
+        self.ring = s.ring
+        self.iterations = s.iterations
+        self.smooth = s.smooth | 1
+        self.seed_radius = s.seed_radius
+        self.use_mask_hint = s.use_mask_hint
         self._index = None
-
-    @classmethod
-    def from_config(cls, params, device="auto", precision="fp32"):
-        return cls(**params)
 
     def set_image(self, image: np.ndarray) -> None:
         self._index = color_index(image)

@@ -37,7 +37,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from ..core.config import ConfigError
 from ..core.interfaces import BaseTracker, Masks
-from .checkpoints import apply_state_dict, check_precision, load_state_dict, resolve_device
+from ..core.settings import setting
+from .checkpoints import WeightSettings, apply_state_dict, check_precision, load_state_dict, resolve_device
 
 try:
     from aot.configs.default import DefaultEngineConfig
@@ -84,8 +85,6 @@ RELEASED: Dict[str, str] = {
     "r50_dm_deaotl": "the R50 DMAOT weights of DMAOT's VOTS 2023 release",
     "swinb_dm_deaotl": "the SwinB DMAOT weights of DMAOT's VOTS 2023 release",
 }
-_PARAMS = ("model", "checkpoint", "sha256", "random_weights", "seed", "max_objects",
-           "max_long_edge", "max_short_edge", "short_term_mem_skip")
 _REFUSED = {
     "long_term_mem_gap": "the pipeline schedules DeAOT's long-term memory: set the pipeline's "
                          "memory_interval (DeAOT's own default gap is 5 frames)",
@@ -194,10 +193,26 @@ class _SlotGroup:
         return self.engine.obj_nums is not None
 
 
+@dataclass
+class DeAOTSettings(WeightSettings):
+    REFUSED: ClassVar[Dict[str, str]] = _REFUSED
+    model: str = setting("r50_deaotl", "DeAOT network (the checkpoint must hold its weights)",
+                         choices=tuple(MODELS))
+    max_objects: int = setting(10, "Most objects tracked at once (each 10 more cost one more LSTT and "
+                               "decoder pass)", minimum=1)
+    max_long_edge: Optional[float] = setting(None, "Longest image side the engine sees, pixels (unset: "
+                                             "the official evaluation's)", minimum=2 * _STRIDE)
+    max_short_edge: Optional[float] = setting(None, "Shortest image side the engine sees, pixels (unset: "
+                                              "the official evaluation's)", minimum=2 * _STRIDE)
+    short_term_mem_skip: int = setting(1, "DeAOT's short-term memory (the prior) is updated every N frames",
+                                       minimum=1)
+
+
 class DeAOTTracker(BaseTracker):
     """HQ-SMem's base tracker y_t = D(E(x_t); M_t; y_{t-1}) on DeAOT (see the module doc)."""
 
     name = "deaot"
+    Settings = DeAOTSettings
 
     def __init__(self, net, cfg, model: str, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
                  max_objects: Optional[int] = None, max_long_edge: Optional[float] = None,
@@ -221,53 +236,28 @@ class DeAOTTracker(BaseTracker):
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_config(cls, params: Dict[str, Any], device: str = "auto", precision: str = "fp32") -> "DeAOTTracker":
-        p = dict(params or {})
-        for key, why in _REFUSED.items():
-            if key in p:
-                raise ConfigError(f"tracker 'deaot': parameter {key!r} is not used: {why}")
-        unknown = sorted(set(p) - set(_PARAMS))
-        if unknown:
-            raise ConfigError(f"tracker 'deaot': unknown parameter(s) {', '.join(unknown)}; known: {', '.join(_PARAMS)}")
-        model = p.get("model", "r50_deaotl")
-        if model not in MODELS:
-            raise ConfigError(f"tracker 'deaot': unknown model {model!r}; available: {', '.join(MODELS)}")
-        checkpoint = p.get("checkpoint")
-        random_weights = p.get("random_weights", False)
-        if not isinstance(random_weights, bool):
-            raise ConfigError(f"tracker 'deaot': random_weights must be true or false, got {random_weights!r}")
-        if checkpoint and random_weights:
+        s = cls.parse_settings(params)
+        model, checkpoint, seed = s.model, s.checkpoint, s.seed
+        if checkpoint and s.random_weights:
             raise ConfigError("tracker 'deaot': give either checkpoint or random_weights: true, not both")
-        if not checkpoint and not random_weights:
+        if not checkpoint and not s.random_weights:
             raise ConfigError(
                 f"tracker 'deaot': no checkpoint for model {model!r}; set checkpoint: <path to the official "
                 f"{MODELS[model][1]} .pth>, get {RELEASED[model]} (random_weights: true runs untrained "
                 "weights, for speed benchmarks only)")
-        max_objects = p.get("max_objects", 10)
-        if isinstance(max_objects, bool) or not isinstance(max_objects, int) or max_objects < 1:
-            raise ConfigError(f"tracker 'deaot': max_objects must be a positive integer, got {max_objects!r}")
-        for key in ("max_long_edge", "max_short_edge"):
-            v = p.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 2 * _STRIDE):
-                raise ConfigError(f"tracker 'deaot': {key} must be a number >= {2 * _STRIDE} or null, got {v!r}")
-        skip = p.get("short_term_mem_skip", 1)
-        if isinstance(skip, bool) or not isinstance(skip, int) or skip < 1:
-            raise ConfigError(f"tracker 'deaot': short_term_mem_skip must be a positive integer, got {skip!r}")
-        seed = p.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"tracker 'deaot': seed must be an integer, got {seed!r}")
         dev = resolve_device(device)
         amp = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[check_precision(dev, precision)]
         net, cfg = build_model(model, seed)
         if checkpoint:
             # The official files: {'state_dict': sd} (training saves, maybe with 'optimizer'),
             # {'model': sd} or sd, keys maybe prefixed 'module.'; load_state_dict unwraps them.
-            sd = load_state_dict(checkpoint, expected_model=f"deaot {model}", sha256=p.get("sha256"),
+            sd = load_state_dict(checkpoint, expected_model=f"deaot {model}", sha256=s.sha256,
                                  where=f"get {RELEASED[model]}")
             apply_state_dict(net, sd, checkpoint, f"deaot {model}")
         else:
             log.warning("tracker 'deaot' runs %s with RANDOM weights (seed %d): masks are meaningless", model, seed)
-        return cls(net, cfg, model, dev, amp, max_objects=max_objects, max_long_edge=p.get("max_long_edge"),
-                   max_short_edge=p.get("max_short_edge"), short_term_mem_skip=skip)
+        return cls(net, cfg, model, dev, amp, max_objects=s.max_objects, max_long_edge=s.max_long_edge,
+                   max_short_edge=s.max_short_edge, short_term_mem_skip=s.short_term_mem_skip)
 
     def _new_engine(self):
         engine = DeAOTEngine(self.net, gpu_id=0, long_term_mem_gap=_NEVER,

@@ -39,6 +39,7 @@ accepted: extract the teacher backbone first.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import numpy as np
@@ -47,7 +48,8 @@ import torch.nn.functional as F
 
 from ..core.config import ConfigError
 from ..core.interfaces import FeatureExtractor
-from .checkpoints import apply_state_dict, autocast_context, check_precision, load_state_dict, resolve_device
+from ..core.settings import setting
+from .checkpoints import WeightSettings, apply_state_dict, autocast_context, check_precision, load_state_dict, resolve_device
 
 ALIASES = {
     "dino_vits16": "vit_small_patch16_224.dino",
@@ -130,8 +132,17 @@ def grid_size(height: int, width: int, input_size: int, patch: int) -> Tuple[int
     return max(1, round(height * scale / patch)), max(1, round(width * scale / patch))
 
 
+@dataclass
+class DinoSettings(WeightSettings):
+    model_name: str = setting("dinov2_vits14", f"ViT backbone: {', '.join(ALIASES)}, or a timm "
+                              "VisionTransformer name (the checkpoint must hold its weights)")
+    input_size: int = setting(448, "The frame's short side is resized to this (pixels) before the "
+                              "backbone", minimum=14)
+
+
 class DinoFeatureExtractor(FeatureExtractor):
     name = "dino"
+    Settings = DinoSettings
 
     def __init__(self, model, input_size: int = 448, device="cpu", precision: str = "fp32",
                  model_name: str = "dino"):
@@ -157,20 +168,8 @@ class DinoFeatureExtractor(FeatureExtractor):
 
     @classmethod
     def from_config(cls, params, device: str = "auto", precision: str = "fp32") -> "DinoFeatureExtractor":
-        params = dict(params)
-        model_name = params.pop("model_name", "dinov2_vits14")
-        checkpoint = params.pop("checkpoint", None)
-        sha256 = params.pop("sha256", None)
-        random_weights = params.pop("random_weights", False)
-        input_size = params.pop("input_size", 448)
-        seed = int(params.pop("seed", 0))
-        if params:
-            raise ConfigError(f"features dino: unknown parameters {sorted(params)}; known: model_name, "
-                              "checkpoint, sha256, random_weights, input_size, seed")
-        if not isinstance(random_weights, bool):
-            raise ConfigError(f"features dino: random_weights must be true or false, got {random_weights!r}")
-        if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 14:
-            raise ConfigError(f"features dino: input_size must be an integer >= 14, got {input_size!r}")
+        s = cls.parse_settings(params)
+        model_name, checkpoint, sha256, input_size = s.model_name, s.checkpoint, s.sha256, s.input_size
         dev = resolve_device(device)
         check_precision(dev, precision)
         if checkpoint:
@@ -183,9 +182,9 @@ class DinoFeatureExtractor(FeatureExtractor):
                 raise ConfigError(f"features dino: checkpoint {str(checkpoint)!r} for {model_name} could not be "
                                   f"mapped to timm's layout ({type(exc).__name__}: {exc})") from exc
             apply_state_dict(model, sd, checkpoint, model_name)
-        elif random_weights:
+        elif s.random_weights:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.manual_seed(s.seed)
                 model = build_backbone(model_name)
         else:
             raise ConfigError(f"features dino: no checkpoint given for {model_name}; set features.checkpoint "

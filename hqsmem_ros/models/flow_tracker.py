@@ -24,13 +24,13 @@ long-term memory (not its last, occluded size).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import cv2
 import numpy as np
 
-from ..core.config import ConfigError
 from ..core.interfaces import BaseTracker, Masks
+from ..core.settings import setting
 from .appearance import color_index, expand_box, histogram, mask_box
 
 _PRESETS = {
@@ -59,47 +59,72 @@ class _Pending:
     masks: Masks = field(default_factory=dict)
 
 
+def _color_bins_ok(bins) -> bool:
+    yb, cb = bins
+    return 1 <= yb <= 256 and 1 <= cb <= 64 and not yb & (yb - 1) and not cb & (cb - 1)
+
+
+@dataclass
+class FlowSettings:
+    flow_preset: str = setting("fast", "DIS optical flow preset (speed against accuracy of the flow)",
+                               choices=tuple(_PRESETS))
+    flow_weight: float = setting(2.0, "Weight of the flow-warped prior mask in each pixel's object score",
+                                 minimum=0.0)
+    appearance_weight: float = setting(1.0, "Weight of the colour log-likelihood ratio in each pixel's "
+                                       "object score", minimum=0.0)
+    search_margin: float = setting(0.3, "Pixels are decided in the object's box grown by this fraction "
+                                   "of its size", minimum=0.0)
+    min_area: int = setting(12, "An object whose mask is smaller (pixels) is reported absent and "
+                            "searched for", minimum=0)
+    redetect_every: int = setting(2, "An absent object is searched for over the whole frame every N "
+                                  "frames (0 or 1: every frame)", minimum=0)
+    redetect_min_lr: float = setting(0.5, "Smallest colour log-likelihood ratio of a pixel of a "
+                                     "re-detection candidate")
+    redetect_area_range: Tuple[float, float] = setting(
+        (0.3, 3.0), "Area of a re-detection candidate, relative to the object's area in long-term "
+        "memory: [smallest, largest]", minimum=0.0)
+    recent_bg_weight: float = setting(0.5, "Weight of the last frame's background colours in the "
+                                      "background model", minimum=0.0, maximum=1.0)
+    match_search: float = setting(1.0, "Whole-object template matching searches the box grown by this "
+                                  "fraction of its size (0: no matching, flow only)", minimum=0.0)
+    match_size: int = setting(32, "Templates are matched downscaled to this longer side (pixels)",
+                              minimum=1)
+    smooth: int = setting(5, "Gaussian smoothing of the object score (kernel pixels, made odd)", minimum=0)
+    anchor_weight: float = setting(0.5, "Weight of the object's prompt-frame colour histograms in its "
+                                   "colour model (the rest: the frames in long-term memory)",
+                                   minimum=0.0, maximum=1.0)
+    others_as_background: bool = setting(True, "Other objects' pixels count as this object's "
+                                         "background (similar-looking objects are told apart)")
+    color_bins: Tuple[int, int] = setting(
+        (4, 32), "Colour histogram bins: [luminance, chroma per axis]", check=_color_bins_ok,
+        rule="two powers of two, luminance <= 256 and chroma <= 64")
+
+
 class FlowTracker(BaseTracker):
     name = "flow"
+    Settings = FlowSettings
 
-    def __init__(self, flow_preset: str = "fast", flow_weight: float = 2.0,
-                 appearance_weight: float = 1.0, search_margin: float = 0.3,
-                 min_area: int = 12, redetect_every: int = 2, redetect_min_lr: float = 0.5,
-                 redetect_area_range=(0.3, 3.0), recent_bg_weight: float = 0.5,
-                 match_search: float = 1.0, match_size: int = 32, smooth: int = 5,
-                 anchor_weight: float = 0.5, others_as_background: bool = True, color_bins=(4, 32)):
-        if flow_preset not in _PRESETS:
-            raise ValueError(f"flow_preset must be one of {', '.join(_PRESETS)}, got {flow_preset!r}")
-        self.flow_preset = flow_preset
-        self.flow_weight = float(flow_weight)
-        self.appearance_weight = float(appearance_weight)
-        self.search_margin = float(search_margin)
-        self.min_area = int(min_area)
-        self.redetect_every = max(1, int(redetect_every))
-        self.redetect_min_lr = float(redetect_min_lr)
-        self.redetect_area_range = tuple(redetect_area_range)
-        self.recent_bg_weight = float(recent_bg_weight)
-        self.match_search = float(match_search)
-        self.match_size = int(match_size)
-        self.smooth = int(smooth) | 1
-        if not 0.0 <= float(anchor_weight) <= 1.0:
-            raise ValueError(f"anchor_weight must be in [0, 1], got {anchor_weight!r}")
-        self.anchor_weight = float(anchor_weight)
-        self.others_as_background = bool(others_as_background)
-        yb, cb = (int(v) for v in color_bins)
-        if yb < 1 or cb < 1 or yb & (yb - 1) or cb & (cb - 1) or yb > 256 or cb > 64:
-            raise ValueError(f"color_bins must be two powers of two (luminance <= 256, chroma <= 64), got {color_bins!r}")
-        self.color_bins = (yb, cb)
+    def __init__(self, **params):
+        s = self.parse_settings(params)
+        self.flow_preset = s.flow_preset
+        self.flow_weight = s.flow_weight
+        self.appearance_weight = s.appearance_weight
+        self.search_margin = s.search_margin
+        self.min_area = s.min_area
+        self.redetect_every = max(1, s.redetect_every)
+        self.redetect_min_lr = s.redetect_min_lr
+        self.redetect_area_range = s.redetect_area_range
+        self.recent_bg_weight = s.recent_bg_weight
+        self.match_search = s.match_search
+        self.match_size = s.match_size
+        self.smooth = s.smooth | 1
+        self.anchor_weight = s.anchor_weight
+        self.others_as_background = s.others_as_background
+        self.color_bins = s.color_bins
+        yb, cb = s.color_bins
         self._n_bins = yb * cb * cb
-        self._flow = cv2.DISOpticalFlow_create(_PRESETS[flow_preset])
+        self._flow = cv2.DISOpticalFlow_create(_PRESETS[s.flow_preset])
         self.reset()
-
-    @classmethod
-    def from_config(cls, params, device="auto", precision="fp32"):
-        try:
-            return cls(**params)
-        except ValueError as exc:  # a bad value: a one-line configuration error, not a traceback
-            raise ConfigError(f"tracker 'flow': {exc}") from exc
 
     # -- state --------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -19,35 +19,44 @@ the object), one that trims a leak into the background keeps a background-colour
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
 from ..core.interfaces import FeatureExtractor
+from ..core.settings import setting
 from .appearance import N_COLOR_BINS, color_index
 
 N_ORIENT = 8
 
 
+@dataclass
+class HistogramSettings:
+    gradient_weight: float = setting(0.5, "Weight of the gradient-orientation histogram in the embedding",
+                                     minimum=0.0)
+    position_weight: float = setting(2.0, "Weight of the position histogram (where the mask lies) in "
+                                     "the embedding", minimum=0.0)
+    grid: int = setting(32, "Position cells per image side", minimum=1)
+    context_weight: float = setting(0.0, "Weight of the colour histogram of a thin ring just outside the "
+                                    "mask (0: no ring)", minimum=0.0)
+    context_width: int = setting(2, "Width of that ring (pixels)", minimum=1)
+
+
 class HistogramFeatures(FeatureExtractor):
     name = "histogram"
+    Settings = HistogramSettings
 
-    def __init__(self, gradient_weight: float = 0.5, position_weight: float = 2.0, grid: int = 32,
-                 context_weight: float = 0.0, context_width: int = 2):
-        self.gradient_weight = float(gradient_weight)
-        self.position_weight = float(position_weight)
-        self.grid = int(grid)
-        self.context_weight = float(context_weight)
-        self.context_width = int(context_width)
-        if self.context_weight < 0 or self.context_width < 1:
-            raise ValueError(f"context_weight must be >= 0 and context_width >= 1, got "
-                             f"{context_weight!r} and {context_width!r}")
+    def __init__(self, **params):
+        s = self.parse_settings(params)
+        self.gradient_weight = s.gradient_weight
+        self.position_weight = s.position_weight
+        self.grid = s.grid
+        self.context_weight = s.context_weight
+        self.context_width = s.context_width
         self._ring_kernel = cv2.getStructuringElement(
             cv2.MORPH_ELLIPSE, (2 * self.context_width + 1, 2 * self.context_width + 1))
         self._index = None
-
-    @classmethod
-    def from_config(cls, params, device="auto", precision="fp32"):
-        return cls(**params)
 
     @property
     def dim(self) -> int:

@@ -59,7 +59,8 @@ import contextlib
 import importlib.util
 import logging
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -68,15 +69,14 @@ from PIL import Image
 
 from ..core.config import ConfigError
 from ..core.interfaces import BaseTracker, Masks
-from .checkpoints import apply_state_dict, check_precision, load_state_dict, resolve_device
+from ..core.settings import setting
+from .checkpoints import WeightSettings, apply_state_dict, check_precision, load_state_dict, resolve_device
 from .sam2_model import (ALIASES, MODELS, RELEASED, MemoryTokens, _Entry, _Layout, _masked_cross_attention,  # noqa: F401
                          _Pred, _Row, build_model, fill_holes_in_mask_scores, resolve_model)
 
 log = logging.getLogger(__name__)
 
 MEMORY_RULES = ("auto", "pipeline", "sam2")
-_PARAMS = ("model", "checkpoint", "sha256", "random_weights", "seed", "image_size", "memory_rule",
-           "recent_frames", "memory_stride", "max_objects", "fill_hole_area", "batch_mixed_layouts")
 _REFUSED = {
     "num_maskmem": "it sets the size of a trained parameter (maskmem_tpos_enc); the memory the "
                    "tracker reads is chosen by memory_rule / the pipeline's memory_capacity",
@@ -88,10 +88,34 @@ _MASK_LOGIT = 1024.0  # |logit| whose sigmoid is exactly 0 or 1 in float32: a bi
 _HAS_HOLE_FILLER = importlib.util.find_spec("sam2._C") is not None
 
 
+@dataclass
+class SAM2Settings(WeightSettings):
+    REFUSED: ClassVar[Dict[str, str]] = _REFUSED
+    model: str = setting("sam2.1_hiera_tiny", "SAM 2.1 network (the checkpoint must hold its weights)",
+                         choices=tuple(MODELS) + tuple(ALIASES))
+    image_size: Optional[int] = setting(None, "SAM2's square input size, pixels (unset: the model's 1024)",
+                                        check=lambda v: v >= 64 and v % 32 == 0,
+                                        rule="a multiple of 32, at least 64")
+    memory_rule: str = setting("auto", "Which past frames the memory attention reads: the pipeline's "
+                               "(smart memory), SAM2's own rule, or auto (the pipeline's when it runs "
+                               "smart memory)", choices=MEMORY_RULES)
+    recent_frames: int = setting(1, "With the pipeline's rule: the last N committed frames are always "
+                                 "read", minimum=1)
+    memory_stride: Optional[int] = setting(None, "With SAM2's rule: its memory stride r (unset: the "
+                                           "model's)", minimum=1)
+    max_objects: Optional[int] = setting(None, "Most objects tracked at once (unset: no limit)", minimum=1)
+    fill_hole_area: Optional[int] = setting(None, "Holes up to this area (pixels) are filled in output "
+                                            "masks; needs SAM2's CUDA kernel (unset: the model's)",
+                                            minimum=0)
+    batch_mixed_layouts: bool = setting(True, "Objects whose memory differs share one forward pass "
+                                        "(padded and masked); false: one pass per layout")
+
+
 class SAM2Tracker(MemoryTokens, BaseTracker):
     """HQ-SMem's base tracker y_t = D(E(x_t); M_t; y_{t-1}) on SAM 2.1 (see the module doc)."""
 
     name = "sam2"
+    Settings = SAM2Settings
 
     def __init__(self, net, model: str, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
                  memory_rule: str = "auto", recent_frames: int = 1, memory_stride: Optional[int] = None,
@@ -141,59 +165,29 @@ class SAM2Tracker(MemoryTokens, BaseTracker):
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_config(cls, params: Dict[str, Any], device: str = "auto", precision: str = "fp32") -> "SAM2Tracker":
-        p = dict(params or {})
-        for key, why in _REFUSED.items():
-            if key in p:
-                raise ConfigError(f"tracker 'sam2': parameter {key!r} is not used: {why}")
-        unknown = sorted(set(p) - set(_PARAMS))
-        if unknown:
-            raise ConfigError(f"tracker 'sam2': unknown parameter(s) {', '.join(unknown)}; known: {', '.join(_PARAMS)}")
-        model = resolve_model(p.get("model", "sam2.1_hiera_tiny"))
-        checkpoint = p.get("checkpoint")
-        random_weights = p.get("random_weights", False)
-        if not isinstance(random_weights, bool):
-            raise ConfigError(f"tracker 'sam2': random_weights must be true or false, got {random_weights!r}")
-        if checkpoint and random_weights:
+        s = cls.parse_settings(params)
+        model, checkpoint, seed = resolve_model(s.model), s.checkpoint, s.seed
+        if checkpoint and s.random_weights:
             raise ConfigError("tracker 'sam2': give either checkpoint or random_weights: true, not both")
-        if not checkpoint and not random_weights:
+        if not checkpoint and not s.random_weights:
             raise ConfigError(
                 f"tracker 'sam2': no checkpoint for model {model!r}; set checkpoint: <path to the official "
                 f"{MODELS[model][2]}>, get it {RELEASED} (random_weights: true runs untrained weights, for speed "
                 "benchmarks only)")
-        image_size = p.get("image_size")
-        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                       or image_size < 64 or image_size % 32):
-            raise ConfigError(f"tracker 'sam2': image_size must be a multiple of 32, at least 64 "
-                              f"(SAM2's default is 1024), got {image_size!r}")
-        rule = p.get("memory_rule", "auto")
-        if rule not in MEMORY_RULES:
-            raise ConfigError(f"tracker 'sam2': memory_rule must be one of {', '.join(MEMORY_RULES)}, got {rule!r}")
-        for key, default in (("recent_frames", 1), ("memory_stride", 1), ("max_objects", 1), ("seed", 0)):
-            v = p.get(key, default)
-            if isinstance(v, bool) or not isinstance(v, int) or (key != "seed" and v < 1):
-                raise ConfigError(f"tracker 'sam2': {key} must be a{' positive' if key != 'seed' else 'n'} "
-                                  f"integer, got {v!r}")
-        hole = p.get("fill_hole_area")
-        if hole is not None and (isinstance(hole, bool) or not isinstance(hole, int) or hole < 0):
-            raise ConfigError(f"tracker 'sam2': fill_hole_area must be an integer >= 0, got {hole!r}")
         dev = resolve_device(device)
         amp = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[check_precision(dev, precision)]
-        seed = p.get("seed", 0)
-        net = build_model(model, image_size, seed)
+        net = build_model(model, s.image_size, seed)
         if checkpoint:
             # Official files hold {'model': state_dict}; load_state_dict unwraps it without pickle code.
-            sd = load_state_dict(checkpoint, expected_model=f"sam2 {model}", sha256=p.get("sha256"),
+            sd = load_state_dict(checkpoint, expected_model=f"sam2 {model}", sha256=s.sha256,
                                  where=f"get {MODELS[model][2]} {RELEASED}")
             apply_state_dict(net, sd, checkpoint, f"sam2 {model}",
                              hint=f"The official SAM 2.1 files are {', '.join(m[2] for m in MODELS.values())}.")
         else:
             log.warning("tracker 'sam2' runs %s with RANDOM weights (seed %d): masks are meaningless", model, seed)
-        mixed = p.get("batch_mixed_layouts", True)
-        if not isinstance(mixed, bool):
-            raise ConfigError(f"tracker 'sam2': batch_mixed_layouts must be true or false, got {mixed!r}")
-        return cls(net, model, dev, amp, memory_rule=rule, recent_frames=p.get("recent_frames", 1),
-                   memory_stride=p.get("memory_stride"), max_objects=p.get("max_objects"),
-                   fill_hole_area=hole, batch_mixed_layouts=mixed)
+        return cls(net, model, dev, amp, memory_rule=s.memory_rule, recent_frames=s.recent_frames,
+                   memory_stride=s.memory_stride, max_objects=s.max_objects,
+                   fill_hole_area=s.fill_hole_area, batch_mixed_layouts=s.batch_mixed_layouts)
 
     def _ctx(self):
         stack = contextlib.ExitStack()

@@ -36,6 +36,7 @@ always called with ``checkpoint=None``.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
@@ -43,7 +44,8 @@ import torch
 
 from ..core.config import ConfigError
 from ..core.interfaces import Refiner
-from .checkpoints import apply_state_dict, autocast_context, check_precision, load_state_dict, resolve_device
+from ..core.settings import setting
+from .checkpoints import WeightSettings, apply_state_dict, autocast_context, check_precision, load_state_dict, resolve_device
 
 with warnings.catch_warnings():
     # The package imports deprecated timm paths and re-registers timm's tiny_vit names.
@@ -69,8 +71,19 @@ def guess_model_type(sd) -> str:
     return f"It looks like a SAM-HQ {kind} checkpoint." if kind else ""
 
 
+@dataclass
+class SamHQSettings(WeightSettings):
+    model_type: str = setting("vit_tiny", "SAM-HQ image encoder (the checkpoint must hold its weights)",
+                              choices=MODEL_TYPES)
+    hq_token_only: bool = setting(False, "The proposal the IoU head ranks first is the HQ token's mask "
+                                  "alone (false: HQ and SAM token logits fused, the package's default)")
+    multimask: bool = setting(True, "Three proposals from SAM's three multimask tokens (the paper's "
+                              "multimask output); false: the single-mask output in all three slots")
+
+
 class SamHQRefiner(Refiner):
     name = "sam_hq"
+    Settings = SamHQSettings
 
     def __init__(self, model, device="cpu", precision: str = "fp32", hq_token_only: bool = False,
                  multimask: bool = True):
@@ -85,24 +98,8 @@ class SamHQRefiner(Refiner):
 
     @classmethod
     def from_config(cls, params, device: str = "auto", precision: str = "fp32") -> "SamHQRefiner":
-        params = dict(params)
-        model_type = params.pop("model_type", "vit_tiny")
-        checkpoint = params.pop("checkpoint", None)
-        sha256 = params.pop("sha256", None)
-        random_weights = params.pop("random_weights", False)
-        hq_token_only = params.pop("hq_token_only", False)
-        multimask = params.pop("multimask", True)
-        seed = int(params.pop("seed", 0))
-        if params:
-            raise ConfigError(f"refiner sam_hq: unknown parameters {sorted(params)}; known: model_type, "
-                              "checkpoint, sha256, random_weights, hq_token_only, multimask, seed")
-        if model_type not in MODEL_TYPES:
-            raise ConfigError(f"refiner sam_hq: model_type must be one of {', '.join(MODEL_TYPES)}, "
-                              f"got {model_type!r}")
-        for key, value in (("random_weights", random_weights), ("hq_token_only", hq_token_only),
-                           ("multimask", multimask)):
-            if not isinstance(value, bool):
-                raise ConfigError(f"refiner sam_hq: {key} must be true or false, got {value!r}")
+        s = cls.parse_settings(params)
+        model_type, checkpoint, sha256, seed = s.model_type, s.checkpoint, s.sha256, s.seed
         dev = resolve_device(device)
         check_precision(dev, precision)
         model_name = f"SAM-HQ {model_type}"
@@ -112,7 +109,7 @@ class SamHQRefiner(Refiner):
             model = sam_model_registry[model_type](checkpoint=None)
             apply_state_dict(model, sd, checkpoint, model_name, optional_missing=_OPTIONAL_KEYS,
                              hint=guess_model_type(sd))
-        elif random_weights:
+        elif s.random_weights:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = sam_model_registry[model_type](checkpoint=None)
@@ -120,7 +117,7 @@ class SamHQRefiner(Refiner):
             raise ConfigError(f"refiner sam_hq: no checkpoint given for {model_type}; set refiner.checkpoint "
                               f"to the sam_hq_{model_type}.pth file (get it {RELEASED}), or random_weights: true for speed "
                               "benchmarks only (the masks are then meaningless)")
-        return cls(model, dev, precision, hq_token_only=hq_token_only, multimask=multimask)
+        return cls(model, dev, precision, hq_token_only=s.hq_token_only, multimask=s.multimask)
 
     # -- per frame ------------------------------------------------------------------------------
 

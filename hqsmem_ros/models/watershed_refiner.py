@@ -22,37 +22,42 @@ edges).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import cv2
 import numpy as np
 
-from ..core.config import ConfigError
 from ..core.interfaces import Refiner
+from ..core.settings import setting
 from .appearance import expand_box
+
+
+@dataclass
+class WatershedSettings:
+    bands: Tuple[float, float, float] = setting(
+        (0.02, 0.04, 0.08), "Half-widths of the band the watershed floods around the coarse mask, "
+        "as a fraction of the box's shorter side, one per proposal: [narrow, middle, wide]", minimum=0.0)
+    min_band: int = setting(1, "Smallest band half-width (pixels)", minimum=0)
+    margin: float = setting(0.3, "The refiner works in the box grown by this fraction of its size",
+                            minimum=0.0)
+    lines_to_background: Optional[bool] = setting(
+        True, "Watershed seams go to the background (true), to the object (false), or keep the side "
+        "the coarse mask gave them (null)")
 
 
 class WatershedRefiner(Refiner):
     name = "watershed"
     accepts_mask_hint = True
+    Settings = WatershedSettings
 
-    def __init__(self, bands=(0.02, 0.04, 0.08), min_band: int = 1, margin: float = 0.3,
-                 lines_to_background: Optional[bool] = True):
-        if len(bands) != 3:
-            raise ValueError(f"bands must hold 3 values, got {bands!r}")
-        self.bands = tuple(float(b) for b in bands)
-        self.min_band = int(min_band)
-        self.margin = float(margin)
-        # None: seams keep the side the coarse mask gave them (no drift either way).
-        self.lines_to_background = None if lines_to_background is None else bool(lines_to_background)
+    def __init__(self, **params):
+        s = self.parse_settings(params)
+        self.bands = s.bands
+        self.min_band = s.min_band
+        self.margin = s.margin
+        self.lines_to_background = s.lines_to_background
         self._bgr = None
-
-    @classmethod
-    def from_config(cls, params, device="auto", precision="fp32"):
-        try:
-            return cls(**params)
-        except ValueError as exc:  # a bad value: a one-line configuration error, not a traceback
-            raise ConfigError(f"refiner 'watershed': {exc}") from exc
 
     def set_image(self, image: np.ndarray) -> None:
         self._bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)

@@ -66,7 +66,7 @@ from hqsmem_ros.msg import ObjectPromptArray, TrackedObject, TrackedObjectArray
 from hqsmem_ros.ros.depth_io import DepthIO
 from hqsmem_ros.ros.diagnostics import Diagnostics
 from hqsmem_ros.ros.intake import OrderedIntakeGroup, takes_message_info
-from hqsmem_ros.ros.parameters import (COMPONENT_KEYS, NODE_PARAMS, PIPELINE_PARAM_DOCS,  # noqa: F401
+from hqsmem_ros.ros.parameters import (COMPONENT_KEYS, NODE_PARAMS,  # noqa: F401
                                        RUNTIME_PIPELINE_KEYS, NodeParameters)
 from hqsmem_ros.ros.requests import RequestIO
 from hqsmem_ros.srv import AddObjects, RemoveObjects, Reset

@@ -1,105 +1,71 @@
-"""The node's parameters: what each means, declaring them, and the pipeline config they give.
+"""The node's parameters: declaring them, and the pipeline config they give.
 
-NODE_PARAMS and PIPELINE_PARAM_DOCS are the one source of the parameter descriptions
-(docs/ros.md's table is checked against them by a test).
+What a parameter means and takes has one owner each: the node's own parameters are in
+ros/param_table.py (NODE_PARAMS), `pipeline.<key>` in PipelineConfig's fields and
+`pipeline.<tracker|refiner|features>.<key>` in the configured model's Settings (core/settings.py).
+The descriptors declared here and docs/ros.md's tables (tools/param_docs.py) are made from them.
 """
 from __future__ import annotations
 
-import dataclasses
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 SetParametersResult)
+from rclpy.parameter import Parameter
 
+from hqsmem_ros.core import registry
 from hqsmem_ros.core.config import ConfigError, PipelineConfig
 from hqsmem_ros.core.depth3d import DEPTH_NODE_PARAMS
 from hqsmem_ros.core.pipeline import HQSMemPipeline
-from hqsmem_ros.io import image_codec
+from hqsmem_ros.core.settings import SettingInfo, settings_info
 from hqsmem_ros.io.prompt_msgs import MAX_ID
 from hqsmem_ros.io.prompts_file import PromptsFileError, load_prompts_file
+from hqsmem_ros.ros.param_table import NODE_PARAMS
 
-
-@dataclasses.dataclass
-class _NodeParam:
-    default: Any
-    description: str
-    runtime: bool  # may change while running
-    choices: Tuple[str, ...] = ()
-    int_range: Optional[Tuple[int, int]] = None
-    float_range: Optional[Tuple[float, float]] = None
-
-
-NODE_PARAMS: Dict[str, _NodeParam] = {
-    "input_type": _NodeParam("raw", "Subscribe to 'image' (raw) or 'image/compressed' (compressed)",
-                             False, choices=("raw", "compressed")),
-    "qos_reliability": _NodeParam("best_effort", "Reliability of the image subscription "
-                                  "(best_effort matches camera drivers' sensor-data QoS)", False,
-                                  choices=("best_effort", "reliable")),
-    "qos_depth": _NodeParam(5, "History depth of the image subscription", False, int_range=(1, 100)),
-    "frame_queue_size": _NodeParam(1, "Frames kept waiting while one is processed: 1 = only the "
-                                   "newest (live cameras); more = process every frame in order "
-                                   "while the queue has room (bag replays at full rate); a frame "
-                                   "pushed out is counted as dropped (replaced)", False,
-                                   int_range=(1, 1000)),
-    "publish_overlay": _NodeParam(True, "Publish ~/overlay (only computed while someone subscribes)", True),
-    "overlay_alpha": _NodeParam(0.5, "Mask opacity in ~/overlay", True, float_range=(0.0, 1.0)),
-    "initial_mask": _NodeParam("", "Label PNG (pixel value = object id) that seeds the objects "
-                               "on the first frame; empty = start with no objects", False),
-    "prompts_file": _NodeParam("", "YAML prompts file (docs/prompts.md), the format of `hqsmem bag "
-                               "--prompts`: objects to start, correct or remove at given stamps "
-                               "(or indices of the frames this node processes)", False),
-    "max_image_pixels": _NodeParam(image_codec.DEFAULT_MAX_PIXELS, "Largest image (width x height) "
-                                   "decoded; larger ones (by their size fields or compressed "
-                                   "header, checked before decoding) are dropped as bad_image",
-                                   False, int_range=(1, 1_000_000_000)),
-    "use_camera_info": _NodeParam(False, "Subscribe to camera_info and check its size against the images", False),
-    "diagnostics_period": _NodeParam(1.0, "Seconds between /diagnostics messages", False,
-                                     float_range=(0.1, 60.0)),
-    "reset_on_time_jump": _NodeParam(True, "Reset the tracker when image stamps or the clock go "
-                                     "back (a looping bag); otherwise such frames are dropped", True),
-    "service_timeout": _NodeParam(5.0, "Seconds ~/add_objects and ~/remove_objects wait for a "
-                                  "frame to apply the request to", True, float_range=(0.1, 600.0)),
-    "allow_random_weights": _NodeParam(False, "Start even if a model has random_weights: true "
-                                       "(untrained weights: masks are meaningless; speed benchmarks only)",
-                                       False),
-}
-
-# The depth/3D parameters: names, defaults and meanings from core/depth3d.py (their one owner);
-# only the ranges and which may change while running are the node's.
-_DEPTH_RANGES = {"depth_tolerance": (0.0, 10.0), "depth_stale_after": (0.0, 3600.0), "depth_wait": (0.0, 5.0),
-                 "depth_mad_k": (0.0, 1000.0), "depth_min_m": (0.0, 1000.0), "depth_max_m": (0.0, 1000.0),
-                 "depth_buffer_size": (1, 1000), "depth_min_points": (1, 1_000_000), "points_decimation": (1, 10_000)}
-for _name, (_field, _default, _doc) in DEPTH_NODE_PARAMS.items():
-    _r = _DEPTH_RANGES.get(_name)
-    NODE_PARAMS[_name] = _NodeParam(_default, _doc, _name == "publish_points",
-                                    int_range=_r if isinstance(_default, int) and not isinstance(_default, bool) else None,
-                                    float_range=_r if isinstance(_default, float) else None)
-
-# What each pipeline key means (descriptions of the "pipeline.<key>" parameters).
-PIPELINE_PARAM_DOCS: Dict[str, str] = {
-    "ablation": "Paper row: full | base | base_sam | base_smem | base_hqtf (the three switches "
-                "below override it when set)",
-    "refine": "Refiner use: off | always | gated (unset: from ablation)",
-    "teacher_forcing": "Feed accepted refined masks back to the tracker (unset: from ablation)",
-    "smart_memory": "Use the smart long-term memory (unset: from ablation)",
-    "device": "auto | cpu | cuda | cuda:N",
-    "precision": "fp32 | fp16 | bf16 (half precision on CUDA only)",
-    "memory_capacity": "Smart memory size K (frames)",
-    "memory_lambda": "Recency weight of the memory eviction score",
-    "tau_memory": "Smart-memory similarity threshold",
-    "tau_verify": "Refined-mask acceptance threshold (verification)",
-    "memory_interval": "A memory candidate every N processed frames",
-    "memory_interval_s": "A memory candidate every S seconds of image stamps (unset: use memory_interval)",
-    "sequence_length": "Known sequence length L: candidates every L/30 frames (offline rule; unset: live)",
-    "min_refine_area": "Coarse masks smaller than this (pixels) are not refined",
-    "process_max_side": "Downscale frames so the longer side is at most this before the models (0: no downscaling)",
-}
 
 # Pipeline keys (parameters "pipeline.<key>") that are safe to change between two frames.
 RUNTIME_PIPELINE_KEYS = HQSMemPipeline.RUNTIME_KEYS
 COMPONENT_KEYS = ("tracker", "refiner", "features")
+FIXED_WHY = " (fixed while running: restart the node to change it)"
+_INT_MAX = 2 ** 63 - 1
+
+
+def setting_descriptor(info: SettingInfo, read_only: bool, why: str = "") -> ParameterDescriptor:
+    """A setting's descriptor: its description, what it takes (additional_constraints) and, for
+    a number with bounds, the range ROS checks. Optional settings are dynamically typed (an unset
+    one is NOT_SET; "" in a parameter file also leaves it unset)."""
+    desc = ParameterDescriptor(description=info.description + why, read_only=read_only,
+                               additional_constraints=info.allowed(), dynamic_typing=info.optional)
+    if info.has_range and info.base is int:
+        lo = int(info.minimum) if info.minimum is not None else -_INT_MAX
+        hi = int(info.maximum) if info.maximum is not None else _INT_MAX
+        desc.integer_range = [IntegerRange(from_value=lo, to_value=hi, step=1)]
+    elif info.has_range and info.base is float:
+        lo = float(info.minimum) if info.minimum is not None else -sys.float_info.max
+        hi = float(info.maximum) if info.maximum is not None else sys.float_info.max
+        desc.floating_point_range = [FloatingPointRange(from_value=lo, to_value=hi, step=0.0)]
+    return desc
+
+
+def ros_value(info: SettingInfo, value: Any) -> Any:
+    """A setting's value as a ROS parameter takes it: tuples as lists, and integers where the
+    setting is a number ("tau_verify: 1" in YAML is an integer; a DOUBLE parameter refuses it)."""
+    if info.base is tuple and isinstance(value, (list, tuple)):
+        return [float(v) if info.item is float and isinstance(v, int) and not isinstance(v, bool) else v
+                for v in value]
+    if info.base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def from_ros_value(info: SettingInfo, value: Any) -> Any:
+    """A parameter's value for the Settings: "" leaves an optional non-string setting unset."""
+    if value == "" and info.optional and info.base is not str:
+        return None
+    return value
 
 
 class NodeParameters:
@@ -108,6 +74,8 @@ class NodeParameters:
 
     def _declare_parameters(self) -> None:
         self._declared: List[str] = []
+        self._setting_infos: Dict[str, SettingInfo] = {}  # pipeline parameter -> its setting
+        self._given_settings: Dict[str, set] = {}  # component -> the model keys given at start
         for name, p in NODE_PARAMS.items():
             desc = ParameterDescriptor(description=p.description, read_only=not p.runtime)
             if p.choices:
@@ -120,31 +88,45 @@ class NodeParameters:
             self._declare(name, p.default, desc)
             self._check_node_param(name, self.get_parameter(name).value, startup=True)
 
-        defaults = PipelineConfig()
-        overrides = getattr(self, "_parameter_overrides", {}) or {}
-        for f in dataclasses.fields(PipelineConfig):
-            name = f"pipeline.{f.name}"
-            runtime = f.name in RUNTIME_PIPELINE_KEYS
-            why = "" if runtime else " (fixed while running: restart the node to change it)"
-            if f.name in COMPONENT_KEYS:
-                default = getattr(defaults, f.name)
-                self._declare(f"{name}.type", default["type"], ParameterDescriptor(
-                    description=f"Registered {f.name} model name{why}", read_only=True))
-                # The component's own constructor parameters: whatever the parameter file gives.
-                for key in sorted(k for k in overrides if k.startswith(f"{name}.") and k != f"{name}.type"):
-                    self._declare(key, overrides[key].value, ParameterDescriptor(
-                        description=f"{f.name} model parameter{why}", read_only=True, dynamic_typing=True))
-                for key, value in default.items():  # defaults of the default component
-                    if key != "type" and not self.has_parameter(f"{name}.{key}"):
-                        self._declare(f"{name}.{key}", value, ParameterDescriptor(
-                            description=f"{f.name} model parameter{why}", read_only=True, dynamic_typing=True))
+        for info in settings_info(PipelineConfig):
+            runtime = info.name in RUNTIME_PIPELINE_KEYS
+            if info.name in COMPONENT_KEYS:
+                self._declare_component(info)
                 continue
-            value = getattr(defaults, f.name)
-            meaning = PIPELINE_PARAM_DOCS.get(f.name, f"Pipeline setting '{f.name}' (hqsmem_ros/core/config.py)")
-            desc = ParameterDescriptor(description=meaning + why, read_only=not runtime)
-            if value is None:
-                desc.dynamic_typing = True  # optional: unset = the ablation preset / off
-            self._declare(name, value, desc)
+            desc = setting_descriptor(info, read_only=not runtime, why="" if runtime else FIXED_WHY)
+            self._declare_setting(f"pipeline.{info.name}", info, desc)
+
+    def _declare_component(self, component: SettingInfo) -> None:
+        """`pipeline.<kind>.type` and every setting of that model (its Settings: description,
+        range, choices). The given ones are checked first, so an unknown key or a bad value
+        stops the start with the model's own message, the one `hqsmem track` gives."""
+        kind, default_type = component.name, component.default["type"]
+        prefix = f"pipeline.{kind}."
+        overrides = getattr(self, "_parameter_overrides", {}) or {}
+        given = overrides.get(prefix + "type")
+        model = given.value if given is not None else default_type
+        self._declare(prefix + "type", default_type, ParameterDescriptor(
+            description=component.description + FIXED_WHY, read_only=True,
+            additional_constraints="one of " + ", ".join(registry.names(kind))))
+        cls = registry.model_class(kind, model)
+        infos = list(settings_info(cls.Settings))
+        by_name = {i.name: i for i in infos}
+        params = {k[len(prefix):]: self._plain(p.value) for k, p in overrides.items()
+                  if k.startswith(prefix) and k != prefix + "type"}
+        cls.parse_settings({k: from_ros_value(by_name[k], v) if k in by_name else v for k, v in params.items()})
+        # The config holds the keys given, as `hqsmem track` would read them from the same file;
+        # the others are declared (described) at their defaults, which the model applies anyway.
+        self._given_settings[kind] = set(params)
+        for info in infos:
+            self._declare_setting(prefix + info.name, info, setting_descriptor(info, True, FIXED_WHY))
+
+    def _declare_setting(self, name: str, info: SettingInfo, desc: ParameterDescriptor) -> None:
+        self._setting_infos[name] = info
+        overrides = getattr(self, "_parameter_overrides", None)
+        if overrides and name in overrides and float in (info.base, info.item):
+            # rclpy refuses an INTEGER override of a DOUBLE parameter: "tau_verify: 1" in YAML
+            overrides[name] = Parameter(name, value=ros_value(info, self._plain(overrides[name].value)))
+        self._declare(name, ros_value(info, info.default), desc)
 
     def _check_random_weights(self, cfg: PipelineConfig) -> List[str]:
         """Untrained models publish plausible-looking garbage: refuse them unless asked for."""
@@ -173,20 +155,19 @@ class NodeParameters:
     def _pipeline_dict(self, changes: Dict[str, Any] = None) -> Dict[str, Any]:
         params = {name: self._plain(self.get_parameter(name).value) for name in self._declared}
         params.update(changes or {})
-        out: Dict[str, Any] = {}
-        for f in dataclasses.fields(PipelineConfig):
-            if f.name in COMPONENT_KEYS:
-                prefix = f"pipeline.{f.name}."
-                out[f.name] = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+        out: Dict[str, Any] = {key: {} for key in COMPONENT_KEYS}
+        for name, value in params.items():
+            parts = name.split(".")
+            if parts[0] != "pipeline":
                 continue
-            value = params.get(f"pipeline.{f.name}")
-            if value == "" and f.name in ("refine", "memory_interval_s", "sequence_length",
-                                          "teacher_forcing", "smart_memory", "process_max_side"):
-                value = None
-            if isinstance(value, int) and not isinstance(value, bool) and isinstance(
-                    getattr(PipelineConfig(), f.name), float):
-                value = float(value)  # "tau_verify: 1" in YAML is an integer
-            out[f.name] = value
+            info = self._setting_infos.get(name)
+            value = from_ros_value(info, value) if info is not None else value
+            if parts[1] in COMPONENT_KEYS:
+                key = ".".join(parts[2:])
+                if key == "type" or key in self._given_settings[parts[1]] or name in (changes or {}):
+                    out[parts[1]][key] = value
+            else:
+                out[parts[1]] = value
         return out
 
     def _pipeline_config_from_parameters(self) -> PipelineConfig:
