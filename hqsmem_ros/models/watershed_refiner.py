@@ -61,7 +61,7 @@ class WatershedRefiner(Refiner):
         self.color_bins = (yb, cb)
         # A seam pixel lies on the edge, between the object and the background: give it to the
         # side whose adjacent colours it is nearer where the two sides' colours differ more than
-        # their texture (seam_contrast); lines_to_background decides the others.
+        # their texture (seam_contrast); lines_to_background decides the others (and clicks).
         self.seams_by_color = bool(seams_by_color)
         if float(seam_contrast) < 0:
             raise ValueError(f"seam_contrast must be >= 0, got {seam_contrast!r}")
