@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,21 @@ def test_ablate_stride_keeps_every_nth_frame(tiny):
     assert out["rows"]["base"]["per_sequence"][seq]["JF"] == pytest.approx(evaluate_sequence_arrays(preds, gts)["JF"])
     r = subprocess.run([*HQSMEM, "ablate", tiny, "--stride", "0"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "stride" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("grid_file", sorted((Path(__file__).resolve().parents[1] / "config" / "loo").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_grid_candidate_is_a_valid_config(grid_file):
+    """A candidate with a misspelt or out-of-range model setting would only fail minutes into a
+    `hqsmem loo` run: every shipped candidate parses against its models' Settings up front."""
+    from hqsmem_ros.core import registry
+    from hqsmem_ros.core.config import load_config
+    from hqsmem_ros.loo import apply_overrides, load_grid
+    base = load_config(Path(__file__).resolve().parents[1] / "config" / "track.yaml")
+    grid = load_grid(grid_file)
+    assert grid
+    for name, overrides in grid.items():
+        cfg = apply_overrides(base, overrides)
+        for kind in ("tracker", "refiner", "features"):
+            spec = dict(getattr(cfg, kind))
+            registry.model_class(kind, spec.pop("type")).parse_settings(spec)

@@ -14,6 +14,14 @@ similar-coloured background: on the DAVIS sequences it is what makes refinement 
 it costs (0.937 -> 0.893); with the lines given to the object the two results swap sign
 (docs/benchmarks.md).
 
+Two options, off by default (measured in docs/benchmarks.md, "the verification gate" section):
+`seams_by_color` gives each seam pixel to the side whose neighbouring colours it is nearer (where
+the two sides' colours differ more than their texture, `seam_contrast`), and `color_weight`
+floods a relief blended with the object-vs-surroundings colour likelihood, so texture edges
+inside the object do not hold the seam. Together they make the proposals more accurate than the
+tracker's masks on both data sets, but without the tight bias the flow tracker's look-alike
+objects lose their identity on re-emergence (the README demo), so the default keeps the old rule.
+
 Prompts: with the coarse mask (`accepts_mask_hint`) the bands are an erosion/dilation of it. With
 a box alone the interior marker is a central ellipse of the box and the exterior the outside of
 the box, at three ellipse sizes. With clicks (`propose_points`), discs at the clicks are the
@@ -30,7 +38,11 @@ import numpy as np
 
 from ..core.interfaces import Refiner
 from ..core.settings import setting
-from .appearance import expand_box
+from .appearance import color_index, expand_box
+
+
+def _color_bins_ok(bins) -> bool:
+    return len(bins) == 2 and all(0 < int(v) <= 256 and int(v) & (int(v) - 1) == 0 for v in bins)
 
 
 @dataclass
@@ -44,6 +56,18 @@ class WatershedSettings:
     lines_to_background: Optional[bool] = setting(
         True, "Watershed seams go to the background (true), to the object (false), or keep the side "
         "the coarse mask gave them (null)")
+    color_weight: float = setting(
+        0.0, "Share of the object-vs-surroundings colour likelihood in the relief the watershed "
+        "floods (0: the image gradient alone)", minimum=0.0, maximum=1.0)
+    color_bins: Tuple[int, int] = setting(
+        (4, 16), "Colour bins of that likelihood: [luminance, chroma per axis]", check=_color_bins_ok,
+        rule="two powers of two, each <= 256")
+    seams_by_color: bool = setting(
+        False, "Give each watershed seam pixel to the side whose neighbouring colours it is nearer "
+        "(where the sides differ more than their texture); lines_to_background decides the others")
+    seam_contrast: float = setting(
+        1.0, "How much more the two sides' colours must differ than their texture for "
+        "seams_by_color to decide a seam", minimum=0.0)
 
 
 class WatershedRefiner(Refiner):
@@ -57,10 +81,21 @@ class WatershedRefiner(Refiner):
         self.min_band = s.min_band
         self.margin = s.margin
         self.lines_to_background = s.lines_to_background
+        # Share of the object-vs-surroundings colour likelihood in the relief the watershed floods
+        # (0: the image alone). Texture edges inside an object have no likelihood step, so with a
+        # weight the seams go where the object's and the background's colours meet.
+        self.color_weight = s.color_weight
+        self.color_bins = tuple(int(v) for v in s.color_bins)
+        # A seam pixel lies on the edge, between the object and the background: give it to the
+        # side whose adjacent colours it is nearer where the two sides' colours differ more than
+        # their texture (seam_contrast); lines_to_background decides the others (and clicks).
+        self.seams_by_color = s.seams_by_color
+        self.seam_contrast = s.seam_contrast
         self._bgr = None
 
     def set_image(self, image: np.ndarray) -> None:
         self._bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        self._index = color_index(image, *self.color_bins) if self.color_weight > 0 else None
         gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         self._grad = cv2.magnitude(cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1))
 
@@ -86,12 +121,20 @@ class WatershedRefiner(Refiner):
                 markers = np.zeros(crop.shape[:2], np.int32)
                 markers[bg] = 1
                 markers[fg] = 2
-                cv2.watershed(crop, markers)
+                relief = crop
+                if self.color_weight > 0:
+                    relief = self._color_relief(crop, self._index[ry0:ry1, rx0:rx1], fg, bg)
+                cv2.watershed(relief, markers)
                 m = markers == 2
+                undecided = markers == -1
+                if self.seams_by_color:
+                    to_object, decided = self._seams_by_colour(crop, markers)
+                    m |= to_object
+                    undecided &= ~decided
                 if self.lines_to_background is None and hint is not None:
-                    m |= (markers == -1) & (hint > 0)  # seams keep the prompt's side: no drift either way
+                    m |= undecided & (hint > 0)  # seams keep the prompt's side: no drift either way
                 elif self.lines_to_background is False:
-                    m |= markers == -1
+                    m |= undecided
                 m[[0, -1], :] = False
                 m[:, [0, -1]] = False
                 out[k, c, ry0:ry1, rx0:rx1] = m
@@ -152,6 +195,42 @@ class WatershedRefiner(Refiner):
                 g = self._grad[ry0:ry1, rx0:rx1][edge]
                 scores[k, c] = float(g.mean()) if g.size else 0.0
         return out, scores
+
+    def _color_relief(self, crop, index, fg, bg):
+        """The crop blended with the probability that each pixel's colour is the object's rather
+        than its surroundings' (histograms of the sure-object and sure-background markers, as
+        GrabCut's colour model): OpenCV's watershed floods along the largest channel step between
+        neighbours, so the likelihood's step at the true boundary outweighs texture inside."""
+        n_bins = self.color_bins[0] * self.color_bins[1] ** 2
+        p_fg = np.bincount(index[fg], minlength=n_bins).astype(np.float32) / max(1, int(fg.sum()))
+        p_bg = np.bincount(index[bg], minlength=n_bins).astype(np.float32) / max(1, int(bg.sum()))
+        prob = (p_fg + 1e-4) / (p_fg + p_bg + 2e-4)  # an unseen colour is undecided (0.5)
+        like = (255.0 * prob[index]).astype(np.float32)
+        relief = (1.0 - self.color_weight) * crop.astype(np.float32) + self.color_weight * like[..., None]
+        return np.clip(relief + 0.5, 0, 255).astype(np.uint8)
+
+    def _seams_by_colour(self, crop, markers):
+        """(to_object, decided) for the seam pixels (-1): a seam pixel goes to the side (object or
+        background pixels among its 5x5 neighbours) whose mean colour it is nearer, where the
+        colour step between the two sides stands out of their texture (squared step >
+        seam_contrast x the sum of the two sides' colour variances); elsewhere it is undecided."""
+        seam = markers == -1
+        if not seam.any():
+            return seam, seam
+        img = crop.astype(np.float32)
+        means, dists, varis, present = [], [], [], []
+        for label in (2, 1):
+            side = (markers == label).astype(np.float32)
+            n = np.maximum(cv2.blur(side, (5, 5)), 1e-6)[..., None]
+            mean = cv2.blur(img * side[..., None], (5, 5)) / n
+            var = (cv2.blur(img * img * side[..., None], (5, 5)) / n - mean * mean).sum(axis=-1)
+            means.append(mean)
+            dists.append(np.square(img - mean).sum(axis=-1))
+            varis.append(np.maximum(var, 0.0))
+            present.append(n[..., 0] > 1e-3)
+        step = np.square(means[0] - means[1]).sum(axis=-1)
+        decided = seam & present[0] & present[1] & (step > self.seam_contrast * (varis[0] + varis[1]))
+        return decided & (dists[0] < dists[1]), decided
 
     @staticmethod
     def _markers(hint, box, shape, r, c):
