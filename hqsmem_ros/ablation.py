@@ -19,6 +19,7 @@ KEYS = ("J", "F", "JF", "Q", "Acc", "Rob", "NRE", "DRE", "ADQ")
 
 
 def run_sequence(cfg, frames: Sequence, gts: Sequence[np.ndarray]):
+    # No StreamSession: one fixed-size sequence without stamps, ids from the annotation, none removed.
     pipeline = HQSMemPipeline(cfg)
     preds, seen = [], set()
     elapsed = 0.0

@@ -39,9 +39,10 @@ def cmd_track(args) -> int:
     import numpy as np
 
     from .core.config import load_config
-    from .core.pipeline import FrameError, HQSMemPipeline, ObjectPrompt
-    from .eval.davis_io import list_frames, read_frame, read_label, write_label
+    from .core.pipeline import HQSMemPipeline
+    from .eval.davis_io import list_frames, read_frame, read_label
     from .staging import make_staging
+    from .stream.session import StreamSession
 
     frames = list_frames(args.frames_dir)
     init = read_label(args.init_mask)
@@ -60,24 +61,19 @@ def cmd_track(args) -> int:
     except OSError as exc:
         raise CliError(f"cannot write to output folder {out}: {exc.strerror or exc}")
     try:
-        pipeline = HQSMemPipeline(cfg)
+        errors: List[str] = []
+        # One stream like the node's, but frames have no stamps, and one sequence has one size:
+        # a frame of another size is an error naming it, not a reset.
+        session = StreamSession(HQSMemPipeline(cfg), initial_labels=init, reset_on_size_change=False,
+                                log=lambda level, text: errors.append(text) if level == "error" else None)
         for k, path in enumerate(frames):
             image = read_frame(path)
-            prompts = None
-            if k == 0:
-                if init.shape != image.shape[:2]:
-                    raise CliError(f"{args.init_mask} is {init.shape[1]}x{init.shape[0]} but frame {path} is "
-                                   f"{image.shape[1]}x{image.shape[0]}")
-                prompts = [ObjectPrompt(i, mask=init == i) for i in ids]
-            try:
-                result = pipeline.process(image, prompts=prompts)
-            except FrameError as exc:
-                raise CliError(f"{path}: {exc}")
-            try:
-                write_label(partial / (path.stem + ".png"), result.label_map())
-            except OSError as exc:  # a full disk (ENOSPC), quota, I/O error: one line, exit 2
-                raise CliError(f"cannot write the result for {path.name} in {out}: {exc.strerror or exc}"
-                               "; nothing was written to the output folder")
+            if k == 0 and init.shape != image.shape[:2]:
+                raise CliError(f"{args.init_mask} is {init.shape[1]}x{init.shape[0]} but frame {path} is "
+                               f"{image.shape[1]}x{image.shape[0]}")
+            result = _track_frame(session, image, path, out, partial)
+            if k == 0 and list(session.live_ids) != ids:  # the first mask's objects were refused
+                raise CliError(f"{args.init_mask}: {errors[-1] if errors else 'objects not started'}")
             if not args.quiet and (k % 50 == 0 or k == len(frames) - 1):
                 print(f"frame {k + 1}/{len(frames)} objects visible: "
                       f"{sum(o.visible for o in result.objects)}/{len(result.objects)}", file=sys.stderr)
@@ -90,6 +86,22 @@ def cmd_track(args) -> int:
         shutil.rmtree(partial, ignore_errors=True)
     print(f"wrote {len(frames)} label images to {out}")
     return 0
+
+
+def _track_frame(session, image, path: Path, out: Path, partial: Path):
+    """One frame of `hqsmem track` through the session, its label image written to `partial`;
+    a frame it drops (too small, another size) is an error naming the file."""
+    from .eval import davis_io
+
+    step = session.step(image, None)
+    if step.result is None:
+        raise CliError(f"{path}: {step.detail}")
+    try:
+        davis_io.write_label(partial / (path.stem + ".png"), step.result.label_map())
+    except OSError as exc:  # a full disk (ENOSPC), quota, I/O error: one line, exit 2
+        raise CliError(f"cannot write the result for {path.name} in {out}: {exc.strerror or exc}"
+                       "; nothing was written to the output folder")
+    return step.result
 
 
 def cmd_eval(args) -> int:

@@ -104,7 +104,7 @@ def run_loo(data_root, grid: Mapping[str, Mapping[str, Any]], config=None, metri
             raise DataError(f"sequence {seq.name!r}: {len(frame_paths)} frames but {len(gts)} annotations")
         frames = [read_frame(p) for p in frame_paths]
         for name, cfg in cfgs.items():
-            preds, _ = run_sequence(cfg, frames, gts)
+            preds, _ = run_sequence(cfg, frames, gts)  # no StreamSession: why in run_sequence
             scores[name][seq.name] = float(evaluate_sequence_arrays(preds, gts)[metric])
     out = leave_one_out(scores)
     out["metric"] = metric

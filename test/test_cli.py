@@ -114,6 +114,35 @@ def test_track_errors_name_the_file(seq, tmp_path):
     assert r.returncode != 0 and "cannot write" in r.stderr
 
 
+def test_track_over_a_folder_with_a_frame_of_another_size(seq, tmp_path):
+    # The stream session's size check (the node resets there); a folder is one sequence, so the
+    # frame is an error naming it, and nothing is written.
+    import cv2
+    frames, annotations = seq
+    folder = tmp_path / "sizes"
+    folder.mkdir()
+    for p in sorted(frames.iterdir())[:4]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    odd = sorted(folder.iterdir())[2]
+    cv2.imwrite(str(odd), cv2.resize(cv2.imread(str(odd)), (128, 96)))
+    out = tmp_path / "o"
+    r = run("track", folder, "--init-mask", annotations / "00000.png", "--out", out, "--quiet")
+    _assert_clean_failure(r, out, f"{odd}: image size changed from 256x192 to 128x96 at frame 2")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_track_refuses_a_first_mask_the_tracker_cannot_hold(seq, tmp_path):
+    # The session logs a refused initial mask and goes on (the node); `hqsmem track` stops.
+    pytest.importorskip("torch", reason="DeAOT needs PyTorch")
+    frames, annotations = seq
+    cfg = tmp_path / "one.yaml"
+    cfg.write_text("device: cpu\ntracker: {type: deaot, random_weights: true, max_objects: 1}\n")
+    out = tmp_path / "o"
+    r = run("track", frames, "--init-mask", annotations / "00000.png", "--out", out, "--config", cfg, "--quiet")
+    _assert_clean_failure(r, out, "can track at most 1 objects")
+    assert r.returncode == 2 and "00000.png" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_synth_and_bad_config(tmp_path):
     r = run("synth", tmp_path / "s", "--seed", "1", "--size", "128x96")
     assert r.returncode == 0, r.stderr

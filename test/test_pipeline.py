@@ -149,8 +149,31 @@ def test_adding_and_removing_objects_midstream_leaves_others_alone(translate):
             assert np.array_equal(x, y)
         else:
             assert (x & y).sum() >= 0.9 * (x | y).sum(), (k, (x & y).sum() / (x | y).sum())
-    with pytest.raises(PromptError, match="never reused"):
-        both.process(frames[12], prompts=[ObjectPrompt(2, mask=m2)])
+
+
+def test_the_tracked_ids_are_the_trackers(translate):
+    """The pipeline keeps no id set of its own: what it reports, checks and tracks is the
+    tracker's. Ids never reused is the stream session's rule (test_stream.py), not the model
+    step's: here a removed id may come back."""
+    frames, labels = translate
+    p = HQSMemPipeline(None)
+    p.process(frames[0], prompts=_first_prompts(labels[0]))
+    assert p.object_ids == p.tracker.object_ids == [1, 2, 3]
+    p.process(frames[1], remove=[2])
+    assert p.object_ids == p.tracker.object_ids == [1, 3]
+    assert p.stats()["objects"] == 2
+    with pytest.raises(PromptError, match=r"cannot remove object 2: not tracked \(tracked: \[1, 3\]\)"):
+        p.process(frames[2], remove=[2])
+    r = p.process(frames[2], prompts=[ObjectPrompt(2, mask=labels[2] == 2)])
+    assert p.object_ids == p.tracker.object_ids == [1, 2, 3]
+    assert np.array_equal(r.masks[2], labels[2] == 2)
+    r = p.process(frames[3])
+    assert [o.id for o in r.objects if o.visible] == [1, 2, 3]
+    # Removed behind the pipeline's back: the pipeline follows the tracker.
+    p.tracker.remove_objects([3])
+    assert p.object_ids == [1, 2]
+    r = p.process(frames[4])
+    assert [o.id for o in r.objects] == [1, 2]
 
 
 @pytest.mark.parametrize("config", [None, {"refine": "always", "teacher_forcing": True}])
@@ -267,19 +290,25 @@ def test_bad_requests_leave_the_pipeline_untouched(translate):
     assert r.frame == 1 and r.masks[1].any()
 
 
-def test_bad_frames_and_time_jumps(translate):
+def test_bad_frames_and_stamps(translate):
+    """The model step's own frame checks; a size change or a stamp going back is the stream
+    session's to handle (test_stream.py): the pipeline scales every frame to its working size."""
     frames, labels = translate
     p = HQSMemPipeline(None)
     p.process(frames[0], stamp=10.0, prompts=[ObjectPrompt(1, mask=labels[0] == 1)])
-    with pytest.raises(FrameError, match="size changed"):
-        p.process(frames[1][:100])
     with pytest.raises(FrameError, match="uint8"):
         p.process(frames[1].astype(np.float32))
     with pytest.raises(FrameError, match="HxWx3"):
         p.process(frames[1][..., 0])
-    with pytest.raises(FrameError, match="backwards"):
-        p.process(frames[1], stamp=9.0)
-    assert p.process(frames[1], stamp=10.1).frame == 1
+    with pytest.raises(FrameError, match="too small"):
+        p.process(frames[1][:7])
+    with pytest.raises(FrameError, match="finite"):
+        p.process(frames[1], stamp=float("nan"))
+    assert p.frames_processed == 1
+    assert p.process(frames[1], stamp=9.0).frame == 1  # earlier stamp: the session's to refuse
+    half = np.ascontiguousarray(frames[2][::2, ::2])
+    r = p.process(half, stamp=10.2)
+    assert r.shape == half.shape[:2] and r.label.shape == half.shape[:2] and r.masks[1].any()
     p.reset()
     assert p.process(frames[2][:100], stamp=1.0).frame == 0
 

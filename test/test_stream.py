@@ -141,3 +141,34 @@ def test_sequence_gaps_per_publisher_and_unknown_head():
     assert gaps.unknown_head == 6  # a's 1..6: sent before its first received frame
     gaps.see(None, None)  # the middleware gave no numbers
     assert gaps.gaps == 4 and gaps.unknown_head == 6
+
+
+def test_a_removed_id_is_never_given_again(scene, store):
+    # The session's rule alone: the pipeline would take the id back (test_pipeline.py).
+    frames, labels = scene
+    session, _ = _session()
+    session.step(frames[0], NS, _request(store, labels[0]))
+    gone = Request("svc", [], [2])
+    session.step(frames[1], 2 * NS, gone)
+    assert gone.success and session.live_ids == (1,) == tuple(session.pipeline.tracker.object_ids)
+    again = _request(store, (labels[2] == 2).astype(np.uint16), ids=[2])
+    step = session.step(frames[2], 3 * NS, again)
+    assert step.result is not None and not again.success and "never reused" in again.message
+    assert session.live_ids == (1,)
+    fresh = _request(store, (labels[3] == 2).astype(np.uint16), ids=[0])
+    session.step(frames[3], 4 * NS, fresh)
+    assert fresh.success and fresh.ids == [3] and session.live_ids == (1, 3)
+
+
+def test_a_size_change_is_dropped_when_resets_on_size_are_off(scene):
+    # `hqsmem track`'s session: frames without stamps, one size per sequence.
+    frames, labels = scene
+    session, log = _session(initial_labels=labels[0].astype(np.uint16), reset_on_size_change=False)
+    first = session.step(frames[0], None)
+    assert first.result is not None and first.result.stamp is None and session.live_ids == (1, 2)
+    other = session.step(np.ascontiguousarray(frames[1][:60, :80]), None)
+    assert other.result is None and other.drop_reason == "size_changed"
+    assert other.detail == "image size changed from 160x120 to 80x60 at frame 1"
+    assert session.account.resets == 0 and session.live_ids == (1, 2)
+    assert session.step(frames[1], None).result.frame == 1
+    assert session.account.snapshot()["dropped"] == {"size_changed": 1}

@@ -99,8 +99,10 @@ class BaseTracker(_Buildable, ABC):
         return 0
 
     @property
+    @abstractmethod
     def object_ids(self) -> List[int]:
-        return []
+        """The ids being tracked now, sorted: added by add_objects, gone after remove_objects or
+        reset. The pipeline keeps no list of its own: this is the one record of which objects exist."""
 
     def set_memory_policy(self, smart_memory: bool, capacity: Optional[int] = None) -> None:
         """Told once by the pipeline: whether smart memory chooses the long-term frames (with at

@@ -36,7 +36,8 @@ class PromptError(ValueError):
 
 
 class FrameError(ValueError):
-    """A frame that cannot be processed (wrong type, shape, size change, stamp going back)."""
+    """A frame that cannot be processed (not an HxWx3 uint8 RGB array of at least 8x8, or a
+    stamp that is not a finite number)."""
 
 
 @dataclass
@@ -112,7 +113,15 @@ def check_device(device: str) -> None:
 
 
 class HQSMemPipeline:
-    """Runs HQ-SMem frame by frame on a stream; one instance per camera."""
+    """Runs HQ-SMem frame by frame on a stream; one instance per camera.
+
+    What it checks is the model step's contract: an RGB uint8 frame of at least 8x8, prompts
+    whose masks / boxes / clicks fit the frame they come with, ids a label image can hold, the
+    tracker's capacity. Which objects exist is the tracker's (BaseTracker.object_ids). A stream's
+    history is not: ids never reused, stamps going back and frame size changes belong to
+    hqsmem_ros.stream.StreamSession, which every stream driver goes through. Here every frame is
+    scaled to the working size its first frame after reset() fixed.
+    """
 
     def __init__(self, config=None, tracker: Optional[BaseTracker] = None,
                  refiner: Optional[Refiner] = None, features: Optional[FeatureExtractor] = None):
@@ -128,19 +137,15 @@ class HQSMemPipeline:
 
     # -- state --------------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget every object, the memory and the stream's frame size and clock."""
+        """Forget every object, the memory, the working size and the memory schedule."""
         self.tracker.reset()
         if self.memory is not None:
             self.memory.clear()
         self._frame = 0
-        self._size: Optional[Tuple[int, int]] = None  # input (H, W)
-        self._work_wh: Optional[Tuple[int, int]] = None
-        self._ids: set = set()
-        self._retired: set = set()
+        self._work_wh: Optional[Tuple[int, int]] = None  # (W, H) the models see, set by the first frame
         self._prompt_frame_of: Dict[int, int] = {}  # object id -> its latest prompt frame
         self._last_candidate_frame: Optional[int] = None
         self._last_candidate_stamp: Optional[float] = None
-        self._last_stamp: Optional[float] = None
 
     # Keys the loop reads afresh on every frame: safe to change between two frames.
     RUNTIME_KEYS = frozenset({"refine", "teacher_forcing", "tau_verify", "tau_memory", "memory_lambda",
@@ -167,7 +172,8 @@ class HQSMemPipeline:
 
     @property
     def object_ids(self) -> List[int]:
-        return sorted(self._ids)
+        """The tracked objects: the tracker's, the one record of which objects exist."""
+        return sorted(self.tracker.object_ids)
 
     @property
     def frames_processed(self) -> int:
@@ -176,7 +182,7 @@ class HQSMemPipeline:
     def stats(self) -> Dict[str, object]:
         return {
             "frames": self._frame,
-            "objects": len(self._ids),
+            "objects": len(self.tracker.object_ids),
             "memory_size": len(self.tracker.memory_frames()),
             "memory_capacity": self.config.memory_capacity if self.memory is not None else None,
             "memory_frames": self.tracker.memory_frames(),
@@ -192,28 +198,13 @@ class HQSMemPipeline:
         }
 
     # -- input checks -------------------------------------------------------------------------
-    def _check_image(self, image) -> np.ndarray:
-        check_image(image)
-        if self._size is not None and image.shape[:2] != self._size:
-            raise FrameError(
-                f"frame size changed from {self._size[1]}x{self._size[0]} to {image.shape[1]}x{image.shape[0]}; "
-                "call reset() to start a new stream")
-        return np.ascontiguousarray(image)
-
-    def _check_stamp(self, stamp) -> None:
-        if stamp is None:
-            return
-        if not np.isfinite(stamp):
-            raise FrameError(f"stamp must be finite, got {stamp!r}")
-        if self._last_stamp is not None and stamp < self._last_stamp:
-            raise FrameError(f"stamp went backwards ({self._last_stamp:.6f} -> {stamp:.6f}); call reset()")
-
     def _check_requests(self, prompts: Sequence[ObjectPrompt], remove: Sequence[int], shape) -> None:
         h, w = shape
         seen = set()
+        tracked = set(self.tracker.object_ids)
         for oid in remove:
-            if oid not in self._ids:
-                raise PromptError(f"cannot remove object {oid}: not tracked (tracked: {self.object_ids})")
+            if oid not in tracked:
+                raise PromptError(f"cannot remove object {oid}: not tracked (tracked: {sorted(tracked)})")
         new = 0
         for p in prompts:
             if isinstance(p.id, bool) or not isinstance(p.id, (int, np.integer)) or p.id <= 0 or p.id > 65535:
@@ -221,11 +212,9 @@ class HQSMemPipeline:
             if p.id in seen:
                 raise PromptError(f"object id {p.id} appears twice in one request")
             seen.add(p.id)
-            if p.id in self._retired:
-                raise PromptError(f"object id {p.id} was removed earlier; ids are never reused")
             if p.id in remove:
                 raise PromptError(f"object id {p.id} is both prompted and removed")
-            if p.id not in self._ids:
+            if p.id not in tracked:
                 new += 1
             if p.mask is not None:
                 m = np.asarray(p.mask)
@@ -245,7 +234,7 @@ class HQSMemPipeline:
                 self._check_points(p, (h, w))
             elif p.box is None:
                 raise PromptError(f"prompt for object {p.id} has neither a mask, a box nor points")
-        if len(self._ids) - len(set(remove)) + new > self.tracker.max_objects:
+        if len(tracked) - len(set(remove)) + new > self.tracker.max_objects:
             raise PromptError(f"tracker {self.tracker.name!r} can track at most {self.tracker.max_objects} objects")
 
     # -- the loop -----------------------------------------------------------------------------
@@ -258,14 +247,15 @@ class HQSMemPipeline:
         error and go on with the next frame (or this frame without the bad request).
         """
         t_start = time.perf_counter()
-        image = self._check_image(image)
-        self._check_stamp(stamp)
+        check_image(image)
+        image = np.ascontiguousarray(image)
+        if stamp is not None and not np.isfinite(stamp):
+            raise FrameError(f"stamp must be finite, got {stamp!r}")
         prompts = list(prompts or [])
         remove = [int(i) for i in (remove or [])]
         H, W = image.shape[:2]
         self._check_requests(prompts, remove, (H, W))
-        if self._size is None:
-            self._size = (H, W)
+        if self._work_wh is None:
             s = min(1.0, (self.config.process_max_side or max(H, W)) / max(H, W))
             self._work_wh = (max(8, int(round(W * s))), max(8, int(round(H * s))))
         t = self._frame
@@ -276,7 +266,7 @@ class HQSMemPipeline:
         timings["resize"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        tracked = self.tracker.track(t, small) if self._ids else {}
+        tracked = self.tracker.track(t, small) if self.tracker.object_ids else {}
         timings["track"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -299,8 +289,6 @@ class HQSMemPipeline:
         timings["total"] = time.perf_counter() - t_start
         result.timings = timings
         self._frame += 1
-        if stamp is not None:
-            self._last_stamp = stamp
         return result
 
     def _apply_requests(self, t: int, small: np.ndarray, tracked: Masks, prompts: Sequence[ObjectPrompt],
@@ -313,8 +301,6 @@ class HQSMemPipeline:
             self.tracker.remove_objects(remove)
             for oid in remove:
                 tracked.pop(oid, None)
-                self._ids.discard(oid)
-                self._retired.add(oid)
                 self._release_prompt_frame(oid)
         prompt_masks: Masks = {}
         box_prompts = [p for p in prompts if p.mask is None and p.points is None]
@@ -341,7 +327,6 @@ class HQSMemPipeline:
                 prompt_masks[p.id] = m
         if prompt_masks:
             self.tracker.add_objects(t, small, prompt_masks)
-            self._ids.update(prompt_masks)
             for oid in prompt_masks:
                 self._release_prompt_frame(oid)
                 self._prompt_frame_of[oid] = t

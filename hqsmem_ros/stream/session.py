@@ -1,11 +1,14 @@
 """One camera stream around HQSMemPipeline, the same for every driver (ROS-free).
 
-The node (hqsmem_ros/ros/node.py) and `hqsmem bag` (hqsmem_ros/bag.py) decode a message, call
-StreamSession.step() and encode what it returns; everything in between is owned here, once:
+The node (hqsmem_ros/ros/node.py), `hqsmem bag` (hqsmem_ros/bag.py) and `hqsmem track`
+(hqsmem_ros/cli.py, a folder of frames without stamps) decode a frame, call StreamSession.step()
+and encode what it returns; everything in between is owned here, once (HQSMemPipeline checks
+only what its model step needs, and the tracker is the record of which objects exist):
 
 - object ids (never reused in a run; a fresh id is the lowest id never used) and their labels;
-- resets when stamps go back or the frame size changes, decided only after the frame itself was
-  found usable (a frame that is then refused changes nothing);
+- resets when stamps go back or the frame size changes (or, when told not to reset, the frame is
+  dropped), decided only after the frame itself was found usable (a frame that is then refused
+  changes nothing);
 - the prompt schedule: the initial mask, a prompts file, and one Request per frame (a topic
   message, a service call or a recorded message), applied with its outcome on the Request;
 - frame accounting (results + drops counted by reason, FrameAccount) and stage timings
@@ -82,11 +85,14 @@ class StreamSession:
     "raise" (`hqsmem bag`: PromptsFileError naming the entries, the run stops).
     reset_on_stamp_back: bool or a callable read on every frame; when false, a frame stamped
     before the previous one is dropped ("stamp_backwards") instead of resetting the tracker.
+    reset_on_size_change: when false, a frame of another size than the previous one is dropped
+    ("size_changed": `hqsmem track`, where one sequence has one size) instead of resetting.
     """
 
     def __init__(self, pipeline: HQSMemPipeline, *, schedule: Optional[PromptSchedule] = None,
                  schedule_errors: str = "skip", initial_labels: Optional[np.ndarray] = None,
-                 reset_on_stamp_back: Union[bool, Callable[[], bool]] = True, log: Optional[Log] = None,
+                 reset_on_stamp_back: Union[bool, Callable[[], bool]] = True,
+                 reset_on_size_change: bool = True, log: Optional[Log] = None,
                  depth: Optional[Depth3D] = None):
         if schedule_errors not in ("skip", "raise"):
             raise ValueError(f"schedule_errors must be 'skip' or 'raise', got {schedule_errors!r}")
@@ -97,6 +103,7 @@ class StreamSession:
         self._seed_pending = initial_labels is not None
         self._reset_on_stamp_back = (reset_on_stamp_back if callable(reset_on_stamp_back)
                                      else (lambda: bool(reset_on_stamp_back)))
+        self._reset_on_size_change = bool(reset_on_size_change)
         self._log: Log = log or (lambda level, text: None)
         self.account = FrameAccount()
         self.times = StageTimes()
@@ -189,21 +196,24 @@ class StreamSession:
                     request_back=request is not None)
 
     # -- one frame ----------------------------------------------------------------------------
-    def step(self, rgb: np.ndarray, stamp_ns: int, request: Optional[Request] = None,
+    def step(self, rgb: np.ndarray, stamp_ns: Optional[int], request: Optional[Request] = None,
              topic_index: Optional[int] = None) -> Step:
         """Apply what is due and track one frame (RGB HxWx3 uint8, header stamp in ns).
 
-        topic_index: the frame's index on its topic, for prompts-file `frame:` entries and
-        messages (`hqsmem bag`); None = the index among this session's results (the node).
+        stamp_ns None: frames without stamps (a folder of images): nothing can go back, and the
+        memory schedule counts frames. topic_index: the frame's index on its topic, for
+        prompts-file `frame:` entries and messages (`hqsmem bag`); None = the index among this
+        session's results (the node).
         """
-        stamp = stamp_from_ns(stamp_ns)
+        stamp = None if stamp_ns is None else stamp_from_ns(stamp_ns)
         index = self.frame_index if topic_index is None else topic_index
-        where = None if topic_index is None else f"frame {index} at stamp {format_stamp(stamp_ns)}"
+        where = None if topic_index is None else (
+            f"frame {index}" + (f" at stamp {format_stamp(stamp_ns)}" if stamp_ns is not None else ""))
         try:  # the frame must be usable before it may reset anything
             check_image(rgb)  # (the pipeline makes it contiguous: its own time)
         except FrameError as exc:
             return self.drop("bad_frame", str(exc), stamp, request, where)
-        if self.last_stamp is not None and stamp < self.last_stamp:
+        if self.last_stamp is not None and stamp is not None and stamp < self.last_stamp:
             if not self._reset_on_stamp_back():
                 return self.drop("stamp_backwards", f"stamp older than the previous frame's "
                                  f"{self.last_stamp:.6f}", stamp, request, where)
@@ -212,7 +222,10 @@ class StreamSession:
         shape = rgb.shape[:2]
         if self.frame_shape is not None and shape != self.frame_shape:
             h0, w0 = self.frame_shape
-            self.reset(f"image size changed from {w0}x{h0} to {shape[1]}x{shape[0]} at frame {index}")
+            change = f"image size changed from {w0}x{h0} to {shape[1]}x{shape[0]} at frame {index}"
+            if not self._reset_on_size_change:
+                return self.drop("size_changed", change, stamp, request, where)
+            self.reset(change)
 
         seeds = self._seed_prompts(shape)
         due, file_prompts, file_remove, file_labels = self._file_prompts(index, stamp_ns, shape)
@@ -284,10 +297,11 @@ class StreamSession:
             if request.remove:
                 what.append(f"objects {request.remove} removed (ids retired)")
             request.success = True
-            request.message = f"{' and '.join(what)} on frame {self.frame_index} (stamp {stamp:.6f})"
+            request.message = (f"{' and '.join(what)} on frame {self.frame_index}"
+                               + (f" (stamp {stamp:.6f})" if stamp is not None else ""))
             self._log("info", f"{request.source}: {request.message}")
             request.done.set()
-        step = Step(stamp, result, self.frame_index, dict(self.labels), entries_applied=len(due),
+        step = Step(stamp if stamp is not None else float("nan"), result, self.frame_index, dict(self.labels), entries_applied=len(due),
                     pipeline_s=spent[0], pipeline_cpu_s=spent[1])
         self.frame_index += 1
         self.account.result()
@@ -359,4 +373,5 @@ class StreamSession:
 
 def _entries_error(entries: Sequence[PromptEntry], index: int, stamp_ns: int, exc: Exception) -> str:
     names = "; ".join(e.source for e in entries)
-    return f"{names}: cannot apply on frame {index} (stamp {format_stamp(stamp_ns)}): {exc}"
+    when = f"frame {index}" + (f" (stamp {format_stamp(stamp_ns)})" if stamp_ns is not None else "")
+    return f"{names}: cannot apply on {when}: {exc}"

@@ -32,6 +32,7 @@ def _pin_one_core() -> Optional[int]:
 
 
 def _run(cfg, frames_iter, n_frames: int, checkpoints=(1000, 10000)) -> Dict:
+    # No StreamSession: synthetic frames of one size, no stamps, ids from the first label image.
     pipeline = HQSMemPipeline(cfg)
     proc = psutil.Process()
     stages: Dict[str, float] = {}

@@ -51,6 +51,7 @@ def _errors(objs, truth) -> Dict[int, float]:
 
 def accuracy(frames: int, size, n_objects: int, seed: int, config: Optional[str], encoding: str,
              params: Optional[DepthParams] = None) -> Dict:
+    # No StreamSession: one synthetic sequence of one size, stamps rising, ids from its first label.
     pipeline = HQSMemPipeline(load_config(config))
     intr = intrinsics(*size)
     err = {"tracker": {}, "truth_mask": {}}  # mode -> id -> [errors]
@@ -97,7 +98,7 @@ def speed(frames: int, size, n_objects: int, seed: int, config: Optional[str], r
     core = _pin_one_core()
     data = list(iter_rgbd(seed, size, frames, n_objects))  # generated outside the timed region
     intr = intrinsics(*size)
-    pipeline = HQSMemPipeline(load_config(config))
+    pipeline = HQSMemPipeline(load_config(config))  # no StreamSession: as accuracy() above
     d3 = Depth3D(DepthParams())
     d3.set_camera_info([intr.fx, 0, intr.cx, 0, intr.fy, intr.cy, 0, 0, 1], *size)
     t_pipe, t_3d, t_pts, t_best = [], [], [], []

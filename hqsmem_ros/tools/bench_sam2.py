@@ -178,7 +178,8 @@ def build_pipeline(args, n_objects: int):
 
 def run_ours(pipe, frames, label0, n_frames: int, every: int, device, staggered: bool = False) -> List[Dict]:
     """The streaming tracker in the pipeline; one record per `every` frames. `staggered`: object
-    i is prompted on frame i (its first-frame mask) instead of all on frame 0."""
+    i is prompted on frame i (its first-frame mask) instead of all on frame 0. No StreamSession:
+    one synthetic stream of one size, no stamps, ids from its first label image, none removed."""
     from hqsmem_ros.core.pipeline import ObjectPrompt
     ids = [int(i) for i in np.unique(label0) if i]
     due = {k: [ObjectPrompt(oid, mask=label0 == oid)] for k, oid in enumerate(ids)} if staggered \
