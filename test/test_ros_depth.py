@@ -442,3 +442,30 @@ def test_hqsmem_node_lifecycle_flag_starts_unconfigured_and_configures_over_chan
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "lifecycle node: unconfigured" in out and "configured: models loaded" in out, out
+
+
+def test_hqsmem_node_stops_cleanly_on_sigterm():
+    """`ros2 launch` escalates to SIGTERM: the node stops as on Ctrl-C (its counters logged, exit
+    status 0), not killed by the default handler or crashing in rclpy's signal thread."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID))
+    proc = subprocess.Popen([sys.executable, "-m", "hqsmem_ros.ros.main", "--ros-args", "-r", "__node:=term_proc"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    node = rclpy.create_node("term_proc_client", context=ctx)
+    try:
+        end = time.monotonic() + LONG
+        while node.count_publishers("/term_proc/objects") == 0:
+            assert time.monotonic() < end and proc.poll() is None, "node process did not come up"
+            time.sleep(0.05)
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "stopped: 0 frames received" in out, out

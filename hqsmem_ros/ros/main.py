@@ -57,19 +57,14 @@ class _ConsoleLogger:
 
 
 def spin_until_shutdown(node) -> None:
-    """Spin the node as `hqsmem node` does until Ctrl-C or an external shutdown; then stop it
-    and wait for the executor's threads, so that no callback runs while the node is destroyed
-    (destroying it under a running callback crashed the process now and then: SIGSEGV)."""
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-    executor = MultiThreadedExecutor(num_threads=6)  # processing, intake, waiting services
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.stop()  # wakes service callbacks that wait for a frame
-        executor.shutdown()
+    """Spin the node as `hqsmem node` does until SIGINT/SIGTERM or an external shutdown; then
+    stop it (waking service callbacks that wait for a frame) and wait for the executor's threads,
+    so that no callback runs while the node is destroyed (destroying it under a running callback
+    crashed the process now and then: SIGSEGV). ROS must have been initialised with
+    init_without_ros_signal_handlers()."""
+    from hqsmem_ros.ros.spinning import spin_until_signal
+
+    spin_until_signal(node, num_threads=6, before_stop=node.stop)  # processing, intake, waiting services
 
 
 def _split(argv: List[str]):
@@ -119,7 +114,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     reuse_large_buffers()
     from hqsmem_ros.ros import dds_transport
     transport = dds_transport.apply()  # before the DDS participant exists (rclpy.init)
-    rclpy.init(args=[sys.argv[0] if sys.argv else "hqsmem_node"] + ros_args)
+    from hqsmem_ros.ros.spinning import init_without_ros_signal_handlers
+    init_without_ros_signal_handlers([sys.argv[0] if sys.argv else "hqsmem_node"] + ros_args)
     node = None
     try:
         try:

@@ -8,6 +8,7 @@ short steps and checks a flag between them; only then is the executor shut down.
 """
 from __future__ import annotations
 
+import signal
 import threading
 
 
@@ -22,9 +23,14 @@ class BackgroundSpinner:
         self.thread = threading.Thread(target=self._spin, name=name, daemon=True)
 
     def _spin(self) -> None:
+        from rclpy.executors import ExternalShutdownException
+
         context = self.executor.context
-        while not self._stop.is_set() and context.ok():
-            self.executor.spin_once(timeout_sec=self.STEP_S)
+        try:
+            while not self._stop.is_set() and context.ok():
+                self.executor.spin_once(timeout_sec=self.STEP_S)
+        except ExternalShutdownException:  # the context was shut down from elsewhere: just end
+            pass
 
     def start(self) -> "BackgroundSpinner":
         self.thread.start()
@@ -46,3 +52,43 @@ def stop_tool(spinner: BackgroundSpinner, node) -> None:
     node.destroy_node()
     if rclpy.ok():
         rclpy.shutdown()
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def init_without_ros_signal_handlers(args) -> None:
+    """rclpy.init() for a process that stops on SIGINT/SIGTERM itself (spin_until_signal).
+    rclpy's own handlers shut the contexts down from a thread of theirs, which raced the main
+    thread's rclpy.shutdown() and crashed the process at exit now and then (SIGSEGV in
+    uninstall_signal_handlers, seen once in 25 stops of `hqsmem node --lifecycle`)."""
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+
+
+def spin_until_signal(node, num_threads: int = 6, before_stop=None) -> None:
+    """Spin `node` on a MultiThreadedExecutor in a background thread until SIGINT or SIGTERM
+    (or the context is shut down from elsewhere); then `before_stop()` (e.g. wake callbacks that
+    wait), stop and join the spinning thread, and shut the executor down, so that no callback
+    runs while the node is destroyed afterwards. The main thread waits in short steps: a Python
+    signal handler runs only between bytecodes."""
+    from rclpy.executors import MultiThreadedExecutor
+
+    executor = MultiThreadedExecutor(num_threads=num_threads)
+    executor.add_node(node)
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in STOP_SIGNALS}
+    spinner = BackgroundSpinner(executor).start()
+    try:
+        while not stop.wait(0.1) and spinner.thread.is_alive():
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if before_stop is not None:
+            before_stop()
+        spinner.stop(timeout_s=60.0)

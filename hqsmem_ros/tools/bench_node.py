@@ -240,8 +240,9 @@ def _child_node(args) -> int:
     from hqsmem_ros.ros.node import HQSMemNode
     prefer_short_gil_slices()  # as `hqsmem node` does
     reuse_large_buffers()
-    rclpy.init(args=["bench_node", "--ros-args", "--params-file", _params_file(args.config)]
-               + list(args.ros_args))
+    from hqsmem_ros.ros.spinning import init_without_ros_signal_handlers
+    init_without_ros_signal_handlers(["bench_node", "--ros-args", "--params-file", _params_file(args.config)]
+                                     + list(args.ros_args))
     node = HQSMemNode(NODE_NAME)
     node.frame_log = []
     try:
