@@ -29,7 +29,7 @@ Mixed precision (``precision`` fp16/bf16): the image-sized work runs under autoc
 encoder, the HQ feature branch, the transformer's attention between tokens and image, the
 upscaling convolutions, the mask dot products), as before. What acts on the handful of prompt and
 output tokens runs in float32, autocast off: the prompt encoder (its random Fourier positional
-encodings feed sin/cos arguments of up to about 20, where bf16 keeps only 0.06), the transformer's
+encodings feed sin/cos arguments of up to about 20, where bf16's step is 0.06), the transformer's
 token self-attention and MLP, the hypernetwork MLPs and the IoU head, and the fusion of the
 tokens' logits. These tokens set the weights of every pixel's logit at once, so their rounding
 moves the whole mask boundary coherently; they cost nothing next to the image-sized layers. In
