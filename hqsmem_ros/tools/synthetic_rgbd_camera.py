@@ -30,7 +30,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 
 from hqsmem_ros.data.synth_rgbd import Truth3D, intrinsics, make_rgbd
-from hqsmem_ros.ros.spinning import BackgroundSpinner, stop_tool
+from hqsmem_ros.ros.spinning import tool_spinning
 
 DEPTH_ENCODINGS = ("16UC1", "32FC1")
 
@@ -166,16 +166,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"synthetic_rgbd_camera: {exc}", file=sys.stderr)
         rclpy.shutdown()
         return 2
-    executor = MultiThreadedExecutor(num_threads=2)
-    executor.add_node(node)
-    spinner = BackgroundSpinner(executor).start()
-    try:
+    with tool_spinning(node, MultiThreadedExecutor(num_threads=2)):
         node.run()
         time.sleep(0.5)  # let the last messages leave before the process ends
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_tool(spinner, node)
     return 0
 
 
