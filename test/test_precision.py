@@ -130,6 +130,26 @@ def test_sam_hq_token_path_runs_in_float32_and_the_image_path_in_bf16():
     assert {n: seen[n] for n in low} == {n: torch.bfloat16 for n in low}
 
 
+def test_precision_stages_as_before_puts_the_prompt_encoder_and_token_path_under_autocast():
+    """The 'before' rows of tools/precision_stages and bench_models --sam-precision: the float32
+    wrappers gone, and the prompt encoder rounded as under autocast (but handing back float32)."""
+    from hqsmem_ros.tools.precision_stages import as_before_float32_token_path
+
+    refiner = registry.build("refiner", {"type": "sam_hq", "model_type": "vit_tiny", "random_weights": True},
+                             "cpu", "bf16")
+    prompt = refiner.model.prompt_encoder
+    box = torch.tensor([[100.0, 200.0, 600.0, 700.0]])
+    with torch.inference_mode():
+        shipped, _ = prompt(points=None, boxes=box, masks=None)
+        as_before_float32_token_path(refiner)
+        before, _ = prompt(points=None, boxes=box, masks=None)
+    assert not any("forward" in m.__dict__ for m in refiner.model.mask_decoder.modules())
+    assert shipped.dtype == before.dtype == torch.float32
+    assert not torch.equal(shipped, before)
+    torch.testing.assert_close(before, before.bfloat16().float())  # what bf16 holds, exactly
+    torch.testing.assert_close(before, shipped, atol=0.1, rtol=0.05)
+
+
 def test_dino_bf16_embeddings_agree_with_fp32():
     frames, masks = _scene(1)
     emb = {}
