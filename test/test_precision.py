@@ -4,10 +4,15 @@ Each neural part where the `precision` setting applies runs the same random weig
 frames in fp32 and bf16; the masks must agree (IoU >= 0.98 per object). The masks are checked to
 be neither (nearly) empty nor full first, so that agreement is not trivial.
 
-SAM-HQ does not reach 0.98 here: with random weights its mask logits are smooth and small near
-the mask boundary, and bf16 on the CPU (where autocast also leaves layer norms and softmax in
-bf16) moves the boundary: IoU 0.94-0.98 per proposal (encoder and decoder contribute about
-equally; norms in fp32 did not help). Its test holds the measured level, not the target."""
+SAM-HQ runs its token path in float32 (prompt encoder, token self-attention and MLP,
+hypernetwork MLPs, IoU head, logit fusion; see sam_hq.py). vit_b then reaches 0.98 per proposal
+(0.991-0.997; 0.981-0.994 before). vit_tiny does not: 0.963-0.982 per proposal, mean 0.975
+(0.940-0.978, mean 0.964 before). What is left is TinyViT's encoder itself: in bf16 with
+everything else in fp32 it alone gives 0.972-0.985 (its image embedding is 2.0 % off fp32 in L2,
+vit_b's 0.8 %), spread over all its stages (no norm, softmax or residual cast helped),
+and random weights give mask logits with no margin at the boundary (mean |logit| 0.06), so
+that error moves the boundary. fp16 (11-bit mantissa against bf16's 8) gives 0.997 for
+vit_tiny. Its test holds that measured level; the float32 token path itself is tested below."""
 import numpy as np
 import pytest
 import torch
@@ -72,19 +77,77 @@ def test_tracker_bf16_masks_agree_with_fp32(spec):
             _assert_agree(a[obj], b[obj], f"{spec['type']} frame {t} object {obj}")
 
 
-def test_sam_hq_bf16_proposals_agree_with_fp32():
+def _sam_hq_proposals(model_type, precision):
     frames, _ = _scene(1)
     boxes = np.array([[20, 20, 64, 60], [80, 50, 116, 86]], float)
-    props = {}
-    for precision in ("fp32", "bf16"):
-        refiner = registry.build("refiner", {"type": "sam_hq", "model_type": "vit_tiny", "random_weights": True,
-                                             "seed": 0}, "cpu", precision)
-        refiner.set_image(frames[0])
-        props[precision], _scores = refiner.propose(boxes)
-    assert props["fp32"].shape == props["bf16"].shape == (2, 3, H, W)
-    ious = [_assert_agree(props["fp32"][i, c], props["bf16"][i, c], f"sam_hq box {i} proposal {c}", at_least=0.93)
+    refiner = registry.build("refiner", {"type": "sam_hq", "model_type": model_type, "random_weights": True,
+                                         "seed": 0}, "cpu", precision)
+    refiner.set_image(frames[0])
+    masks, _scores = refiner.propose(boxes)
+    assert masks.shape == (2, 3, H, W)
+    return masks
+
+
+def test_sam_hq_vit_b_bf16_proposals_agree_with_fp32():
+    ref, low = _sam_hq_proposals("vit_b", "fp32"), _sam_hq_proposals("vit_b", "bf16")
+    for i in range(2):
+        for c in range(3):
+            _assert_agree(ref[i, c], low[i, c], f"sam_hq vit_b box {i} proposal {c}")
+
+
+def test_sam_hq_vit_tiny_bf16_proposals_hold_the_measured_level():
+    ref, low = _sam_hq_proposals("vit_tiny", "fp32"), _sam_hq_proposals("vit_tiny", "bf16")
+    ious = [_assert_agree(ref[i, c], low[i, c], f"sam_hq vit_tiny box {i} proposal {c}", at_least=0.95)
             for i in range(2) for c in range(3)]
-    assert np.mean(ious) >= 0.96, ious
+    assert np.mean(ious) >= 0.965, ious
+
+
+def test_sam_hq_token_path_runs_in_float32_and_the_image_path_in_bf16():
+    """The split the module docstring states, seen from the layers' outputs under bf16."""
+    frames, _ = _scene(1)
+    refiner = registry.build("refiner", {"type": "sam_hq", "model_type": "vit_tiny", "random_weights": True},
+                             "cpu", "bf16")
+    dec = refiner.model.mask_decoder
+    block = dec.transformer.layers[0]
+    watched = {"token self-attention": block.self_attn, "token MLP": block.mlp, "HQ token MLP": dec.hf_mlp,
+               "IoU head": dec.iou_prediction_head, "prompt encoder": refiner.model.prompt_encoder,
+               "token-to-image attention": block.cross_attn_token_to_image,
+               "image-to-token attention": block.cross_attn_image_to_token, "upscaling": dec.output_upscaling,
+               "image encoder stage": refiner.model.image_encoder.layers[-1]}
+    seen = {}
+
+    def record(name, output):
+        seen.setdefault(name, (output[0] if isinstance(output, tuple) else output).dtype)
+
+    for name, module in watched.items():
+        module.register_forward_hook(lambda _m, _i, out, name=name: record(name, out))
+    refiner.set_image(frames[0])
+    masks, scores = refiner.propose(np.array([[20, 20, 64, 60]], float))
+    assert masks.dtype == np.bool_ and scores.dtype == np.float32
+    float32 = ("token self-attention", "token MLP", "HQ token MLP", "IoU head", "prompt encoder")
+    assert {n: seen[n] for n in float32} == {n: torch.float32 for n in float32}
+    low = ("token-to-image attention", "image-to-token attention", "upscaling", "image encoder stage")
+    assert {n: seen[n] for n in low} == {n: torch.bfloat16 for n in low}
+
+
+def test_precision_stages_as_before_puts_the_prompt_encoder_and_token_path_under_autocast():
+    """The 'before' rows of tools/precision_stages and bench_models --sam-precision: the float32
+    wrappers gone, and the prompt encoder rounded as under autocast (but handing back float32)."""
+    from hqsmem_ros.tools.precision_stages import as_before_float32_token_path
+
+    refiner = registry.build("refiner", {"type": "sam_hq", "model_type": "vit_tiny", "random_weights": True},
+                             "cpu", "bf16")
+    prompt = refiner.model.prompt_encoder
+    box = torch.tensor([[100.0, 200.0, 600.0, 700.0]])
+    with torch.inference_mode():
+        shipped, _ = prompt(points=None, boxes=box, masks=None)
+        as_before_float32_token_path(refiner)
+        before, _ = prompt(points=None, boxes=box, masks=None)
+    assert not any("forward" in m.__dict__ for m in refiner.model.mask_decoder.modules())
+    assert shipped.dtype == before.dtype == torch.float32
+    assert not torch.equal(shipped, before)
+    torch.testing.assert_close(before, before.bfloat16().float())  # what bf16 holds, exactly
+    torch.testing.assert_close(before, shipped, atol=0.1, rtol=0.05)
 
 
 def test_dino_bf16_embeddings_agree_with_fp32():

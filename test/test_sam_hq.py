@@ -9,7 +9,7 @@ import torch
 
 from hqsmem_ros.core.config import ConfigError
 from hqsmem_ros.models.checkpoints import CheckpointError, apply_state_dict, sha256_of_file
-from hqsmem_ros.models.sam_hq import SamHQRefiner, guess_model_type
+from hqsmem_ros.models.sam_hq import SamHQRefiner, guess_model_type, token_path_in_float32
 
 H, W = 96, 128
 BOXES = np.array([[30.0, 20.0, 90.0, 70.0], [5.0, 8.0, 60.0, 50.0]])
@@ -161,6 +161,30 @@ def test_bad_box_shapes_and_values(refiner):
         refiner.propose(np.array([[0.0, 0.0, np.nan, 5.0]]))
     masks, scores = refiner.propose(np.zeros((0, 4)))
     assert masks.shape == (0, 3, H, W) and scores.shape == (0, 3)
+
+
+def test_float32_token_path_leaves_fp32_bit_identical(refiner, fused):
+    """The token path's float32 wrappers (for fp16/bf16) change nothing in fp32: the proposals
+    and the HQ token's hypernetwork weights equal, bit for bit, those of the package's own layers."""
+    dec = refiner.model.mask_decoder
+    hyper = []
+    hook = dec.hf_mlp.register_forward_hook(lambda _m, _i, out: hyper.append(out.clone()))
+    try:
+        _set_mode(refiner, False, True)
+        wrapped = refiner.propose(BOXES)
+        wrapped_modules = [m for m in refiner.model.modules() if "forward" in m.__dict__]
+        # IoU head, HQ token MLP, 4 token MLPs, 2 transformer blocks x (self-attention, MLP)
+        assert len(wrapped_modules) == token_path_in_float32(refiner.model) == 2 + 4 + 2 * 2
+        for m in wrapped_modules:
+            del m.forward
+        plain = refiner.propose(BOXES)
+    finally:
+        token_path_in_float32(refiner.model)
+        hook.remove()
+    np.testing.assert_array_equal(wrapped[0], plain[0])
+    np.testing.assert_array_equal(wrapped[1], plain[1])
+    np.testing.assert_array_equal(wrapped[0], fused[0])
+    assert torch.equal(hyper[0], hyper[1])
 
 
 def test_propose_before_set_image_is_an_error(refiner):

@@ -25,6 +25,16 @@ score is always, bit for bit, the mask `SamPredictor.predict(box=..., multimask_
 hq_token_only=hq_token_only)` returns. Logits are upsampled with the model's `postprocess_masks`
 to the image size and thresholded at `model.mask_threshold`.
 
+Mixed precision (``precision`` fp16/bf16): the image-sized work runs under autocast (the image
+encoder, the HQ feature branch, the transformer's attention between tokens and image, the
+upscaling convolutions, the mask dot products), as before. What acts on the handful of prompt and
+output tokens runs in float32, autocast off: the prompt encoder (its random Fourier positional
+encodings feed sin/cos arguments of up to about 20, where bf16's step is 0.06), the transformer's
+token self-attention and MLP, the hypernetwork MLPs and the IoU head, and the fusion of the
+tokens' logits. These tokens set the weights of every pixel's logit at once, so their rounding
+moves the whole mask boundary coherently; they cost nothing next to the image-sized layers. In
+fp32 these casts are no-ops (bit-identical output). Figures: docs/benchmarks.md.
+
 Boxes are [x0, y0, x1, y1] pixels; they are clipped to the image, and a box with no area
 inside the image is a ValueError naming it.
 
@@ -56,6 +66,36 @@ MODEL_TYPES = ("vit_tiny", "vit_b", "vit_l", "vit_h")
 # TinyViT's classifier head exists in the module but SAM never runs it; a checkpoint may omit it.
 RELEASED = "from SAM-HQ's model checkpoints, github.com/SysCV/sam-hq (README)"
 _OPTIONAL_KEYS = (r"image_encoder\.norm_head\..*", r"image_encoder\.head\..*")
+
+
+class _Float32Forward:
+    """A module's forward with autocast off and floating inputs cast to float32.
+
+    A class rather than a closure so that a model holding it still deep-copies and pickles."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        args = [a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+        device = next((a.device for a in [*args, *kwargs.values()] if torch.is_tensor(a)), torch.device("cpu"))
+        with torch.autocast(device_type=device.type, enabled=False):
+            return type(self.module).forward(self.module, *args, **kwargs)
+
+
+def token_path_in_float32(model) -> int:
+    """Run the mask decoder's token-only layers in float32 (see the module docstring).
+
+    Idempotent; returns how many modules run in float32."""
+    dec = model.mask_decoder
+    modules = [dec.iou_prediction_head, dec.hf_mlp, *dec.output_hypernetworks_mlps]
+    for block in dec.transformer.layers:
+        modules += [block.self_attn, block.mlp]
+    for module in modules:
+        if not isinstance(module.__dict__.get("forward"), _Float32Forward):
+            module.forward = _Float32Forward(module)
+    return len(modules)
 
 
 def guess_model_type(sd) -> str:
@@ -91,6 +131,7 @@ class SamHQRefiner(Refiner):
         self.precision = check_precision(self.device, precision)
         # eval() after loading weights matters: TinyViT caches its attention biases in eval mode.
         self.model = model.to(self.device).eval()
+        token_path_in_float32(self.model)
         self.predictor = SamPredictor(self.model)
         self.hq_token_only = bool(hq_token_only)
         self.multimask = bool(multimask)
@@ -163,7 +204,7 @@ class SamHQRefiner(Refiner):
         if n == 0:
             return (torch.zeros((0, 3, h, w), dtype=torch.bool, device=self.device),
                     torch.zeros((0, 3), dtype=torch.float32, device=self.device))
-        with torch.inference_mode(), autocast_context(self.device, self.precision):
+        with torch.inference_mode():  # the prompt encoder in float32: see the module docstring
             sparse, dense = self.model.prompt_encoder(points=None, boxes=box_t, masks=None)
             return self._decode(sparse, dense)
 
@@ -172,14 +213,17 @@ class SamHQRefiner(Refiner):
         h, w = self.image_size
         n = sparse.shape[0]
         model, dec = self.model, self.model.mask_decoder
+        with torch.inference_mode():
+            image_pe = model.prompt_encoder.get_dense_pe()  # float32, as the prompt encoder
         with torch.inference_mode(), autocast_context(self.device, self.precision):
             logits, iou = dec.predict_masks(
                 image_embeddings=self.predictor.features,
-                image_pe=model.prompt_encoder.get_dense_pe(),
+                image_pe=image_pe,
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 hq_features=self._hq_features,
             )
+            logits, iou = logits.float(), iou.float()  # the tokens' logits are fused in float32
             hq_index = dec.num_mask_tokens - 1
             hq = logits[:, hq_index:hq_index + 1]
             if self.multimask:
@@ -192,9 +236,9 @@ class SamHQRefiner(Refiner):
                 scores = iou[:, 0:1].expand(n, 3)
                 single = hq if self.hq_token_only else logits[:, 0:1] + hq
                 proposals = single.expand(n, 3, *single.shape[2:])
-            masks = model.postprocess_masks(proposals.float(), self.predictor.input_size, (h, w))
+            masks = model.postprocess_masks(proposals, self.predictor.input_size, (h, w))
             masks = masks > model.mask_threshold
-        return masks, scores.float()
+        return masks, scores
 
     def propose(self, boxes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         masks, scores = self.propose_torch(boxes)
@@ -223,7 +267,7 @@ class SamHQRefiner(Refiner):
             coords_t = torch.as_tensor(coords, dtype=torch.float, device=self.device)
             lbl_t = torch.as_tensor(lbl, dtype=torch.int, device=self.device)
             box_t = self._boxes_tensor(boxes[group]) if has_box else None
-            with torch.inference_mode(), autocast_context(self.device, self.precision):
+            with torch.inference_mode():  # the prompt encoder in float32: see the module docstring
                 sparse, dense = self.model.prompt_encoder(points=(coords_t, lbl_t), boxes=box_t, masks=None)
                 m, sc = self._decode(sparse, dense)
             masks[group], scores[group] = m.cpu().numpy(), sc.cpu().numpy()

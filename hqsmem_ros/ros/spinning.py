@@ -8,8 +8,10 @@ short steps and checks a flag between them; only then is the executor shut down.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from typing import Callable, Iterator, Optional
 
 
 class BackgroundSpinner:
@@ -43,15 +45,38 @@ class BackgroundSpinner:
         self.executor.shutdown()
 
 
-def stop_tool(spinner: BackgroundSpinner, node) -> None:
-    """A tool's last step: stop its spinning thread, then destroy the node and shut ROS down
-    (in that order: rclpy's shutdown races a thread still spinning)."""
+def stop_tool(spinner: BackgroundSpinner, node, on_stopped: Optional[Callable[[], None]] = None) -> None:
+    """A tool's last step: stop its spinning thread, run `on_stopped` (no callback runs any more),
+    then destroy the node and shut ROS down (in that order: rclpy's shutdown races a thread still
+    spinning)."""
     import rclpy
 
     spinner.stop()
+    if on_stopped is not None:
+        on_stopped()
     node.destroy_node()
     if rclpy.ok():
         rclpy.shutdown()
+
+
+@contextlib.contextmanager
+def tool_spinning(node, executor, on_stopped: Optional[Callable[[], None]] = None) -> Iterator[BackgroundSpinner]:
+    """A tool's main loop: `node` spins on `executor` in the background for the with-block, which
+    Ctrl-C or SIGTERM ends quietly (ROS initialised with init_without_ros_signal_handlers, so
+    that rclpy's signal thread does not race the teardown); then `stop_tool` (also after an error, which still propagates)."""
+    executor.add_node(node)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (launch's escalation) as Ctrl-C
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    spinner = BackgroundSpinner(executor).start()
+    try:
+        yield spinner
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        stop_tool(spinner, node, on_stopped)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

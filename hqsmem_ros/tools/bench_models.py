@@ -13,6 +13,15 @@ is reported. Medians over `iters` frames after `warmup` frames.
 4 masks per object) with the official position-embedding resampling and exact patch weights
 against the previous code path (timm's own resampling, adaptive average pooling), alternating
 the two on the same frames in one run, and prints the ratio.
+
+`bench_sam_hq_precision` (``--sam-precision``) times the SAM-HQ refine step (`set_image` +
+`propose_torch` for all boxes; and the decoder step `propose_torch` alone; median and fastest
+frame) in fp32, in the low precision (bf16, or fp16 on CUDA) as shipped (prompt encoder and
+token path in float32), and in the low precision as before that change (both under autocast;
+`precision_stages.as_before_float32_token_path`), alternating the three on the same frames and
+weights in one run:
+
+    python -m hqsmem_ros.tools.bench_models --sam-precision --size 854x480 --objects 5 --device cpu --iters 9 --warmup 1
 """
 from __future__ import annotations
 
@@ -165,6 +174,57 @@ def bench_dino_resampling(size: Tuple[int, int] = (854, 480), n_objects: int = 5
             "official_over_previous": round(official / previous, 4)}
 
 
+def bench_sam_hq_precision(size: Tuple[int, int] = (854, 480), n_objects: int = 5, device: str = "cpu",
+                           low: str = "bf16", iters: int = 5, warmup: int = 1, sam_model_type: str = "vit_tiny",
+                           seed: int = 0) -> Dict:
+    """Median ms of the refine step: fp32, `low` as shipped, `low` with the token path under autocast."""
+    import copy
+
+    from hqsmem_ros.models.sam_hq import SamHQRefiner
+    from hqsmem_ros.tools.precision_stages import as_before_float32_token_path
+
+    width, height = int(size[0]), int(size[1])
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    fp32 = SamHQRefiner.from_config({"model_type": sam_model_type, "random_weights": True, "seed": seed},
+                                    device=str(dev), precision="fp32")
+    shipped = SamHQRefiner(fp32.model, dev, low)  # the same weights; the wrappers are no-ops in fp32
+    previous = as_before_float32_token_path(SamHQRefiner(copy.deepcopy(fp32.model), dev, low))
+    rng = np.random.default_rng(seed)
+    frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(2)]
+    boxes = _boxes(n_objects, width, height, rng)
+    runs = [("fp32", fp32), (low, shipped), (f"{low}_before", previous)]
+    times: Dict[str, Dict[str, list]] = {name: {"refine": [], "decode": []} for name, _ in runs}
+
+    def lap(start):
+        if cuda:
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - start
+
+    for i in range(warmup + iters):
+        for name, refiner in runs[i % 3:] + runs[:i % 3]:  # rotate the order every frame
+            lap(0.0)
+            t = time.perf_counter()
+            refiner.set_image(frames[i % 2])
+            encode = lap(t)
+            t = time.perf_counter()
+            refiner.propose_torch(boxes)
+            decode = lap(t)
+            if i >= warmup:
+                times[name]["refine"].append(encode + decode)
+                times[name]["decode"].append(decode)
+    result = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "size": f"{width}x{height}",
+              "objects": n_objects, "sam_model_type": sam_model_type, "iters": iters,
+              "threads": torch.get_num_threads(), "torch": torch.__version__}
+    for step in ("refine", "decode"):
+        for stat, pick in (("median", statistics.median), ("min", min)):  # min: less hit by other load
+            ms = {name: 1000 * pick(t[step]) for name, t in times.items()}
+            result.update({f"{name}_{step}_{stat}_ms": round(v, 1) for name, v in ms.items()})
+            result[f"{step}_{stat}_{low}_over_fp32"] = round(ms[low] / ms["fp32"], 4)
+            result[f"{step}_{stat}_{low}_over_before"] = round(ms[low] / ms[f"{low}_before"], 4)
+    return result
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="854x480", help="WxH")
@@ -178,8 +238,15 @@ def main(argv=None) -> None:
     ap.add_argument("--dino-input", type=int, default=448)
     ap.add_argument("--dino-compare", action="store_true",
                     help="time only the DINO feature step: official resampling vs the previous timm path")
+    ap.add_argument("--sam-precision", action="store_true",
+                    help="time only the SAM-HQ refine step: fp32 against --low (as shipped and as before "
+                         "the float32 token path)")
+    ap.add_argument("--low", default="bf16", choices=("bf16", "fp16"), help="low precision for --sam-precision")
     a = ap.parse_args(argv)
     w, h = (int(v) for v in a.size.lower().split("x"))
+    if a.sam_precision:
+        print(json.dumps(bench_sam_hq_precision((w, h), a.objects, a.device, a.low, a.iters, a.warmup, a.sam)))
+        return
     if a.dino_compare:
         print(json.dumps(bench_dino_resampling((w, h), a.objects, a.device, a.iters, a.warmup, a.dino, a.dino_input)))
         return

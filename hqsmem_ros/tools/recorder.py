@@ -25,7 +25,7 @@ from sensor_msgs.msg import Image
 
 from hqsmem_ros.msg import TrackedObjectArray
 from hqsmem_ros.io import image_codec
-from hqsmem_ros.ros.spinning import BackgroundSpinner
+from hqsmem_ros.ros.spinning import init_without_ros_signal_handlers, tool_spinning
 
 _MSG_DIR_CANDIDATES = (Path(__file__).resolve().parents[2] / "msg",)
 
@@ -150,27 +150,20 @@ class Recorder(Node):
 def main(argv: Optional[List[str]] = None) -> int:
     from hqsmem_ros.ros import dds_transport
     dds_transport.apply()  # large frames between processes (config/fastdds.xml), before rclpy.init
-    rclpy.init(args=sys.argv if argv is None else argv)
+    init_without_ros_signal_handlers(sys.argv if argv is None else argv)
     node = Recorder()
-    executor = MultiThreadedExecutor(num_threads=2)
-    executor.add_node(node)
-    spinner = BackgroundSpinner(executor).start()
-    try:
+
+    def close():  # once no callback can write any more
+        node.close()
+        node.get_logger().info(f"recorded {node.counts}")
+
+    with tool_spinning(node, MultiThreadedExecutor(num_threads=2), on_stopped=close):
         while not node.done.wait(0.2):
             if (node.idle_timeout and node.last_message is not None
                     and time.monotonic() - node.last_message > node.idle_timeout):
                 break
         if node.done.is_set():
             time.sleep(0.5)  # the last frame's objects/overlay may come just after its masks
-    except KeyboardInterrupt:
-        pass
-    finally:
-        spinner.stop()
-        node.close()
-        node.get_logger().info(f"recorded {node.counts}")
-        node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
     return 0
 
 

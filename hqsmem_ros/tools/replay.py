@@ -30,7 +30,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from rosgraph_msgs.msg import Clock
 
 from hqsmem_ros.io.bagfiles import BagError, IMAGE_TYPE, COMPRESSED_TYPE, make_typestore, open_bag
-from hqsmem_ros.ros.spinning import BackgroundSpinner, stop_tool
+from hqsmem_ros.ros.spinning import init_without_ros_signal_handlers, tool_spinning
 
 DEFAULT_RESULTS_TOPIC = "/hqsmem_node/objects"
 
@@ -232,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(own)
     from hqsmem_ros.ros import dds_transport
     dds_transport.apply()  # large frames between processes (config/fastdds.xml), before rclpy.init
-    rclpy.init(args=["replay"] + ros_args)
+    init_without_ros_signal_handlers(["replay"] + ros_args)
     try:
         node = BagReplayer(args.bag, args.image_topic, rate=args.rate, extra_topics=args.topic,
                            clock=not args.no_clock, clock_hz=args.clock_hz, lockstep=args.lockstep,
@@ -243,24 +243,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         rclpy.shutdown()
         print(f"replay: {exc}", file=sys.stderr)
         return 2
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    spinner = BackgroundSpinner(executor).start()
     code = 0
-    try:
-        summary = node.run()
-        time.sleep(0.5)  # let the last messages leave before the process ends
-        counts = ", ".join(f"{n} on {t}" for t, n in summary.published.items())
-        print(f"replayed {counts} in {summary.wall_s:.1f} s"
-              + (f"; {len(summary.without_result)} images got no result in time" if summary.without_result else ""))
-        code = 1 if summary.without_result else 0
-    except TimeoutError as exc:
-        print(f"replay: {exc}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_tool(spinner, node)
+    with tool_spinning(node, SingleThreadedExecutor()):
+        try:
+            summary = node.run()
+            time.sleep(0.5)  # let the last messages leave before the process ends
+            counts = ", ".join(f"{n} on {t}" for t, n in summary.published.items())
+            print(f"replayed {counts} in {summary.wall_s:.1f} s"
+                  + (f"; {len(summary.without_result)} images got no result in time" if summary.without_result else ""))
+            code = 1 if summary.without_result else 0
+        except TimeoutError as exc:
+            print(f"replay: {exc}", file=sys.stderr)
+            code = 1
     return code
 
 

@@ -25,7 +25,7 @@ from sensor_msgs.msg import CompressedImage, Image
 
 from hqsmem_ros.data.synth import make_sequence
 from hqsmem_ros.io import image_codec
-from hqsmem_ros.ros.spinning import BackgroundSpinner, stop_tool
+from hqsmem_ros.ros.spinning import init_without_ros_signal_handlers, tool_spinning
 
 
 class SyntheticCamera(Node):
@@ -138,21 +138,15 @@ def _to_ns(seconds: float) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     from hqsmem_ros.ros import dds_transport
     dds_transport.apply()  # large frames between processes (config/fastdds.xml), before rclpy.init
-    rclpy.init(args=sys.argv if argv is None else argv)
+    init_without_ros_signal_handlers(sys.argv if argv is None else argv)
     node = SyntheticCamera()
-    executor = MultiThreadedExecutor(num_threads=2)
-    executor.add_node(node)
-    spinner = BackgroundSpinner(executor).start()
-    try:
-        node.run()
-        time.sleep(0.5)  # let the last messages leave before the process ends
-    except KeyboardInterrupt:
-        pass
-    except Exception:
-        if rclpy.ok():
-            raise  # a real error; otherwise we were interrupted while publishing
-    finally:
-        stop_tool(spinner, node)
+    with tool_spinning(node, MultiThreadedExecutor(num_threads=2)):
+        try:
+            node.run()
+            time.sleep(0.5)  # let the last messages leave before the process ends
+        except Exception:
+            if rclpy.ok():
+                raise  # a real error; otherwise we were interrupted while publishing
     return 0
 
 

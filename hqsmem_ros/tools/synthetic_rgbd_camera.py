@@ -30,7 +30,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 
 from hqsmem_ros.data.synth_rgbd import Truth3D, intrinsics, make_rgbd
-from hqsmem_ros.ros.spinning import BackgroundSpinner, stop_tool
+from hqsmem_ros.ros.spinning import init_without_ros_signal_handlers, tool_spinning
 
 DEPTH_ENCODINGS = ("16UC1", "32FC1")
 
@@ -159,23 +159,16 @@ class SyntheticRGBDCamera(Node):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    rclpy.init(args=sys.argv if argv is None else argv)
+    init_without_ros_signal_handlers(sys.argv if argv is None else argv)
     try:
         node = SyntheticRGBDCamera()
     except ValueError as exc:
         print(f"synthetic_rgbd_camera: {exc}", file=sys.stderr)
         rclpy.shutdown()
         return 2
-    executor = MultiThreadedExecutor(num_threads=2)
-    executor.add_node(node)
-    spinner = BackgroundSpinner(executor).start()
-    try:
+    with tool_spinning(node, MultiThreadedExecutor(num_threads=2)):
         node.run()
         time.sleep(0.5)  # let the last messages leave before the process ends
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_tool(spinner, node)
     return 0
 
 
