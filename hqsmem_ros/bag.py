@@ -30,12 +30,9 @@ bag_stream).
 
 Nothing is lost silently: every image of the topic either has one masks and one objects message
 in the output, or is counted as dropped (undecodable, or refused by the pipeline) with its
-reason; a dropped image has NO masks/objects message (it stays in the output as an input
-topic). The summary always reports frames in = results + dropped. The output bag is written to
-a hidden temporary folder beside OUT_BAG and moved in place only when complete.
-
-Same bag, same config -> the same output messages (the pipeline is deterministic and nothing
-depends on wall-clock time).
+reason; a dropped image has NO masks/objects message (it stays an input topic). The summary
+reports frames in = results + dropped. The output is written to a hidden folder beside OUT_BAG
+and moved in place only when complete. Same bag, same config -> the same output messages.
 
 With 4 or more usable cores, reading + decoding and encoding + writing run in two threads
 beside the pipeline (the frame order is kept), so bag I/O overlaps the pipeline; with fewer, or
@@ -264,14 +261,12 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
     pipeline: one built from this `config` before (models loaded once for many bags), reset
     before each pass (so the output is a fresh pipeline's); None: built here.
 
-    io_threads: read/decode and encode/write in two threads beside the pipeline (True), or
-    everything in the calling thread except image decoding, one frame ahead in a worker (False:
-    the summary's overhead is then the sum of the parts less the decoding it hid); None
-    (default) = threads only when the process may use at least IO_THREADS_MIN_CORES cores (on
-    one core they only compete with the pipeline; a `hqsmem bags` worker pinned to one core
-    runs in line).
-    bench: first run the pipeline alone over the same frames (decoded, nothing written, no
-    threads), and report the real run's time per frame against that pass's pipeline time too.
+    io_threads: read/decode and encode/write in two threads beside the pipeline (True), or all in
+    the calling thread but image decoding, one frame ahead in a worker (False); None (default) =
+    threads only with at least IO_THREADS_MIN_CORES usable cores (on one they only compete with
+    the pipeline: a `hqsmem bags` worker pinned to one core runs in line).
+    bench: first run the pipeline alone over the same frames (_bench_pipeline_alone), and report
+    the real run's time per frame against that pass's pipeline time too.
 
     max_image_pixels: images larger than this (width x height, from the message or the
     compressed header, checked before decoding) are dropped as bad_image; None = the node's
@@ -313,18 +308,10 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
                              io_threads=io_threads,
                              image_decoder=image_codec.jpeg_decoder() if image_type == COMPRESSED_TYPE else "")
         if bench:
-            # The pipeline alone on the same frames, same process, nothing beside it: the
-            # reference for what the real run below adds.
-            alone = BagSummary(str(in_bag), "", out_storage, image_topic, image_type, io_threads=False)
-            again = load_prompts_file(prompts_file) if prompts_file is not None else None
-            replay = (_read_prompt_topic(reader, by_topic[prompt_topic][0], store, in_bag)
-                      if prompt_topic is not None else None)
-            log("hqsmem bag --bench: first pass, the pipeline alone (no output)")
-            _run(reader, None, store, _fresh(pipeline, cfg), alone, image_conns, again, replay, excluded, ns,
-                 False, overlay_alpha, Progress(total, enabled=progress is True), lambda text: None, False,
-                 max_pixels=max_image_pixels)
-            summary.bench_pipeline_alone_s = alone.seconds["pipeline"]
-            log("hqsmem bag --bench: second pass, the real run")
+            summary.bench_pipeline_alone_s = _bench_pipeline_alone(
+                reader, store, _fresh(pipeline, cfg), summary, image_conns, prompts_file,
+                by_topic[prompt_topic][0] if prompt_topic is not None else None, excluded, ns,
+                overlay_alpha, Progress(total, enabled=progress is True), log, max_image_pixels)
         bar = Progress(total, enabled=progress is True, callback=None if isinstance(progress, bool) else progress)
         _write(reader, out_bag, out_storage, store, _fresh(pipeline, cfg), summary, image_conns, schedule, recorded,
                excluded, ns, overlay, overlay_alpha, bar, log, io_threads, max_image_pixels, depth=depth)
@@ -332,6 +319,20 @@ def process_bag(in_bag: Union[str, Path], out_bag: Union[str, Path], image_topic
         reader.close()
     _finish_summary(summary, schedule, recorded, prompt_topic, image_topic, total)
     return summary
+
+
+def _bench_pipeline_alone(reader, store, pipeline, summary, image_conns, prompts_file, prompt_conn, excluded,
+                          ns, overlay_alpha, bar, log, max_pixels) -> float:
+    """--bench's first pass, the reference for what the real run adds: the pipeline alone on the
+    same frames in the same process, no output, no threads. Returns its pipeline seconds."""
+    alone = BagSummary(summary.in_bag, "", summary.storage, summary.image_topic, summary.image_type, io_threads=False)
+    schedule = load_prompts_file(prompts_file) if prompts_file is not None else None
+    recorded = _read_prompt_topic(reader, prompt_conn, store, Path(summary.in_bag)) if prompt_conn is not None else None
+    log("hqsmem bag --bench: first pass, the pipeline alone (no output)")
+    _run(reader, None, store, pipeline, alone, image_conns, schedule, recorded, excluded, ns,
+         False, overlay_alpha, bar, lambda text: None, False, max_pixels=max_pixels)
+    log("hqsmem bag --bench: second pass, the real run")
+    return alone.seconds["pipeline"]
 
 
 def _depth_inputs(by_topic, reader, in_bag: Path, depth_topic, info_topic, params):

@@ -272,8 +272,8 @@ def _machine_line(r: Dict) -> str:
 _STOPPED = re.compile(r"stopped: (\d+) frames received, (\d+) processed, dropped (.*)$", re.M)
 
 
-# Over 80 lines for now: the publisher loop and the settle wait share their counters; the soak
-# benchmarks of issue 15 (transport settings) change this function and split it.
+# Over 80 lines on purpose: the publisher loop and the settle wait share a dozen counters that a
+# split would pass back and forth.
 def run_stream(args, qos_name: str) -> Dict:
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.qos import QoSProfile, ReliabilityPolicy
