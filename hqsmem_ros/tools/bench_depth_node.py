@@ -106,7 +106,6 @@ def _client(conn, domain: int, frames: int, size, n_objects: int, seed: int) -> 
 
 def run_node_bench(frames: int, size, n_objects: int, seed: int, rounds: int, config: str) -> Dict:
     import multiprocessing
-
     import rclpy
     from rclpy.context import Context
     from rclpy.executors import MultiThreadedExecutor
