@@ -98,6 +98,12 @@ class FlowSettings:
     color_bins: Tuple[int, int] = setting(
         (4, 32), "Colour histogram bins: [luminance, chroma per axis]", check=_color_bins_ok,
         rule="two powers of two, luminance <= 256 and chroma <= 64")
+    occlusion_order: bool = setting(False, "Keep which object is in front of which (the one that "
+                                    "takes another's predicted pixels); the pixels a front object "
+                                    "claims beyond its own rigid motion, next to the object behind "
+                                    "it (or while that one is hidden), go to the object behind")
+    occluder_slack: int = setting(2, "With occlusion_order: how far (pixels) a front object's mask may "
+                                  "reach beyond its rigidly moved previous mask", minimum=0)
 
 
 class FlowTracker(BaseTracker):
@@ -121,6 +127,8 @@ class FlowTracker(BaseTracker):
         self.anchor_weight = s.anchor_weight
         self.others_as_background = s.others_as_background
         self.color_bins = s.color_bins
+        self.occlusion_order = s.occlusion_order
+        self.occluder_slack = s.occluder_slack
         yb, cb = s.color_bins
         self._n_bins = yb * cb * cb
         self._flow = cv2.DISOpticalFlow_create(_PRESETS[s.flow_preset])
@@ -136,6 +144,8 @@ class FlowTracker(BaseTracker):
         self._cache_frame: Optional[int] = None
         self._cache = None
         self._pending: Optional[_Pending] = None
+        self._behind: Dict[int, int] = {}  # object -> the object in front of it
+        self._covered: Dict[Tuple[int, int], float] = {}  # (front, back) -> pixels front took from back
 
     @property
     def object_ids(self) -> List[int]:
@@ -164,6 +174,8 @@ class FlowTracker(BaseTracker):
         for oid in ids:
             self._objects.pop(oid, None)
             self._prior.pop(oid, None)
+            self._behind = {b: f for b, f in self._behind.items() if oid not in (b, f)}
+            self._covered = {k: c for k, c in self._covered.items() if oid not in k}
             for entry in self._memory.values():
                 entry.pop(oid, None)
         self._memory = {f: e for f, e in self._memory.items() if e}
@@ -203,9 +215,12 @@ class FlowTracker(BaseTracker):
                 warped.update({i: out[..., k] for k, i in enumerate(chunk)})
         elif ids:
             warped = {i: self._prior[i].astype(np.float32) for i in ids}
+        rigid = {i: self._prior[i].astype(np.float32) for i in ids}  # each prior moved as a whole
         if self._prev_rgb is not None and self._prev_rgb.shape == image.shape and self.match_search > 0:
             for oid in ids:
                 shifted = self._match_shift(oid, image)
+                if shifted is not None:
+                    rigid[oid] = shifted
                 if shifted is not None and self._fit(oid, shifted, index) > self._fit(oid, warped[oid], index):
                     warped[oid] = shifted
 
@@ -213,6 +228,9 @@ class FlowTracker(BaseTracker):
         label = np.zeros((h, w), np.int32)
         for oid, wm in warped.items():
             self._segment_near(oid, wm, index, best, label)
+        if self.occlusion_order and len(self._objects) > 1:
+            self._update_depth_order(warped, label)
+            self._give_back_revealed(rigid, label)
         result: Masks = {}
         for oid, obj in self._objects.items():
             m = label == oid
@@ -252,6 +270,59 @@ class FlowTracker(BaseTracker):
         win = (fg > 0) & (logit > best[sl])
         best[sl][win] = logit[win]
         label[sl][win] = oid
+
+    # -- occlusion ----------------------------------------------------------------------------
+    def _update_depth_order(self, warped: Masks, label: np.ndarray) -> None:
+        """Who covers whom: the pixels of each object's prediction that another object wins,
+        summed while the two touch. The one that has lost more to the other (by min_area pixels)
+        is behind it. A pair is forgotten once the object behind is visible and no longer touches
+        its occluder."""
+        # Old evidence fades (halved in about 7 frames): the order is that of the current contact.
+        self._covered = {k: c * 0.9 for k, c in self._covered.items() if c * 0.9 >= 1.0}
+        for oid, wm in warped.items():
+            lost = label[(wm > 0.5) & (label != oid) & (label > 0)]
+            for front, count in enumerate(np.bincount(lost)):
+                if count and front != oid:
+                    key = (front, oid)
+                    self._covered[key] = self._covered.get(key, 0.0) + float(count)
+        for (front, back), count in list(self._covered.items()):
+            if count - self._covered.get((back, front), 0) >= max(1, self.min_area):
+                self._behind[back] = front
+                self._behind.pop(front, None) if self._behind.get(front) == back else None
+        near = np.ones((3, 3), np.uint8)
+        for back, front in list(self._behind.items()):
+            own = label == back
+            gone = front not in self._objects or back not in self._objects
+            if gone or (own.sum() >= max(1, self.min_area)
+                        and not (cv2.dilate(own.astype(np.uint8), near).astype(bool) & (label == front)).any()):
+                del self._behind[back]
+                self._covered.pop((front, back), None)
+                self._covered.pop((back, front), None)
+
+    def _give_back_revealed(self, rigid: Masks, label: np.ndarray) -> None:
+        """An occluder's mask claims the pixels the object behind it uncovers (the flow there
+        points into the occluder, the colours look alike): the pixels it holds beyond its own
+        previous mask moved rigidly (+ occluder_slack) go to the object behind it, where they
+        touch that object or, while it is hidden, as the largest such piece."""
+        k = 2 * self.occluder_slack + 1
+        near = np.ones((3, 3), np.uint8)
+        for back, front in self._behind.items():
+            if front not in rigid:
+                continue
+            allowed = cv2.dilate((rigid[front] > 0.5).astype(np.uint8), np.ones((k, k), np.uint8))
+            excess = ((label == front) & (allowed == 0)).astype(np.uint8)
+            if int(excess.sum()) < max(1, self.min_area):
+                continue
+            n, comp, stats, _ = cv2.connectedComponentsWithStats(excess, connectivity=8)
+            own = label == back
+            if own.sum() >= max(1, self.min_area):
+                touching = np.unique(comp[cv2.dilate(own.astype(np.uint8), near).astype(bool)])
+                pieces = [c for c in touching if c > 0]
+            else:
+                sizes = stats[1:, cv2.CC_STAT_AREA]
+                pieces = [1 + int(sizes.argmax())] if n > 1 and sizes.max() >= self.min_area else []
+            for c in pieces:
+                label[comp == c] = back
 
     def _match_shift(self, oid, image) -> Optional[np.ndarray]:
         """The prior moved by the object's best whole-object match in a window around it."""
