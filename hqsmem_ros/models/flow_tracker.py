@@ -20,6 +20,15 @@ they differ, not claimed by each other when they cross.
 An object whose mask vanishes (left the view, fully occluded) is reported absent and searched
 for over the whole frame with its colour model until it is found again, at the size it had in
 long-term memory (not its last, occluded size).
+
+Occlusion order (`occlusion_order`): where two objects meet, the one whose predicted pixels the
+other keeps winning is behind it (evidence summed over the frames of the contact, fading). The
+pixels a look-alike uncovers as it comes out from behind were the occluder's a frame before, so
+the flow carries the occluder's mask onto them and the colour model cannot object; the occluder
+may therefore reach no further than its previous mask moved as a whole (its template match) plus
+`occluder_slack` pixels, and what it claims beyond goes to the object behind it: the pieces that
+touch that object, or, while that object is wholly hidden, the largest piece (it can only come
+back from its occluder's edge).
 """
 from __future__ import annotations
 
@@ -274,7 +283,7 @@ class FlowTracker(BaseTracker):
     # -- occlusion ----------------------------------------------------------------------------
     def _update_depth_order(self, warped: Masks, label: np.ndarray) -> None:
         """Who covers whom: the pixels of each object's prediction that another object wins,
-        summed while the two touch. The one that has lost more to the other (by min_area pixels)
+        summed over frames (older frames fading). The one that has lost more to the other (by min_area pixels)
         is behind it. A pair is forgotten once the object behind is visible and no longer touches
         its occluder."""
         # Old evidence fades (halved in about 7 frames): the order is that of the current contact.
@@ -288,7 +297,8 @@ class FlowTracker(BaseTracker):
         for (front, back), count in list(self._covered.items()):
             if count - self._covered.get((back, front), 0) >= max(1, self.min_area):
                 self._behind[back] = front
-                self._behind.pop(front, None) if self._behind.get(front) == back else None
+                if self._behind.get(front) == back:  # the newer evidence reverses the order
+                    del self._behind[front]
         near = np.ones((3, 3), np.uint8)
         for back, front in list(self._behind.items()):
             own = label == back
