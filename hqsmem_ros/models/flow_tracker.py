@@ -255,6 +255,8 @@ class FlowTracker(BaseTracker):
                         obj.absent_frames = 0
             else:
                 obj.absent_frames = 0
+                if oid in self._behind:
+                    m = self._regrow_reemerging(oid, m, index, label)
             result[oid] = m
         return result
 
@@ -333,6 +335,19 @@ class FlowTracker(BaseTracker):
                 pieces = [1 + int(sizes.argmax())] if n > 1 and sizes.max() >= self.min_area else []
             for c in pieces:
                 label[comp == c] = back
+
+    def _regrow_reemerging(self, oid, own: np.ndarray, index, label) -> np.ndarray:
+        """An object coming out from behind its occluder holds only the pieces given back so far
+        (its flow prior is small): the re-detection candidate of free pixels that touches them is
+        the rest of it, as an object found again after being lost would get."""
+        areas = [e[oid][2] for e in self._memory.values() if oid in e]
+        if not areas or own.sum() >= self.redetect_area_range[0] * float(np.median(areas)):
+            return own
+        found = self._redetect(oid, index, label)
+        if found is None or not (cv2.dilate(own.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & found).any():
+            return own
+        label[found] = oid
+        return own | found
 
     def _match_shift(self, oid, image) -> Optional[np.ndarray]:
         """The prior moved by the object's best whole-object match in a window around it."""
