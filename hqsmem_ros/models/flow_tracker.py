@@ -28,7 +28,8 @@ the flow carries the occluder's mask onto them and the colour model cannot objec
 may therefore reach no further than its previous mask moved as a whole (its template match) plus
 `occluder_slack` pixels, and what it claims beyond goes to the object behind it: the pieces that
 touch that object, or, while that object is wholly hidden, the largest piece (it can only come
-back from its occluder's edge).
+back from its occluder's edge). While it is still small, a re-emerging object also takes the free
+re-detection candidate that touches what it got back.
 """
 from __future__ import annotations
 
@@ -285,9 +286,9 @@ class FlowTracker(BaseTracker):
     # -- occlusion ----------------------------------------------------------------------------
     def _update_depth_order(self, warped: Masks, label: np.ndarray) -> None:
         """Who covers whom: the pixels of each object's prediction that another object wins,
-        summed over frames (older frames fading). The one that has lost more to the other (by min_area pixels)
-        is behind it. A pair is forgotten once the object behind is visible and no longer touches
-        its occluder."""
+        summed over frames (older frames fading). The one that has lost min_area pixels more to
+        the other is behind it. A pair is forgotten once the object behind is visible and no
+        longer touches its occluder."""
         # Old evidence fades (halved in about 7 frames): the order is that of the current contact.
         self._covered = {k: c * 0.9 for k, c in self._covered.items() if c * 0.9 >= 1.0}
         for oid, wm in warped.items():
