@@ -64,7 +64,8 @@ def test_without_occlusion_order_the_occluder_grows_over_it():
     # The same scene without the option: what the option is for (the occluder takes the pixels
     # the hidden object uncovers, and the hidden object stays lost until it is free of it).
     run = _track(False)
-    grown = [t for t in range(19, 23) if (run[t][0][FRONT] & (run[t][1] == BACK)).sum() > 0.5 * (run[t][1] == BACK).sum()]
+    grown = [t for t in range(19, 23)
+             if (run[t][0][FRONT] & (run[t][1] == BACK)).sum() > 0.5 * (run[t][1] == BACK).sum()]
     assert grown, "the scene no longer shows the occluder growing over the re-emerging object"
 
 
@@ -88,7 +89,8 @@ def test_readme_demo_keeps_its_ids_with_the_default():
     # (object 1 behind object 3 at frames 28-36) and come out; no identity switch.
     frames, labels = make_sequence("demo", 0, (640, 480), 150, 3)
     frames, labels = frames[:60], labels[:60]
-    preds, _ = run_sequence(load_config(Path(__file__).resolve().parents[1] / "config" / "track.yaml"), frames, labels)
+    default = Path(__file__).resolve().parents[1] / "config" / "track.yaml"
+    preds, _ = run_sequence(load_config(default), frames, labels)
     result = evaluate_sequence_arrays(preds, labels)
     assert result["id_switches"] == 0
     assert result["JF"] > 0.8

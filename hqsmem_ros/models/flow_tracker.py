@@ -74,6 +74,11 @@ def _color_bins_ok(bins) -> bool:
     return 1 <= yb <= 256 and 1 <= cb <= 64 and not yb & (yb - 1) and not cb & (cb - 1)
 
 
+def _grown(mask: np.ndarray) -> np.ndarray:
+    """The mask and its 8 neighbours (what touches it)."""
+    return cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+
+
 @dataclass
 class FlowSettings:
     flow_preset: str = setting("fast", "DIS optical flow preset (speed against accuracy of the flow)",
@@ -302,12 +307,10 @@ class FlowTracker(BaseTracker):
                 self._behind[back] = front
                 if self._behind.get(front) == back:  # the newer evidence reverses the order
                     del self._behind[front]
-        near = np.ones((3, 3), np.uint8)
         for back, front in list(self._behind.items()):
             own = label == back
             gone = front not in self._objects or back not in self._objects
-            if gone or (own.sum() >= max(1, self.min_area)
-                        and not (cv2.dilate(own.astype(np.uint8), near).astype(bool) & (label == front)).any()):
+            if gone or (own.sum() >= max(1, self.min_area) and not (_grown(own) & (label == front)).any()):
                 del self._behind[back]
                 self._covered.pop((front, back), None)
                 self._covered.pop((back, front), None)
@@ -318,7 +321,6 @@ class FlowTracker(BaseTracker):
         previous mask moved rigidly (+ occluder_slack) go to the object behind it, where they
         touch that object or, while it is hidden, as the largest such piece."""
         k = 2 * self.occluder_slack + 1
-        near = np.ones((3, 3), np.uint8)
         for back, front in self._behind.items():
             if front not in rigid:
                 continue
@@ -329,7 +331,7 @@ class FlowTracker(BaseTracker):
             n, comp, stats, _ = cv2.connectedComponentsWithStats(excess, connectivity=8)
             own = label == back
             if own.sum() >= max(1, self.min_area):
-                touching = np.unique(comp[cv2.dilate(own.astype(np.uint8), near).astype(bool)])
+                touching = np.unique(comp[_grown(own)])
                 pieces = [c for c in touching if c > 0]
             else:
                 sizes = stats[1:, cv2.CC_STAT_AREA]
@@ -345,7 +347,7 @@ class FlowTracker(BaseTracker):
         if not areas or own.sum() >= self.redetect_area_range[0] * float(np.median(areas)):
             return own
         found = self._redetect(oid, index, label)
-        if found is None or not (cv2.dilate(own.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & found).any():
+        if found is None or not (_grown(own) & found).any():
             return own
         label[found] = oid
         return own | found
