@@ -2,7 +2,7 @@
 # Every figure of the default profile (config/track.yaml) in docs/benchmarks.md and README, in
 # one go, one job at a time: DAVIS leave-one-out and ablation rows, the stride-3 stress test, the
 # synthetic suite's ablation rows, the README demo's scene, and the one-core bench.
-#   bash scripts/measure_default.sh [OUT_DIR]     (needs ../shared/vos_data; about 15 min)
+#   bash scripts/measure_default.sh [OUT_DIR]     (needs ../shared/vos_data, or VOS_DATA=DIR; about 15 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/hqsmem_measure}
@@ -41,3 +41,7 @@ for row in ("base", "full"):
 PY
 run $hq ablate "$data" --stride 3 --rows base full --config $cfg | tee "$out/stride3.txt"
 run $hq bench --size 640x480 --objects 3 --frames 300 --config $cfg | tee "$out/bench.txt"
+# The 10,000-frame memory run (about 8 min more): LONG=1 bash scripts/measure_default.sh
+if [ "${LONG:-0}" = 1 ]; then
+  run $hq bench --size 640x480 --objects 3 --frames 10000 --json --config $cfg > "$out/bench_10000.json"
+fi
