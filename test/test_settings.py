@@ -17,7 +17,7 @@ WEIGHT_FREE = [("tracker", "flow"), ("refiner", "watershed"), ("refiner", "color
 @pytest.mark.parametrize("kind,spec,pattern", [
     # unknown key: the model, the key, a near miss, the known keys
     ("tracker", {"type": "flow", "colour_bins": [4, 32]},
-     r"tracker 'flow': unknown parameter 'colour_bins'; did you mean 'color_bins'.*\(known: flow_preset, .*color_bins\)"),
+     r"tracker 'flow': unknown parameter 'colour_bins'; did you mean 'color_bins'.*\(known: flow_preset, .*color_bins, .*\)"),
     ("refiner", {"type": "watershed", "band": [1, 2, 3], "x": 1},
      r"refiner 'watershed': unknown parameters 'band', 'x'; did you mean 'bands'.*known: bands, min_band"),
     ("features", {"type": "histogram", "grids": 8}, r"features 'histogram': unknown parameter 'grids'.*known: .*grid"),

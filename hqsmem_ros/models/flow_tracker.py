@@ -20,6 +20,16 @@ they differ, not claimed by each other when they cross.
 An object whose mask vanishes (left the view, fully occluded) is reported absent and searched
 for over the whole frame with its colour model until it is found again, at the size it had in
 long-term memory (not its last, occluded size).
+
+Occlusion order (`occlusion_order`): where two objects meet, the one whose predicted pixels the
+other keeps winning is behind it (evidence summed over the frames of the contact, fading). The
+pixels a look-alike uncovers as it comes out from behind were the occluder's a frame before, so
+the flow carries the occluder's mask onto them and the colour model cannot object; the occluder
+may therefore reach no further than its previous mask moved as a whole (its template match) plus
+`occluder_slack` pixels, and what it claims beyond goes to the object behind it: the pieces that
+touch that object, or, while that object is wholly hidden, the largest piece (it can only come
+back from its occluder's edge). While it is still small, a re-emerging object also takes the free
+re-detection candidate that touches what it got back.
 """
 from __future__ import annotations
 
@@ -64,6 +74,11 @@ def _color_bins_ok(bins) -> bool:
     return 1 <= yb <= 256 and 1 <= cb <= 64 and not yb & (yb - 1) and not cb & (cb - 1)
 
 
+def _grown(mask: np.ndarray) -> np.ndarray:
+    """The mask and its 8 neighbours (what touches it)."""
+    return cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+
+
 @dataclass
 class FlowSettings:
     flow_preset: str = setting("fast", "DIS optical flow preset (speed against accuracy of the flow)",
@@ -98,6 +113,12 @@ class FlowSettings:
     color_bins: Tuple[int, int] = setting(
         (4, 32), "Colour histogram bins: [luminance, chroma per axis]", check=_color_bins_ok,
         rule="two powers of two, luminance <= 256 and chroma <= 64")
+    occlusion_order: bool = setting(False, "Keep which object is in front of which (the one that "
+                                    "takes another's predicted pixels); the pixels a front object "
+                                    "claims beyond its own rigid motion, next to the object behind "
+                                    "it (or while that one is hidden), go to the object behind")
+    occluder_slack: int = setting(2, "With occlusion_order: how far (pixels) a front object's mask may "
+                                  "reach beyond its rigidly moved previous mask", minimum=0)
 
 
 class FlowTracker(BaseTracker):
@@ -121,6 +142,8 @@ class FlowTracker(BaseTracker):
         self.anchor_weight = s.anchor_weight
         self.others_as_background = s.others_as_background
         self.color_bins = s.color_bins
+        self.occlusion_order = s.occlusion_order
+        self.occluder_slack = s.occluder_slack
         yb, cb = s.color_bins
         self._n_bins = yb * cb * cb
         self._flow = cv2.DISOpticalFlow_create(_PRESETS[s.flow_preset])
@@ -136,6 +159,8 @@ class FlowTracker(BaseTracker):
         self._cache_frame: Optional[int] = None
         self._cache = None
         self._pending: Optional[_Pending] = None
+        self._behind: Dict[int, int] = {}  # object -> the object in front of it
+        self._covered: Dict[Tuple[int, int], float] = {}  # (front, back) -> pixels front took from back
 
     @property
     def object_ids(self) -> List[int]:
@@ -164,6 +189,8 @@ class FlowTracker(BaseTracker):
         for oid in ids:
             self._objects.pop(oid, None)
             self._prior.pop(oid, None)
+            self._behind = {b: f for b, f in self._behind.items() if oid not in (b, f)}
+            self._covered = {k: c for k, c in self._covered.items() if oid not in k}
             for entry in self._memory.values():
                 entry.pop(oid, None)
         self._memory = {f: e for f, e in self._memory.items() if e}
@@ -203,9 +230,12 @@ class FlowTracker(BaseTracker):
                 warped.update({i: out[..., k] for k, i in enumerate(chunk)})
         elif ids:
             warped = {i: self._prior[i].astype(np.float32) for i in ids}
+        rigid = {i: self._prior[i].astype(np.float32) for i in ids}  # each prior moved as a whole
         if self._prev_rgb is not None and self._prev_rgb.shape == image.shape and self.match_search > 0:
             for oid in ids:
                 shifted = self._match_shift(oid, image)
+                if shifted is not None:
+                    rigid[oid] = shifted
                 if shifted is not None and self._fit(oid, shifted, index) > self._fit(oid, warped[oid], index):
                     warped[oid] = shifted
 
@@ -213,6 +243,9 @@ class FlowTracker(BaseTracker):
         label = np.zeros((h, w), np.int32)
         for oid, wm in warped.items():
             self._segment_near(oid, wm, index, best, label)
+        if self.occlusion_order and len(self._objects) > 1:
+            self._update_depth_order(warped, label)
+            self._give_back_revealed(rigid, label)
         result: Masks = {}
         for oid, obj in self._objects.items():
             m = label == oid
@@ -228,6 +261,8 @@ class FlowTracker(BaseTracker):
                         obj.absent_frames = 0
             else:
                 obj.absent_frames = 0
+                if oid in self._behind:
+                    m = self._regrow_reemerging(oid, m, index, label)
             result[oid] = m
         return result
 
@@ -252,6 +287,70 @@ class FlowTracker(BaseTracker):
         win = (fg > 0) & (logit > best[sl])
         best[sl][win] = logit[win]
         label[sl][win] = oid
+
+    # -- occlusion ----------------------------------------------------------------------------
+    def _update_depth_order(self, warped: Masks, label: np.ndarray) -> None:
+        """Who covers whom: the pixels of each object's prediction that another object wins,
+        summed over frames (older frames fading). The one that has lost min_area pixels more to
+        the other is behind it. A pair is forgotten once the object behind is visible and no
+        longer touches its occluder."""
+        # Old evidence fades (halved in about 7 frames): the order is that of the current contact.
+        self._covered = {k: c * 0.9 for k, c in self._covered.items() if c * 0.9 >= 1.0}
+        for oid, wm in warped.items():
+            lost = label[(wm > 0.5) & (label != oid) & (label > 0)]
+            for front, count in enumerate(np.bincount(lost)):
+                if count and front != oid:
+                    key = (front, oid)
+                    self._covered[key] = self._covered.get(key, 0.0) + float(count)
+        for (front, back), count in list(self._covered.items()):
+            if count - self._covered.get((back, front), 0) >= max(1, self.min_area):
+                self._behind[back] = front
+                if self._behind.get(front) == back:  # the newer evidence reverses the order
+                    del self._behind[front]
+        for back, front in list(self._behind.items()):
+            own = label == back
+            gone = front not in self._objects or back not in self._objects
+            if gone or (own.sum() >= max(1, self.min_area) and not (_grown(own) & (label == front)).any()):
+                del self._behind[back]
+                self._covered.pop((front, back), None)
+                self._covered.pop((back, front), None)
+
+    def _give_back_revealed(self, rigid: Masks, label: np.ndarray) -> None:
+        """An occluder's mask claims the pixels the object behind it uncovers (the flow there
+        points into the occluder, the colours look alike): the pixels it holds beyond its own
+        previous mask moved rigidly (+ occluder_slack) go to the object behind it, where they
+        touch that object or, while it is hidden, as the largest such piece."""
+        k = 2 * self.occluder_slack + 1
+        for back, front in self._behind.items():
+            if front not in rigid:
+                continue
+            allowed = cv2.dilate((rigid[front] > 0.5).astype(np.uint8), np.ones((k, k), np.uint8))
+            excess = ((label == front) & (allowed == 0)).astype(np.uint8)
+            if int(excess.sum()) < max(1, self.min_area):
+                continue
+            n, comp, stats, _ = cv2.connectedComponentsWithStats(excess, connectivity=8)
+            own = label == back
+            if own.sum() >= max(1, self.min_area):
+                touching = np.unique(comp[_grown(own)])
+                pieces = [c for c in touching if c > 0]
+            else:
+                sizes = stats[1:, cv2.CC_STAT_AREA]
+                pieces = [1 + int(sizes.argmax())] if n > 1 and sizes.max() >= self.min_area else []
+            for c in pieces:
+                label[comp == c] = back
+
+    def _regrow_reemerging(self, oid, own: np.ndarray, index, label) -> np.ndarray:
+        """An object coming out from behind its occluder holds only the pieces given back so far
+        (its flow prior is small): the re-detection candidate of free pixels that touches them is
+        the rest of it, as an object found again after being lost would get."""
+        areas = [e[oid][2] for e in self._memory.values() if oid in e]
+        if not areas or own.sum() >= self.redetect_area_range[0] * float(np.median(areas)):
+            return own
+        found = self._redetect(oid, index, label)
+        if found is None or not (_grown(own) & found).any():
+            return own
+        label[found] = oid
+        return own | found
 
     def _match_shift(self, oid, image) -> Optional[np.ndarray]:
         """The prior moved by the object's best whole-object match in a window around it."""
