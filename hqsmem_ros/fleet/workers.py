@@ -138,13 +138,20 @@ def _worker_main(wid: int, cfg, options, threads: int, cores, env: Dict[str, str
     if cores and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
     import queue as queue_mod
+    import threading
+    lock = threading.Lock()  # progress may come from process_bag's threads
+
+    def send(*msg) -> None:
+        with lock:
+            results.send(msg)
+
     try:
-        state = WorkerState(cfg, threads, report=lambda i, n: results.put(("progress", wid, i, n)))
+        state = WorkerState(cfg, threads, report=lambda i, n: send("progress", wid, i, n))
         load_s = state.load()
     except BaseException as exc:  # e.g. a missing checkpoint: every bag would fail the same way
-        results.put(("fatal", wid, str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"))
+        send("fatal", wid, str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}")
         return
-    results.put(("ready", wid, load_s, os.getpid()))
+    send("ready", wid, load_s, os.getpid())
     while True:
         try:
             job = tasks.get(timeout=1.0)
@@ -154,20 +161,23 @@ def _worker_main(wid: int, cfg, options, threads: int, cores, env: Dict[str, str
             continue
         if job is None:
             return
-        results.put(("result", wid, job.index, state.run(job, options)))
+        send("result", wid, job.index, state.run(job, options))
 
 
 class LocalPool:
     """Worker processes (spawned, so no state is shared), each with its own task queue so that
     the parent knows which bag a worker holds; a worker that dies fails only that bag and is
-    replaced. (concurrent.futures' pool fails every pending task when one worker dies.)"""
+    replaced. (concurrent.futures' pool fails every pending task when one worker dies.)
+    Each worker reports on its own pipe: one results Queue shared by all had one write lock, and
+    a worker killed while its feeder thread held it left the next worker unable to report, so
+    the run hung (seen once in a fresh-clone CI run of the killed-worker test)."""
 
     def __init__(self, n: int, cfg, options, cuda: Optional[List[str]] = None, pin: bool = False):
         import multiprocessing as mp
 
         self.ctx = mp.get_context("spawn")
         self.cfg, self.options = cfg, options
-        self.results = self.ctx.Queue()
+        self.readers: Dict[int, Any] = {}  # wid -> the receiving end of that worker's pipe
         self.n = n
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         self.core_sets: List[Optional[set]] = [None] * n
@@ -190,10 +200,13 @@ class LocalPool:
         wid = self.next_id
         self.next_id += 1
         tasks = self.ctx.Queue()
+        reader, writer = self.ctx.Pipe(duplex=False)
         p = self.ctx.Process(target=_worker_main, name=f"hqsmem-bags-{wid}",
                              args=(wid, self.cfg, self.options, self.threads, self.core_sets[slot],
-                                   self.env_for(slot), os.getpid(), tasks, self.results), daemon=True)
+                                   self.env_for(slot), os.getpid(), tasks, writer), daemon=True)
         p.start()
+        writer.close()  # the worker holds the only sending end: its death reads as end of file here
+        self.readers[wid] = reader
         p.slot = slot
         self.procs[wid], self.tasks[wid] = p, tasks
         return wid
@@ -208,11 +221,28 @@ class LocalPool:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
+        for conn in self.readers.values():
+            conn.close()
+        self.readers = {}
+
+    def _receive(self, timeout: float) -> List[tuple]:
+        """The messages the workers have sent, waiting up to `timeout` for the first."""
+        from multiprocessing.connection import wait
+
+        msgs = []
+        for conn in wait(list(self.readers.values()), timeout):
+            try:
+                while True:
+                    msgs.append(conn.recv())
+                    if not conn.poll():
+                        break
+            except (EOFError, OSError):  # the worker is gone: the liveness check below fails its bag
+                self.readers = {w: c for w, c in self.readers.items() if c is not conn}
+                conn.close()
+        return msgs
 
     def run(self, jobs: List[Job], on_event: Callable) -> None:
         """Runs the jobs; on_event(kind, ...) gets ready/progress/result/fatal events."""
-        import queue as queue_mod
-
         pending = list(jobs)
         busy: Dict[int, Job] = {}
         idle: List[int] = []
@@ -229,11 +259,8 @@ class LocalPool:
                 busy[wid] = job
                 on_event("dispatch", wid, job.index)
                 self.tasks[wid].put(job)
-            try:
-                msg = self.results.get(timeout=0.2)
-            except queue_mod.Empty:
-                msg = None
-            if msg is not None:
+            msgs = self._receive(timeout=0.2)
+            for msg in msgs:
                 kind, wid = msg[0], msg[1]
                 if kind == "ready":
                     idle.append(wid)
@@ -250,7 +277,7 @@ class LocalPool:
                     fatal = msg[2]
                     self.procs[wid].reported = True
                     on_event("fatal", wid, fatal)
-            if time.perf_counter() - last_check < 0.5 and msg is not None:
+            if time.perf_counter() - last_check < 0.5 and msgs:
                 continue
             last_check = time.perf_counter()
             for wid, p in list(self.procs.items()):  # a worker that died: its bag fails, a new one starts
