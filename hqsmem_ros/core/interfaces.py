@@ -8,6 +8,8 @@ Conventions shared by all parts:
 """
 from __future__ import annotations
 
+import dataclasses
+
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -36,6 +38,14 @@ class _Buildable:
         """The typed Settings for a config entry's parameters (its `type` removed), or ConfigError
         naming the model, the key, the value and what is allowed (unknown keys: the known ones)."""
         return parse_settings(cls.Settings, params, f"{cls.kind} {cls.name!r}")
+
+    def apply_settings(self, params: Optional[Dict[str, Any]]):
+        """parse_settings, then each setting as an attribute of the same name (a weight-free
+        part's constructor then only adjusts the few it derives). Returns the Settings."""
+        settings = self.parse_settings(params)
+        for f in dataclasses.fields(settings):
+            setattr(self, f.name, getattr(settings, f.name))
+        return settings
 
     @classmethod
     def from_config(cls, params: Dict[str, Any], device: str = "auto", precision: str = "fp32"):

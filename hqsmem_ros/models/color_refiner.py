@@ -55,13 +55,8 @@ class ColorBoxRefiner(Refiner):
     Settings = ColorSettings
 
     def __init__(self, **params):
-        s = self.parse_settings(params)
-        self.thresholds = s.thresholds
-        self.ring = s.ring
-        self.iterations = s.iterations
+        s = self.apply_settings(params)  # every setting an attribute; derived ones below
         self.smooth = s.smooth | 1
-        self.seed_radius = s.seed_radius
-        self.use_mask_hint = s.use_mask_hint
         self._index = None
 
     def set_image(self, image: np.ndarray) -> None:

@@ -126,24 +126,9 @@ class FlowTracker(BaseTracker):
     Settings = FlowSettings
 
     def __init__(self, **params):
-        s = self.parse_settings(params)
-        self.flow_preset = s.flow_preset
-        self.flow_weight = s.flow_weight
-        self.appearance_weight = s.appearance_weight
-        self.search_margin = s.search_margin
-        self.min_area = s.min_area
+        s = self.apply_settings(params)  # every setting an attribute; derived ones below
         self.redetect_every = max(1, s.redetect_every)
-        self.redetect_min_lr = s.redetect_min_lr
-        self.redetect_area_range = s.redetect_area_range
-        self.recent_bg_weight = s.recent_bg_weight
-        self.match_search = s.match_search
-        self.match_size = s.match_size
         self.smooth = s.smooth | 1
-        self.anchor_weight = s.anchor_weight
-        self.others_as_background = s.others_as_background
-        self.color_bins = s.color_bins
-        self.occlusion_order = s.occlusion_order
-        self.occluder_slack = s.occluder_slack
         yb, cb = s.color_bins
         self._n_bins = yb * cb * cb
         self._flow = cv2.DISOpticalFlow_create(_PRESETS[s.flow_preset])

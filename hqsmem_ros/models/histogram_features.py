@@ -48,12 +48,7 @@ class HistogramFeatures(FeatureExtractor):
     Settings = HistogramSettings
 
     def __init__(self, **params):
-        s = self.parse_settings(params)
-        self.gradient_weight = s.gradient_weight
-        self.position_weight = s.position_weight
-        self.grid = s.grid
-        self.context_weight = s.context_weight
-        self.context_width = s.context_width
+        self.apply_settings(params)  # every setting an attribute; derived ones below
         self._ring_kernel = cv2.getStructuringElement(
             cv2.MORPH_ELLIPSE, (2 * self.context_width + 1, 2 * self.context_width + 1))
         self._index = None

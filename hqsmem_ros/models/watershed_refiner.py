@@ -76,21 +76,8 @@ class WatershedRefiner(Refiner):
     Settings = WatershedSettings
 
     def __init__(self, **params):
-        s = self.parse_settings(params)
-        self.bands = s.bands
-        self.min_band = s.min_band
-        self.margin = s.margin
-        self.lines_to_background = s.lines_to_background
-        # Share of the object-vs-surroundings colour likelihood in the relief the watershed floods
-        # (0: the image alone). Texture edges inside an object have no likelihood step, so with a
-        # weight the seams go where the object's and the background's colours meet.
-        self.color_weight = s.color_weight
+        s = self.apply_settings(params)  # every setting an attribute; derived ones below
         self.color_bins = tuple(int(v) for v in s.color_bins)
-        # A seam pixel lies on the edge, between the object and the background: give it to the
-        # side whose adjacent colours it is nearer where the two sides' colours differ more than
-        # their texture (seam_contrast); lines_to_background decides the others (and clicks).
-        self.seams_by_color = s.seams_by_color
-        self.seam_contrast = s.seam_contrast
         self._bgr = None
 
     def set_image(self, image: np.ndarray) -> None:
