@@ -368,6 +368,44 @@ def test_lifecycle_configure_activate_deactivate_cleanup_over_the_services(tmp_p
         rig.close()
 
 
+def test_lifecycle_deactivate_and_activate_while_frames_stream(tmp_path):
+    """Deactivating destroys subscriptions while the executor may be building its wait set
+    (rclpy raised InvalidHandle from the spinning thread then, ros2/rclpy#1284, and every
+    later transition went unanswered): with frames streaming, every transition is answered
+    and every frame received is a result or a counted drop."""
+    import threading
+    data = _camera_data(1)[0]
+    rig = Rig(HQSMemLifecycleNode, dict(initial_mask=_label_png(tmp_path, data.label), qos_reliability="reliable"),
+              name="hqsmem_lc_stream")
+    stop = threading.Event()
+    try:
+        change = rig.client.create_client(ChangeState, "/hqsmem_lc_stream/change_state")
+        assert change.wait_for_service(timeout_sec=LONG)
+        image_pub = rig.client.create_publisher(Image, "image", QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE))
+        assert _transition(rig, change, Transition.TRANSITION_CONFIGURE)
+        msg = ic.fill_image_msg(Image(), ic.rgb_to_fields(data.rgb))
+
+        def stream():
+            stamp = 0
+            while not stop.wait(0.005):
+                stamp += 1
+                msg.header.stamp.sec = stamp
+                image_pub.publish(msg)
+        threading.Thread(target=stream, daemon=True).start()
+        for cycle in range(12):  # without the fix: 3 of 4 runs here lost the spinning thread
+            assert _transition(rig, change, Transition.TRANSITION_ACTIVATE), f"activate {cycle}"
+            assert _transition(rig, change, Transition.TRANSITION_DEACTIVATE), f"deactivate {cycle}"
+            assert rig.spinner.thread.is_alive()
+        stop.set()
+        c = rig.node.counters
+        rig.wait_for(lambda: c()["received"] == c()["processed"] + sum(c()["dropped"].values()),
+                     "every frame received to be a result or a counted drop", LONG)
+        assert set(c()["dropped"]) <= {"deactivated", "replaced"}, c()["dropped"]
+    finally:
+        stop.set()
+        rig.close()
+
+
 @pytest.mark.parametrize("params,why", [
     ({"pipeline.device": "cuda"}, "CUDA"),
     ({"pipeline.tracker.type": "deaot", "pipeline.tracker.checkpoint": "/nonexistent/deaot.pth"}, "file not found"),

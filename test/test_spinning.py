@@ -1,6 +1,7 @@
 """Stopping a background-spinning executor while callbacks are still firing (real rclpy)."""
 import os
 import threading
+import time
 
 import pytest
 
@@ -28,6 +29,40 @@ def test_stop_while_busy_ends_the_thread_without_errors(monkeypatch):
         assert fired.wait(5.0), "the executor never ran the timer"
         spinner.stop()
         assert not spinner.thread.is_alive()
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+    assert errors == []
+
+
+def test_entities_destroyed_while_spinning_do_not_end_the_spinning_thread(monkeypatch):
+    """rclpy (ros2/rclpy#1284) raises InvalidHandle from the spinning thread when a subscription
+    with event handlers is destroyed while the executor builds its wait set, as a lifecycle
+    deactivate does: the spinner must go on (the next wait set no longer holds it)."""
+    from rclpy.event_handler import SubscriptionEventCallbacks
+    from std_msgs.msg import String
+
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: errors.append(args.exc_value))
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    node = rclpy.create_node("destroy_test", context=ctx)
+    pub = node.create_publisher(String, "churn", 10)
+    got = threading.Event()
+    node.create_timer(0.001, lambda: pub.publish(String(data="x")))  # traffic while subscriptions come and go
+    executor = MultiThreadedExecutor(num_threads=4, context=ctx)
+    executor.add_node(node)
+    spinner = BackgroundSpinner(executor).start()
+    try:
+        for k in range(300):  # without the fix the thread died in every run here
+            sub = node.create_subscription(String, "churn", lambda msg: got.set(), 10,
+                                           event_callbacks=SubscriptionEventCallbacks(message_lost=lambda e: None))
+            time.sleep(0.001 * (k % 3))  # destroyed at different points of the executor's loop
+            node.destroy_subscription(sub)
+            assert spinner.thread.is_alive(), f"the spinning thread died: {errors}"
+        sub = node.create_subscription(String, "churn", lambda msg: got.set(), 10)
+        assert got.wait(20.0), "no callback ran after the churn"  # the executor still dispatches
+    finally:
+        spinner.stop()
         node.destroy_node()
         rclpy.shutdown(context=ctx)
     assert errors == []

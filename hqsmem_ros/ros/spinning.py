@@ -4,7 +4,9 @@ rclpy's Executor.shutdown() destroys the executor's guard condition without wait
 handlers that a spinning thread is still running (its wait is skipped once the shutdown flag is
 set), and such a handler then fails with "InvalidHandle: cannot use Destroyable because
 destruction was requested". So the spinning thread is stopped and joined first: it spins in
-short steps and checks a flag between them; only then is the executor shut down.
+short steps and checks a flag between them; only then is the executor shut down. And rclpy's
+executors raise InvalidHandle from the spinning thread when an entity is destroyed while they
+build their wait set (a lifecycle deactivate): the spinner goes on instead of dying silently.
 """
 from __future__ import annotations
 
@@ -22,15 +24,23 @@ class BackgroundSpinner:
     def __init__(self, executor, name: str = "hqsmem_spin"):
         self.executor = executor
         self._stop = threading.Event()
+        self.invalid_handles = 0  # spins that met an entity destroyed meanwhile (see _spin)
         self.thread = threading.Thread(target=self._spin, name=name, daemon=True)
 
     def _spin(self) -> None:
         from rclpy.executors import ExternalShutdownException
 
+        invalid_handle = _invalid_handle_error()
         context = self.executor.context
         try:
             while not self._stop.is_set() and context.ok():
-                self.executor.spin_once(timeout_sec=self.STEP_S)
+                try:
+                    self.executor.spin_once(timeout_sec=self.STEP_S)
+                except invalid_handle:
+                    # rclpy raises this here when an entity (a subscription's event handler) is
+                    # destroyed while the executor builds its wait set (ros2/rclpy#1284), as a
+                    # lifecycle deactivate does; the next spin builds one without it.
+                    self.invalid_handles += 1
         except ExternalShutdownException:  # the context was shut down from elsewhere: just end
             pass
 
@@ -43,6 +53,17 @@ class BackgroundSpinner:
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout=timeout_s)
         self.executor.shutdown()
+
+
+def _invalid_handle_error() -> type:
+    """rclpy's InvalidHandle (in rclpy.exceptions from Iron on; the C extension's on Humble)."""
+    import rclpy.exceptions
+
+    handle_error = getattr(rclpy.exceptions, "InvalidHandle", None)
+    if handle_error is None:
+        from rclpy.impl.implementation_singleton import rclpy_implementation
+        handle_error = rclpy_implementation.InvalidHandle
+    return handle_error
 
 
 def stop_tool(spinner: BackgroundSpinner, node, on_stopped: Optional[Callable[[], None]] = None) -> None:
