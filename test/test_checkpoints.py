@@ -216,8 +216,9 @@ def test_resolve_device_cuda_index_out_of_range(monkeypatch):
         ck.resolve_device("cuda:3")
 
 
-def test_precision_rules_and_cpu_autocast():
+def test_precision_rules_and_cpu_autocast(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.delenv(ck.CPU_FP16_SWITCH, raising=False)
     with pytest.raises(DeviceError, match="fp16.*CUDA"):
         ck.check_precision(cpu, "fp16")
     with pytest.raises(DeviceError, match="precision must be"):
@@ -227,3 +228,24 @@ def test_precision_rules_and_cpu_autocast():
         assert (a @ a).dtype == torch.float32
     with ck.autocast_context(cpu, "bf16"):
         assert (a @ a).dtype == torch.bfloat16
+
+
+def test_cpu_fp16_only_with_the_switch_and_with_a_warning(monkeypatch, caplog):
+    """fp16 on the CPU is for checking the GPU profiles' numerics: allowed by HQSMEM_CPU_FP16=1
+    alone, where torch's CPU autocast has float16, and it says that it is slow."""
+    if not ck.cpu_autocast_has_float16():
+        pytest.skip("this torch's CPU autocast has no float16")
+    cpu, a = torch.device("cpu"), torch.ones(4, 4)
+    for value in ("0", "yes"):
+        monkeypatch.setenv(ck.CPU_FP16_SWITCH, value)
+        with pytest.raises(DeviceError, match=f"on the CPU use 'fp32' or 'bf16'.*{ck.CPU_FP16_SWITCH}=1"):
+            ck.autocast_context(cpu, "fp16")
+    monkeypatch.setenv(ck.CPU_FP16_SWITCH, "1")
+    ck._warn_cpu_fp16_once.cache_clear()
+    with caplog.at_level("WARNING", logger=ck.__name__):
+        assert ck.check_precision(cpu, " FP16 ") == "fp16"
+        with ck.autocast_context(cpu, "fp16"):
+            assert (a @ a).dtype == torch.float16
+    assert [r.getMessage() for r in caplog.records if "fp16" in r.getMessage()] == [
+        "precision fp16 on the CPU (HQSMEM_CPU_FP16=1): for checking fp16 numerics only; float16 is emulated "
+        "on most CPUs and runs far slower than fp32 or bf16"]  # once, not per call

@@ -1,25 +1,49 @@
-"""Mixed precision on the CPU: bf16 autocast (fp16 needs CUDA) gives the fp32 masks.
+"""Mixed precision on the CPU: bf16 and fp16 autocast give the fp32 masks.
 
 Each neural part where the `precision` setting applies runs the same random weights on the same
-frames in fp32 and bf16; the masks must agree (IoU >= 0.98 per object). The masks are checked to
-be neither (nearly) empty nor full first, so that agreement is not trivial.
+frames in fp32 and in bf16 or fp16; the masks must agree (IoU >= 0.98 per object). The masks are
+checked to be neither (nearly) empty nor full first, so that agreement is not trivial.
+
+fp16 runs on the CPU through the product's own switch (HQSMEM_CPU_FP16=1, models/checkpoints.py;
+without it fp16 on the CPU is refused, tested below): torch emulates float16 on most CPUs, so it is
+slow there, but it rounds as fp16 does on a GPU, so the fp16 profiles' numerics are checked here.
+SAM-HQ vit_b in fp16 is not tested here: its emulated ViT-B encoder takes minutes (measured by
+tools/precision_stages instead, docs/benchmarks.md).
 
 SAM-HQ runs its token path in float32 (prompt encoder, token self-attention and MLP,
 hypernetwork MLPs, IoU head, logit fusion; see sam_hq.py). vit_b then reaches 0.98 per proposal
-(0.991-0.997; 0.981-0.994 before). vit_tiny does not: 0.963-0.982 per proposal, mean 0.975
-(0.940-0.978, mean 0.964 before). What is left is TinyViT's encoder itself: in bf16 with
-everything else in fp32 it alone gives 0.972-0.985 (its image embedding is 2.0 % off fp32 in L2,
-vit_b's 0.8 %), spread over all its stages (no norm, softmax or residual cast helped),
-and random weights give mask logits with no margin at the boundary (mean |logit| 0.06), so
-that error moves the boundary. fp16 (11-bit mantissa against bf16's 8) gives 0.997 for
-vit_tiny. Its test holds that measured level; the float32 token path itself is tested below."""
+in bf16 (0.991-0.997; 0.981-0.994 before). vit_tiny reaches it in fp16 (11-bit mantissa), not in
+bf16 (8-bit): 0.963-0.982 per proposal, mean 0.975 (0.940-0.978, mean 0.964 before). What is left
+is TinyViT's encoder itself: in bf16 with everything else in fp32 it alone gives 0.972-0.985 (its
+image embedding is 2.0 % off fp32 in L2, vit_b's 0.8 %), spread over every stage, and mostly its
+weights as bf16 holds them (rounded alone, arithmetic in fp32: 0.975); random weights give mask
+logits with no margin at the boundary (mean |logit| 0.06), so that error moves the boundary. Its
+bf16 test holds that measured level; the float32 token path itself is tested below."""
+import functools
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from hqsmem_ros.core import registry
+from hqsmem_ros.models.checkpoints import CPU_FP16_SWITCH, cpu_autocast_has_float16
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # conftest.py
 
 H, W = 96, 128
+
+
+@pytest.fixture
+def allow(monkeypatch):
+    """allow(precision): fp16 on the CPU through the product's switch; bf16 needs nothing."""
+    def _allow(precision):
+        if precision == "fp16":
+            if not cpu_autocast_has_float16():
+                pytest.skip("this torch's CPU autocast has no float16")
+            monkeypatch.setenv(CPU_FP16_SWITCH, "1")
+        return precision
+    return _allow
 
 
 def _iou(a, b):
@@ -56,27 +80,31 @@ def _track(spec, precision, frames, masks):
     return out
 
 
-def _assert_agree(fp32, bf16, what, at_least=0.98):
+def _assert_agree(fp32, low, what, at_least=0.98):
     assert 16 <= fp32.sum() <= 0.995 * fp32.size, f"{what}: fp32 mask has {fp32.sum()} pixels: a trivial case"
-    iou = _iou(fp32, bf16)
-    assert iou >= at_least, f"{what}: IoU fp32 vs bf16 {iou:.4f}"
+    iou = _iou(fp32, low)
+    assert iou >= at_least, f"{what}: IoU fp32 vs low precision {iou:.4f}"
     return iou
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("spec", [
     {"type": "deaot", "model": "r50_deaotl"},
     {"type": "sam2", "model": "tiny", "image_size": 128},
 ], ids=["deaot", "sam2"])
-def test_tracker_bf16_masks_agree_with_fp32(spec):
+def test_tracker_low_precision_masks_agree_with_fp32(spec, precision, allow):
+    """SAM2 in fp16 stopped at its first memory read while it stored memory features in
+    bfloat16 (fp16 autocast cannot concatenate them); it stores float16 there (sam2_tracker.py)."""
     frames, masks = _scene(4)
     ref = _track(spec, "fp32", frames, masks)
-    low = _track(spec, "bf16", frames, masks)
+    low = _track(spec, allow(precision), frames, masks)
     for t, (a, b) in enumerate(zip(ref, low), start=1):
         assert sorted(a) == sorted(b) == [1, 2]
         for obj in a:
-            _assert_agree(a[obj], b[obj], f"{spec['type']} frame {t} object {obj}")
+            _assert_agree(a[obj], b[obj], f"{spec['type']} {precision} frame {t} object {obj}")
 
 
+@functools.lru_cache(maxsize=None)
 def _sam_hq_proposals(model_type, precision):
     frames, _ = _scene(1)
     boxes = np.array([[20, 20, 64, 60], [80, 50, 116, 86]], float)
@@ -85,6 +113,7 @@ def _sam_hq_proposals(model_type, precision):
     refiner.set_image(frames[0])
     masks, _scores = refiner.propose(boxes)
     assert masks.shape == (2, 3, H, W)
+    masks.flags.writeable = False  # cached: shared by the tests
     return masks
 
 
@@ -93,6 +122,14 @@ def test_sam_hq_vit_b_bf16_proposals_agree_with_fp32():
     for i in range(2):
         for c in range(3):
             _assert_agree(ref[i, c], low[i, c], f"sam_hq vit_b box {i} proposal {c}")
+
+
+def test_sam_hq_vit_tiny_fp16_proposals_agree_with_fp32(allow):
+    """Light HQ-SAM in fp16, as config/paper_models.yaml and config/jetson_orin.yaml run it."""
+    ref, low = _sam_hq_proposals("vit_tiny", "fp32"), _sam_hq_proposals("vit_tiny", allow("fp16"))
+    for i in range(2):
+        for c in range(3):
+            _assert_agree(ref[i, c], low[i, c], f"sam_hq vit_tiny fp16 box {i} proposal {c}")
 
 
 def test_sam_hq_vit_tiny_bf16_proposals_hold_the_measured_level():
@@ -150,20 +187,55 @@ def test_precision_stages_as_before_puts_the_prompt_encoder_and_token_path_under
     torch.testing.assert_close(before, shipped, atol=0.1, rtol=0.05)
 
 
-def test_dino_bf16_embeddings_agree_with_fp32():
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_dino_low_precision_embeddings_agree_with_fp32(precision, allow):
     frames, masks = _scene(1)
     emb = {}
-    for precision in ("fp32", "bf16"):
+    for p in ("fp32", allow(precision)):
         f = registry.build("features", {"type": "dino", "model_name": "dinov2_vits14", "random_weights": True,
-                                        "input_size": 56}, "cpu", precision)
+                                        "input_size": 56}, "cpu", p)
         f.set_image(frames[0])
-        emb[precision] = f.embed(np.stack([masks[1], masks[2]]))
-    cos = (emb["fp32"] * emb["bf16"]).sum(axis=1)
+        emb[p] = f.embed(np.stack([masks[1], masks[2]]))
+    cos = (emb["fp32"] * emb[precision]).sum(axis=1)
     assert np.all(cos > 0.99), cos
 
 
-def test_fp16_on_cpu_is_refused_with_the_alternative():
+def test_fp16_on_cpu_is_refused_with_the_alternative(monkeypatch):
+    from hqsmem_ros.models import checkpoints
     from hqsmem_ros.models.checkpoints import DeviceError
 
-    with pytest.raises(DeviceError, match="'fp16' needs a CUDA device; on the CPU use 'fp32' or 'bf16'"):
+    monkeypatch.delenv(CPU_FP16_SWITCH, raising=False)
+    refusal = f"'fp16' needs a CUDA device; on the CPU use 'fp32' or 'bf16'.*{CPU_FP16_SWITCH}=1"
+    with pytest.raises(DeviceError, match=refusal):
         registry.build("tracker", {"type": "deaot", "model": "deaott", "random_weights": True}, "cpu", "fp16")
+    # With the switch, a torch whose CPU autocast lacks float16 is still refused, naming why.
+    monkeypatch.setenv(CPU_FP16_SWITCH, "1")
+    monkeypatch.setattr(checkpoints, "cpu_autocast_has_float16", lambda: False)
+    lacking = re.escape(f"CPU autocast of torch {torch.__version__} has no float16; use 'fp32' or 'bf16'")
+    with pytest.raises(DeviceError, match=lacking):
+        registry.build("refiner", {"type": "sam_hq", "random_weights": True}, "cpu", "fp16")
+
+
+def test_precision_stages_encoder_rows_round_and_wrap_only_what_they_name():
+    """`--rows weights` rounds only the named kind of the image encoder's weights; `--rows encoder`
+    names modules of the image encoder, its stages covering every block."""
+    from hqsmem_ros.tools.precision_stages import encoder_parts, round_encoder_weights
+
+    refiner = registry.build("refiner", {"type": "sam_hq", "model_type": "vit_tiny", "random_weights": True},
+                             "cpu", "fp32")
+    enc = refiner.model.image_encoder
+    before = {name: w.clone() for name, w in refiner.model.named_parameters()}
+    round_encoder_weights(refiner, "linear", torch.bfloat16)
+    changed = {name for name, w in refiner.model.named_parameters() if not torch.equal(w, before[name])}
+    linear_weights = {f"image_encoder.{name}.weight" for name, m in enc.named_modules()
+                      if isinstance(m, torch.nn.Linear)}
+    assert changed and changed <= linear_weights  # no bias, no convolution, nothing outside the encoder
+    for name in linear_weights:
+        w = dict(refiner.model.named_parameters())[name]
+        assert torch.equal(w, w.bfloat16().float())
+
+    parts = encoder_parts(refiner.model)
+    inside = set(enc.modules())
+    assert all(m in inside for modules in parts.values() for m in modules)
+    staged = {b for name, modules in parts.items() if name.startswith("stage") for m in modules for b in m.modules()}
+    assert all(b.mlp in staged for layer in enc.layers[1:] for b in layer.blocks)

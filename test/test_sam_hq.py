@@ -195,8 +195,11 @@ def test_propose_before_set_image_is_an_error(refiner):
         fresh.set_image(np.zeros((H, W), np.uint8))
 
 
-def test_config_errors():
+def test_config_errors(monkeypatch):
     from hqsmem_ros.core import registry
+    from hqsmem_ros.models.checkpoints import CPU_FP16_SWITCH
+
+    monkeypatch.delenv(CPU_FP16_SWITCH, raising=False)  # without it fp16 on the CPU is refused
 
     with pytest.raises(ConfigError, match="no checkpoint.*random_weights"):
         SamHQRefiner.from_config({"model_type": "vit_tiny"}, device="cpu")

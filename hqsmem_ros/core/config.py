@@ -59,8 +59,9 @@ class PipelineConfig:
     features: Dict[str, Any] = _component("features", "histogram")
     device: str = setting("auto", "Where the models run; a missing device is refused, never replaced "
                           "by the CPU", check=_device_ok, rule=DEVICES_HELP)
-    precision: str = setting("fp32", "Model precision (half precision on CUDA only)",
-                             choices=("fp32", "fp16", "bf16"))
+    precision: str = setting("fp32", "Model precision: fp16 needs CUDA (on the CPU only with "
+                             "HQSMEM_CPU_FP16=1, to check its numerics: emulated, slow); bf16 runs on "
+                             "the CPU and on GPUs that have it", choices=("fp32", "fp16", "bf16"))
 
     # Smart memory (Eq. 3-7) and verification (Eq. 8-9): two distinct thresholds.
     memory_capacity: int = setting(8, "Smart memory size K: long-term memory never holds more frames "

@@ -17,9 +17,13 @@ left must map parameter names to tensors; anything else is refused with the offe
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import logging
+import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Sequence
@@ -28,6 +32,8 @@ import torch
 
 from ..core.config import ConfigError
 from ..core.settings import setting
+
+log = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state")
 _MAX_LISTED = 5
@@ -255,6 +261,43 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device("cuda", index)
 
 
+# fp16 on the CPU: torch's CPU autocast can run float16, but without hardware float16 arithmetic
+# (most CPUs) it is emulated, many times slower than fp32 (docs/benchmarks.md). So it is refused
+# unless this switch asks for it, to check on the CPU the fp16 numerics that the GPU profiles use.
+CPU_FP16_SWITCH = "HQSMEM_CPU_FP16"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_autocast_has_float16() -> bool:
+    """Whether this torch's CPU autocast computes in float16 (builds without it warn and disable
+    autocast, or refuse the dtype): probed with one tiny matmul rather than a version number."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.autocast(device_type="cpu", dtype=torch.float16):
+                out = torch.mm(torch.ones(2, 2), torch.ones(2, 2))
+        except (RuntimeError, TypeError, ValueError):
+            return False
+    return out.dtype == torch.float16
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_cpu_fp16_once() -> None:
+    log.warning("precision fp16 on the CPU (%s=1): for checking fp16 numerics only; float16 is emulated "
+                "on most CPUs and runs far slower than fp32 or bf16", CPU_FP16_SWITCH)
+
+
+def _check_cpu_fp16() -> None:
+    if os.environ.get(CPU_FP16_SWITCH) != "1":
+        raise DeviceError("precision 'fp16' needs a CUDA device; on the CPU use 'fp32' or 'bf16' (CPU float16 "
+                          "is emulated on most CPUs, many times slower than fp32; set "
+                          f"{CPU_FP16_SWITCH}=1 only to check a GPU profile's fp16 numerics on the CPU)")
+    if not cpu_autocast_has_float16():
+        raise DeviceError(f"precision 'fp16' on the CPU ({CPU_FP16_SWITCH}=1): the CPU autocast of torch "
+                          f"{torch.__version__} has no float16; use 'fp32' or 'bf16'")
+    _warn_cpu_fp16_once()
+
+
 def check_precision(device: torch.device, precision: str) -> str:
     """Validate a precision for a device at start-up; returns it normalised."""
     p = str(precision).strip().lower()
@@ -262,7 +305,7 @@ def check_precision(device: torch.device, precision: str) -> str:
         raise DeviceError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = torch.device(device)
     if device.type == "cpu" and p == "fp16":
-        raise DeviceError("precision 'fp16' needs a CUDA device; on the CPU use 'fp32' or 'bf16'")
+        _check_cpu_fp16()
     if device.type == "cuda" and p == "bf16" and not torch.cuda.is_bf16_supported():
         raise DeviceError(f"precision 'bf16' is not supported by {torch.cuda.get_device_name(device)}; "
                           "use 'fp16' or 'fp32'")
@@ -270,7 +313,7 @@ def check_precision(device: torch.device, precision: str) -> str:
 
 
 def autocast_context(device, precision: str):
-    """Autocast for fp16/bf16 (fp16 on CUDA only); a no-op context for fp32."""
+    """Autocast for fp16/bf16 (fp16 on the CPU only for checking, see above); a no-op for fp32."""
     device = torch.device(device)
     p = check_precision(device, precision)
     if p == "fp32":

@@ -63,7 +63,7 @@ def build_model(model: str, image_size: Optional[int] = None, seed: int = 0, ove
 @dataclass
 class _Row:
     """One object's memory from one frame."""
-    feat: torch.Tensor   # (1, mem_dim, h, w) maskmem_features, bfloat16
+    feat: torch.Tensor   # (1, mem_dim, h, w) maskmem_features, bfloat16 (float16 in fp16)
     ptr: torch.Tensor    # (1, hidden_dim) object pointer
     cond: bool           # a conditioning (prompt) frame for this object
 

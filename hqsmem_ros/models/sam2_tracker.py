@@ -6,8 +6,9 @@ at a time and drives the network's building blocks directly (image encoder, memo
 SAM mask decoder, memory encoder, the prompt path of `track_step`), with its own memory state:
 
 - Memory entries. Committing frame t writes, per object, SAM2's memory for that frame: the
-  memory encoder's `maskmem_features` (kept in bfloat16, as the predictor does) and the object
-  pointer. `maskmem_pos_enc` is the same for every frame and object, so one copy is kept.
+  memory encoder's `maskmem_features` (kept in bfloat16 as the predictor does; in float16 under
+  fp16) and the object pointer. `maskmem_pos_enc` is the same for every frame and object, so one
+  copy is kept.
 - Conditioning frames are the prompt frames: an object's mask prompt goes through SAM2's prompt
   path (`track_step` with the mask as input, no memory read) and its memory is encoded from the
   binarised mask, as the predictor does before propagation. They are held in long-term memory
@@ -130,6 +131,9 @@ class SAM2Tracker(MemoryTokens, BaseTracker):
         self.net.non_overlap_masks_for_mem_enc = False
         self.device = torch.device(device)
         self.amp_dtype = amp_dtype
+        # Memory features are stored in bfloat16 as the predictor does, except under fp16 autocast,
+        # which cannot concatenate bfloat16 tensors (its type promotion knows only fp16 and fp32).
+        self._memory_dtype = torch.float16 if amp_dtype == torch.float16 else torch.bfloat16
         self.memory_rule = memory_rule
         self.recent_frames = int(recent_frames)
         self.memory_stride = int(memory_stride if memory_stride is not None else net.memory_temporal_stride_for_eval)
@@ -444,7 +448,7 @@ class SAM2Tracker(MemoryTokens, BaseTracker):
             maskmem, maskmem_pos = self.net._encode_new_memory(
                 current_vision_feats=feats, feat_sizes=sizes, pred_masks_high_res=torch.cat(rows_in),
                 object_score_logits=torch.cat(scores), is_mask_from_pts=False)
-            maskmem = maskmem.to(torch.bfloat16)
+            maskmem = maskmem.to(self._memory_dtype)
             if self._mem_pos is None:
                 self._mem_pos = maskmem_pos[-1][0:1].clone()
         rows = {}

@@ -16,8 +16,9 @@ the two on the same frames in one run, and prints the ratio.
 
 `bench_sam_hq_precision` (``--sam-precision``) times the SAM-HQ refine step (`set_image` +
 `propose_torch` for all boxes; and the decoder step `propose_torch` alone; median and fastest
-frame) in fp32, in the low precision (bf16, or fp16 on CUDA) as shipped (prompt encoder and
-token path in float32), and in the low precision as before that change (both under autocast;
+frame) in fp32, in the low precision (bf16, or fp16: on the CPU only with HQSMEM_CPU_FP16=1,
+emulated, slow) as shipped (prompt encoder and token path in float32), and in the low precision
+as before that change (both under autocast;
 `precision_stages.as_before_float32_token_path`), alternating the three on the same frames and
 weights in one run:
 

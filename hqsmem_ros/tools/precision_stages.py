@@ -8,6 +8,13 @@ inside an otherwise fp32 model, its output cast back to float32. Printed per row
 of the 6 proposals against fp32 (min, mean) and the relative L2 error of the image-size logits.
 
     python -m hqsmem_ros.tools.precision_stages --model vit_tiny --device cpu --low bf16
+
+fp16 on the CPU is refused unless HQSMEM_CPU_FP16=1 (models/checkpoints.py): torch emulates it on
+most CPUs, so it is slow, but its rounding is fp16's. `--rows shipped` runs only the shipped row
+(vit_b in emulated fp16 takes minutes per row); `--rows encoder` adds, after it, each part of the
+image encoder alone in the low precision (its stages, and its attention linears, MLPs and local
+convolutions over all blocks); `--rows weights` the encoder's weights (by kind) rounded to the low
+precision with the arithmetic in fp32.
 """
 from __future__ import annotations
 
@@ -67,8 +74,43 @@ def stages(model) -> Dict[str, List[torch.nn.Module]]:
     }
 
 
-STAGE_NAMES = ("image encoder", "prompt encoder (incl. dense positional encoding)", "HQ feature branch",
-               "two-way transformer", "upscaling convolutions", "hypernetwork MLPs + IoU head")
+def encoder_parts(model) -> Dict[str, List[torch.nn.Module]]:
+    """The image encoder's parts (`--rows encoder`): TinyViT's (vit_tiny) or the ViT's."""
+    enc = model.image_encoder
+    if hasattr(enc, "layers"):  # TinyViT: a convolution stage, then three stages of attention blocks
+        blocks = [b for layer in enc.layers[1:] for b in layer.blocks]
+        parts = {"patch embedding": [enc.patch_embed]}
+        parts.update({f"stage {i}": [layer] for i, layer in enumerate(enc.layers)})
+        parts["attention linears, all blocks"] = [m for b in blocks for m in (b.attn.qkv, b.attn.proj)]
+        parts["MLPs, all blocks"] = [b.mlp for b in blocks]
+        parts["local convolutions, all blocks"] = [b.local_conv for b in blocks]
+    else:
+        blocks = list(enc.blocks)
+        third = len(blocks) // 3
+        parts = {"patch embedding": [enc.patch_embed]}
+        parts.update({f"blocks {i}-{i + third - 1}": blocks[i:i + third] for i in range(0, len(blocks), third)})
+        parts["attention linears, all blocks"] = [m for b in blocks for m in (b.attn.qkv, b.attn.proj)]
+        parts["MLPs, all blocks"] = [b.mlp for b in blocks]
+    parts["neck"] = [enc.neck]
+    return parts
+
+
+# `--rows weights`: the image encoder's weights of one kind rounded to the low precision, the
+# arithmetic in fp32: how much of its error is the rounded weights rather than the activations.
+WEIGHT_KINDS = {
+    "linear and convolution": lambda m: isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)),
+    "linear": lambda m: isinstance(m, torch.nn.Linear),
+    "dense convolution": lambda m: isinstance(m, torch.nn.Conv2d) and m.groups == 1,
+    "depthwise convolution": lambda m: isinstance(m, torch.nn.Conv2d) and m.groups > 1,
+}
+
+
+def round_encoder_weights(refiner: SamHQRefiner, kind: str, dtype: torch.dtype) -> SamHQRefiner:
+    with torch.no_grad():
+        for module in refiner.model.image_encoder.modules():
+            if WEIGHT_KINDS[kind](module):
+                module.weight.copy_(module.weight.to(dtype).float())
+    return refiner
 
 
 def _plain(refiner: SamHQRefiner) -> SamHQRefiner:
@@ -104,7 +146,8 @@ def _proposals(refiner: SamHQRefiner, frame: np.ndarray):
     return masks, logits[-1]
 
 
-def run(model_type: str = "vit_tiny", device: str = "cpu", low: str = "bf16", seed: int = 0) -> List[Dict]:
+def run(model_type: str = "vit_tiny", device: str = "cpu", low: str = "bf16", seed: int = 0,
+        rows: str = "all") -> List[Dict]:
     dev = resolve_device(device)
     frame = scene_frame()
 
@@ -112,18 +155,25 @@ def run(model_type: str = "vit_tiny", device: str = "cpu", low: str = "bf16", se
         return SamHQRefiner.from_config({"model_type": model_type, "random_weights": True, "seed": seed},
                                         device=str(dev), precision=precision)
 
-    ref_masks, ref_logits = _proposals(build("fp32"), frame)
-    rows = [(f"all in {low}, as shipped (prompt encoder and token path in float32)", build(low)),
-            (f"all in {low}, prompt encoder in float32, token path under autocast", _plain(build(low))),
-            (f"all in {low}, as before (prompt encoder and token path under autocast)",
-             as_before_float32_token_path(build(low)))]
-    for name in STAGE_NAMES:
+    reference = build("fp32")
+    ref_masks, ref_logits = _proposals(reference, frame)
+    refiners = [(f"all in {low}, as shipped (prompt encoder and token path in float32)", build(low))]
+    if rows == "all":
+        refiners += [(f"all in {low}, prompt encoder in float32, token path under autocast", _plain(build(low))),
+                     (f"all in {low}, as before (prompt encoder and token path under autocast)",
+                      as_before_float32_token_path(build(low)))]
+    # Then each stage alone in `low`: the decoder's stages ("all"), the image encoder's ("encoder").
+    parts = {"all": stages, "encoder": encoder_parts}.get(rows)
+    for name in parts(reference.model) if parts else ():
         refiner = _plain(build("fp32"))
-        for module in stages(refiner.model)[name]:
+        for module in parts(refiner.model)[name]:
             module.forward = _InLowPrecision(module, dev.type, DTYPES[low])
-        rows.append((f"only the {name} in {low}", refiner))
+        refiners.append((f"only the {'image encoder ' * (rows == 'encoder')}{name} in {low}", refiner))
+    if rows == "weights":
+        refiners += [(f"fp32, the image encoder's {kind} weights rounded to {low}",
+                      round_encoder_weights(build("fp32"), kind, DTYPES[low])) for kind in WEIGHT_KINDS]
     results = []
-    for label, refiner in rows:
+    for label, refiner in refiners:
         masks, logits = _proposals(refiner, frame)
         ious = [_iou(ref_masks[i, c], masks[i, c]) for i in range(len(BOXES)) for c in range(3)]
         results.append({"row": label, "min_iou": round(min(ious), 4), "mean_iou": round(float(np.mean(ious)), 4),
@@ -140,10 +190,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="vit_tiny", choices=("vit_tiny", "vit_b", "vit_l", "vit_h"))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--low", default="bf16", choices=tuple(DTYPES), help="fp16 needs a CUDA device")
+    ap.add_argument("--low", default="bf16", choices=tuple(DTYPES),
+                    help="fp16 on the CPU needs HQSMEM_CPU_FP16=1 (emulated there: slow)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rows", default="all", choices=("all", "shipped", "encoder", "weights"),
+                    help="shipped: only the whole model as shipped; encoder: it and each part of the image "
+                    "encoder alone in the low precision; weights: it and the encoder's weights rounded")
     a = ap.parse_args(argv)
-    for row in run(a.model, a.device, a.low, a.seed):
+    for row in run(a.model, a.device, a.low, a.seed, a.rows):
         print(json.dumps(row))
 
 
