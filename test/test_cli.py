@@ -176,6 +176,8 @@ def test_bench_sam2_compares_the_predictor_and_the_tracker(tmp_path):
     assert rep["predictor"][1]["state_mb"] > rep["predictor"][0]["state_mb"]  # keeps every frame
     assert rep["passes_5_objects"] == [[1, 2, 3, 4, 5]] and rep["passes_5_staggered"] == [[1, 2, 3, 4, 5]]
     assert run("bench-sam2", "--frames", "x").returncode == 2
+    fp16 = run("bench-sam2", "--precision", "fp16")  # the official predictor cannot run fp16: said before loading
+    assert fp16.returncode == 2 and "--skip-predictor" in fp16.stderr and "bfloat16" in fp16.stderr
 
 
 def _kill_when(proc, ready, timeout=120.0):

@@ -240,6 +240,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args(argv)
+    if args.precision == "fp16" and not args.skip_predictor:
+        ap.error("--precision fp16: SAM2's own video predictor keeps its memory in bfloat16, which fp16 "
+                 "autocast cannot concatenate (\"Unexpected floating ScalarType\" at its first memory read); "
+                 "use bf16, or add --skip-predictor to measure only this tracker in fp16")
     args.size = tuple(int(v) for v in args.size.lower().split("x"))
     warnings.filterwarnings("ignore", message="cannot import name '_C'")  # optional CUDA kernel
 
