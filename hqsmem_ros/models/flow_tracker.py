@@ -248,9 +248,13 @@ class FlowTracker(BaseTracker):
 
         best = np.zeros((h, w), np.float32)  # winning logit (> 0) per pixel
         label = np.zeros((h, w), np.int32)
-        claimed = self._claimed_by_others(warped) if self.motion_weight > 0 else {}
+        reach = None  # how many objects' predictions reach each pixel (> 0.05), for the push
+        if self.motion_weight > 0 and len(warped) > 1:
+            reach = np.zeros((h, w), np.uint16)
+            for wm in warped.values():
+                reach += wm > 0.05
         for oid, wm in warped.items():
-            self._segment_near(oid, wm, index, best, label, claimed.get(oid))
+            self._segment_near(oid, wm, index, best, label, reach)
         if self.occlusion_order and len(self._objects) > 1:
             self._update_depth_order(warped, label)
             self._give_back_revealed(rigid, label)
@@ -274,16 +278,7 @@ class FlowTracker(BaseTracker):
             result[oid] = m
         return result
 
-    @staticmethod
-    def _claimed_by_others(warped: Masks) -> Dict[int, np.ndarray]:
-        """Per object: where another object's prediction reaches (> 0.05)."""
-        if len(warped) < 2:
-            return {}
-        reach = {oid: (wm > 0.05).astype(np.int32) for oid, wm in warped.items()}
-        count = np.sum(list(reach.values()), axis=0)
-        return {oid: (count - r) > 0 for oid, r in reach.items()}
-
-    def _segment_near(self, oid, warped, index, best, label, claimed=None):
+    def _segment_near(self, oid, warped, index, best, label, reach=None):
         core = warped > 0.5
         box = mask_box(warped > 0.05)
         if box is None:
@@ -298,8 +293,8 @@ class FlowTracker(BaseTracker):
         occluding = oid in self._behind or oid in self._behind.values()
         if self.motion_weight > 0 and self._frame_flow is not None and not occluding:
             push = self._motion_push(warped[sl], self._frame_flow[sl])
-            if claimed is not None:  # between tracked objects the colours and the order decide
-                push[claimed[sl]] = 0.0
+            if reach is not None:  # between tracked objects the colours and the order decide
+                push[reach[sl] > (warped[sl] > 0.05)] = 0.0
             logit += self.motion_weight * push
         logit = cv2.GaussianBlur(logit, (self.smooth, self.smooth), 0)
         fg = (logit > 0).astype(np.uint8)
@@ -331,12 +326,11 @@ class FlowTracker(BaseTracker):
         loglik = []
         for region in (inner, outer):
             samples = flow[region].astype(np.float64)
-            mean = samples.mean(axis=0)
             cov = np.cov(samples.T) + (self.motion_noise ** 2) * np.eye(2)
-            inv = np.linalg.inv(cov)
-            d = flow.astype(np.float64) - mean
-            maha = inv[0, 0] * d[..., 0] ** 2 + 2 * inv[0, 1] * d[..., 0] * d[..., 1] + inv[1, 1] * d[..., 1] ** 2
-            loglik.append(-0.5 * maha - 0.5 * np.log(np.linalg.det(cov)))
+            inv = np.linalg.inv(cov).astype(np.float32)
+            dx, dy = flow[..., 0] - np.float32(samples[:, 0].mean()), flow[..., 1] - np.float32(samples[:, 1].mean())
+            maha = inv[0, 0] * dx * dx + 2 * inv[0, 1] * dx * dy + inv[1, 1] * dy * dy
+            loglik.append(-0.5 * maha - np.float32(0.5 * np.log(np.linalg.det(cov))))
         push = np.clip(loglik[0] - loglik[1], -_LR_CLIP, 0.0).astype(np.float32)
         if self.motion_band > 0:
             depth = cv2.distanceTransform((warped > 0.5).astype(np.uint8), cv2.DIST_L2, 3)
