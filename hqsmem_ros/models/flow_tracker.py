@@ -30,6 +30,17 @@ may therefore reach no further than its previous mask moved as a whole (its temp
 touch that object, or, while that object is wholly hidden, the largest piece (it can only come
 back from its occluder's edge). While it is still small, a re-emerging object also takes the free
 re-detection candidate that touches what it got back.
+
+Motion push (`motion_weight`): background the prior took in over earlier frames and the colours
+cannot tell from the object (a look-alike animal, a fence or pole the object passes, ground of
+its colour) keeps its place through the flow prior. Where such pixels move as the surroundings
+do and not as the object does (2-D Gaussian models of the flow inside the warped prior and
+outside it), their log-likelihood ratio pushes them out. Only out: what moves with the object
+(its shadow, its reflection, textureless ground the object's flow spills onto) is not pulled in;
+the prior's edge, where the flow blends both sides, is spared (`motion_band`); and between
+tracked objects (where another's prediction reaches, or while two are in an occlusion order)
+the colours and the order decide. Where the object moves as its surroundings do the two models
+coincide and the push is nothing.
 """
 from __future__ import annotations
 
@@ -119,6 +130,14 @@ class FlowSettings:
                                     "it (or while that one is hidden), go to the object behind")
     occluder_slack: int = setting(2, "With occlusion_order: how far (pixels) a front object's mask may "
                                   "reach beyond its rigidly moved previous mask", minimum=0)
+    motion_weight: float = setting(0.0, "Weight of the motion push in each pixel's object score: pixels "
+                                   "whose flow is more like the surroundings' than the object's are "
+                                   "pushed out, as their log-likelihood ratio (0: off)", minimum=0.0)
+    motion_noise: float = setting(0.5, "With motion_weight: flow noise (pixels at the processing size) "
+                                  "added to both motion models' spread", minimum=0.01)
+    motion_band: float = setting(3.0, "With motion_weight: the push grows to full strength over this many "
+                                 "pixels inside the prior's edge (where the flow blends both sides)",
+                                 minimum=0.0)
 
 
 class FlowTracker(BaseTracker):
@@ -144,6 +163,7 @@ class FlowTracker(BaseTracker):
         self._cache_frame: Optional[int] = None
         self._cache = None
         self._pending: Optional[_Pending] = None
+        self._frame_flow: Optional[np.ndarray] = None  # this frame's flow (current -> previous)
         self._behind: Dict[int, int] = {}  # object -> the object in front of it
         self._covered: Dict[Tuple[int, int], float] = {}  # (front, back) -> pixels front took from back
 
@@ -201,8 +221,10 @@ class FlowTracker(BaseTracker):
             return {}
         ids = [i for i in self._objects if self._prior.get(i) is not None and self._prior[i].any()]
         warped = {}
+        self._frame_flow = None
         if ids and self._prev_gray is not None and self._prev_gray.shape == gray.shape:
             flow = self._flow.calc(gray, self._prev_gray, None)
+            self._frame_flow = flow
             gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
             mx, my = gx + flow[..., 0], gy + flow[..., 1]
             # cv2.remap returns a single channel for stacks of more than 128 channels: warp the
@@ -226,8 +248,13 @@ class FlowTracker(BaseTracker):
 
         best = np.zeros((h, w), np.float32)  # winning logit (> 0) per pixel
         label = np.zeros((h, w), np.int32)
+        reach = None  # how many objects' predictions reach each pixel (> 0.05), for the push
+        if self.motion_weight > 0 and len(warped) > 1:
+            reach = np.zeros((h, w), np.uint16)
+            for wm in warped.values():
+                reach += wm > 0.05
         for oid, wm in warped.items():
-            self._segment_near(oid, wm, index, best, label)
+            self._segment_near(oid, wm, index, best, label, reach)
         if self.occlusion_order and len(self._objects) > 1:
             self._update_depth_order(warped, label)
             self._give_back_revealed(rigid, label)
@@ -251,7 +278,7 @@ class FlowTracker(BaseTracker):
             result[oid] = m
         return result
 
-    def _segment_near(self, oid, warped, index, best, label):
+    def _segment_near(self, oid, warped, index, best, label, reach=None):
         core = warped > 0.5
         box = mask_box(warped > 0.05)
         if box is None:
@@ -261,6 +288,14 @@ class FlowTracker(BaseTracker):
         sl = (slice(y0, y1), slice(x0, x1))
         lr = self._lut(oid)[index[sl]]
         logit = self.flow_weight * (2.0 * warped[sl] - 1.0) + self.appearance_weight * lr
+        # While it is behind or in front of another object, no push: the flow of what is being
+        # covered or uncovered is not that of either object, and the order decides there.
+        occluding = oid in self._behind or oid in self._behind.values()
+        if self.motion_weight > 0 and self._frame_flow is not None and not occluding:
+            push = self._motion_push(warped[sl], self._frame_flow[sl])
+            if reach is not None:  # between tracked objects the colours and the order decide
+                push[reach[sl] > (warped[sl] > 0.05)] = 0.0
+            logit += self.motion_weight * push
         logit = cv2.GaussianBlur(logit, (self.smooth, self.smooth), 0)
         fg = (logit > 0).astype(np.uint8)
         n, comp = cv2.connectedComponents(fg, connectivity=8)
@@ -272,6 +307,35 @@ class FlowTracker(BaseTracker):
         win = (fg > 0) & (logit > best[sl])
         best[sl][win] = logit[win]
         label[sl][win] = oid
+
+    def _motion_push(self, warped: np.ndarray, flow: np.ndarray) -> np.ndarray:
+        """Per pixel of a crop, <= 0: the log-likelihood ratio of its flow under the object's
+        motion model against its surroundings' (2-D Gaussians of the flow inside the warped prior's
+        interior and outside it, each spread widened by motion_noise), where it favours the
+        surroundings; ramped in over motion_band pixels inside the prior's edge.
+
+        What it removes is background the prior took in earlier frames and the colours cannot
+        tell from the object (a look-alike, a static structure it passes) that moves as the
+        surroundings do. Only a push out: what moves with the object is not pulled in (a shadow,
+        a reflection, textureless ground whose flow the object's spills onto). The ramp leaves
+        the prior's own edge alone, where the flow is a blend of both sides. Where the object
+        moves as its surroundings do the two models coincide and the ratio is near 0."""
+        inner, outer = warped > 0.95, warped < 0.05
+        if inner.sum() < 8 or outer.sum() < 8:
+            return np.zeros(warped.shape, np.float32)
+        loglik = []
+        for region in (inner, outer):
+            samples = flow[region].astype(np.float64)
+            cov = np.cov(samples.T) + (self.motion_noise ** 2) * np.eye(2)
+            inv = np.linalg.inv(cov).astype(np.float32)
+            dx, dy = flow[..., 0] - np.float32(samples[:, 0].mean()), flow[..., 1] - np.float32(samples[:, 1].mean())
+            maha = inv[0, 0] * dx * dx + 2 * inv[0, 1] * dx * dy + inv[1, 1] * dy * dy
+            loglik.append(-0.5 * maha - np.float32(0.5 * np.log(np.linalg.det(cov))))
+        push = np.clip(loglik[0] - loglik[1], -_LR_CLIP, 0.0).astype(np.float32)
+        if self.motion_band > 0:
+            depth = cv2.distanceTransform((warped > 0.5).astype(np.uint8), cv2.DIST_L2, 3)
+            push *= np.minimum(depth / self.motion_band, 1.0)
+        return push
 
     # -- occlusion ----------------------------------------------------------------------------
     def _update_depth_order(self, warped: Masks, label: np.ndarray) -> None:
