@@ -66,3 +66,32 @@ def test_entities_destroyed_while_spinning_do_not_end_the_spinning_thread(monkey
         node.destroy_node()
         rclpy.shutdown(context=ctx)
     assert errors == []
+
+
+def test_a_signal_before_spinning_starts_stops_the_node_cleanly():
+    """`hqsmem node` holds its SIGINT/SIGTERM handlers from before its node is built: a SIGTERM
+    while the models load (Python's default handler killed the process then, exit -15) sets the
+    stop event, and spinning then ends at once, after before_stop()."""
+    import signal
+
+    from hqsmem_ros.ros.spinning import spin_until_signal, stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    try:
+        with stop_on_signals() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)  # as launch's escalation during start-up
+            for _ in range(500):  # the handler runs between bytecodes of the main thread
+                if stop.is_set():
+                    break
+                time.sleep(0.01)
+            assert stop.is_set()
+            node = rclpy.create_node("early_signal", context=ctx)  # built after the signal
+            stopped = []
+            spin_until_signal(node, num_threads=2, before_stop=lambda: stopped.append(True), stop=stop)
+            assert stopped == [True]
+            node.destroy_node()
+        assert signal.getsignal(signal.SIGTERM) is before  # handlers given back
+    finally:
+        rclpy.shutdown(context=ctx)

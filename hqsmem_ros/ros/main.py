@@ -56,15 +56,15 @@ class _ConsoleLogger:
         print(f"[INFO] [{self.name}]: {text}", file=sys.stderr, flush=True)
 
 
-def spin_until_shutdown(node) -> None:
-    """Spin the node as `hqsmem node` does until SIGINT/SIGTERM or an external shutdown; then
-    stop it (waking service callbacks that wait for a frame) and wait for the executor's threads,
-    so that no callback runs while the node is destroyed (destroying it under a running callback
-    crashed the process now and then: SIGSEGV). ROS must have been initialised with
-    init_without_ros_signal_handlers()."""
+def spin_until_shutdown(node, stop=None) -> None:
+    """Spin the node as `hqsmem node` does until `stop` is set (SIGINT/SIGTERM, see
+    spinning.stop_on_signals) or an external shutdown; then stop it (waking service callbacks
+    that wait for a frame) and wait for the executor's threads, so that no callback runs while
+    the node is destroyed (destroying it under a running callback crashed the process now and
+    then: SIGSEGV). ROS must have been initialised with init_without_ros_signal_handlers()."""
     from hqsmem_ros.ros.spinning import spin_until_signal
 
-    spin_until_signal(node, num_threads=6, before_stop=node.stop)  # processing, intake, waiting services
+    spin_until_signal(node, num_threads=6, before_stop=node.stop, stop=stop)  # processing, intake, waiting services
 
 
 def _split(argv: List[str]):
@@ -97,8 +97,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from hqsmem_ros.core.config import ConfigError
     from hqsmem_ros.launch_params import LaunchArgumentError
-    from hqsmem_ros.ros.lifecycle import HQSMemLifecycleNode
-    from hqsmem_ros.ros.node import HQSMemNode
 
     try:
         params_file = _params_file(args.config) if args.config else None  # its format first
@@ -114,8 +112,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     reuse_large_buffers()
     from hqsmem_ros.ros import dds_transport
     transport = dds_transport.apply()  # before the DDS participant exists (rclpy.init)
-    from hqsmem_ros.ros.spinning import init_without_ros_signal_handlers
-    init_without_ros_signal_handlers([sys.argv[0] if sys.argv else "hqsmem_node"] + ros_args)
+    from hqsmem_ros.ros.spinning import init_without_ros_signal_handlers, stop_on_signals
+    with stop_on_signals() as stop:  # from here on: a signal while the models load stops it cleanly too
+        init_without_ros_signal_handlers([sys.argv[0] if sys.argv else "hqsmem_node"] + ros_args)
+        return _run(args, transport, stop)
+
+
+def _run(args, transport: str, stop) -> int:
+    """Build the node, spin it until `stop` is set, then log its counters and shut ROS down."""
+    import rclpy
+
+    from hqsmem_ros.core.config import ConfigError
+    from hqsmem_ros.ros.lifecycle import HQSMemLifecycleNode
+    from hqsmem_ros.ros.node import HQSMemNode
+
     node = None
     try:
         try:
@@ -127,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.lifecycle:
             node.get_logger().info("lifecycle node: unconfigured; `ros2 lifecycle set "
                                    f"{node.get_fully_qualified_name()} configure` loads the models")
-        spin_until_shutdown(node)
+        spin_until_shutdown(node, stop)
         return 0
     finally:
         if node is not None:

@@ -114,27 +114,43 @@ def init_without_ros_signal_handlers(args) -> None:
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
 
 
-def spin_until_signal(node, num_threads: int = 6, before_stop=None) -> None:
-    """Spin `node` on a MultiThreadedExecutor in a background thread until SIGINT or SIGTERM
-    (or the context is shut down from elsewhere); then `before_stop()` (e.g. wake callbacks that
-    wait), stop and join the spinning thread, and shut the executor down, so that no callback
-    runs while the node is destroyed afterwards. The main thread waits in short steps: a Python
-    signal handler runs only between bytecodes."""
-    from rclpy.executors import MultiThreadedExecutor
-
-    executor = MultiThreadedExecutor(num_threads=num_threads)
-    executor.add_node(node)
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An Event that SIGINT and SIGTERM set while the with-block runs (in the main thread; a
+    signal handler can be installed only there). A process enters it before it builds its node,
+    so that a signal during start-up (models loading) stops it cleanly too, instead of Python's
+    default SIGTERM handler killing it."""
     stop = threading.Event()
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in STOP_SIGNALS}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def spin_until_signal(node, num_threads: int = 6, before_stop=None,
+                      stop: Optional[threading.Event] = None) -> None:
+    """Spin `node` on a MultiThreadedExecutor in a background thread until `stop` is set (by
+    default: SIGINT or SIGTERM while it spins, see stop_on_signals) or the context is shut down
+    from elsewhere; then `before_stop()` (e.g. wake callbacks that wait), stop and join the
+    spinning thread, and shut the executor down, so that no callback runs while the node is
+    destroyed afterwards. The main thread waits in short steps: a Python signal handler runs
+    only between bytecodes."""
+    if stop is None:
+        with stop_on_signals() as stop_requested:
+            return spin_until_signal(node, num_threads, before_stop, stop_requested)
+    from rclpy.executors import MultiThreadedExecutor
+
+    executor = MultiThreadedExecutor(num_threads=num_threads, context=node.context)
+    executor.add_node(node)
     spinner = BackgroundSpinner(executor).start()
     try:
         while not stop.wait(0.1) and spinner.thread.is_alive():
             pass
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         if before_stop is not None:
             before_stop()
         spinner.stop(timeout_s=60.0)
