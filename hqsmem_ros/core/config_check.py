@@ -128,7 +128,9 @@ def check_node_parameters(params: Mapping[str, Tuple[Any, str]], node_defaults: 
     try:
         PipelineConfig.from_dict(pipeline)
     except (ConfigError, TypeError) as exc:
-        culprit = next((k for k in pipeline if f"{k} " in str(exc) or f"{k}:" in str(exc)), None)
+        msg = str(exc)  # '<key> must be ...', '<block>.<key> must be ...' or '<block> '<model>': ...'
+        culprit = next((k for k in pipeline if msg.startswith(f"{k}.")), None) or \
+            next((k for k in pipeline if f"{k} " in msg or f"{k}:" in msg), None)
         where = sources.get(culprit, ", ".join(sorted(set(sources.values()))))
         raise ConfigError(f"{where}: {exc}") from exc
 
