@@ -68,7 +68,8 @@ def test_a_model_blocks_precision_is_checked_as_the_pipelines_naming_the_block_a
     # The node's check names the parameter's source, not the other keys beside it.
     with pytest.raises(ConfigError) as e:
         check_node_parameters({"pipeline.precision": ("bf16", "a.yaml"), "pipeline.tracker.type": ("deaot", "a.yaml"),
-                               "pipeline.tracker.precision": ("FP16", "-p pipeline.tracker.precision:=FP16")}, NODE)
+                               "pipeline.tracker.precision": ("FP16", "-p pipeline.tracker.precision:=FP16"),
+                               "pipeline.tracker.model": ("deaott", "a.yaml")}, NODE)
     assert str(e.value).startswith("-p pipeline.tracker.precision:=FP16: tracker.precision must be"), str(e.value)
 
 
