@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--all-cores", action="store_true", help="do not pin the process to one CPU core")
     p.add_argument("--device", help="override the config's device (cpu, cuda, cuda:N, auto)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="override the config's precision")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                   help="override the config's pipeline precision (a model block's own precision still wins)")
     p.add_argument("--random-weights", action="store_true",
                    help="build neural models with random weights (timing only; masks are meaningless)")
     p.add_argument("--json", action="store_true")

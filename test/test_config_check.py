@@ -55,3 +55,27 @@ def test_plain_config_typos_get_a_suggestion(tmp_path):
     (tmp_path / "c.yaml").write_text("memory_capacty: 4\n")
     with pytest.raises(ConfigError, match=r"c.yaml.*memory_capacty.*did you mean 'memory_capacity'"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_a_model_blocks_precision_is_checked_as_the_pipelines_naming_the_block_and_where(tmp_path):
+    cfg = load_config({"precision": "bf16", "refiner": {"type": "sam_hq", "precision": "fp32"}})
+    assert (cfg.model_precision("refiner"), cfg.model_precision("tracker")) == ("fp32", "bf16")
+    with pytest.raises(ConfigError, match=r"^refiner\.precision must be one of fp32, fp16, bf16 or null, got 'fp8'$"):
+        load_config({"refiner": {"type": "sam_hq", "precision": "fp8"}})
+    (tmp_path / "c.yaml").write_text("features: {type: dino, precision: half}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: features\.precision must be .*got 'half'"):
+        load_config(tmp_path / "c.yaml")
+    # The node's check names the parameter's source, not the other keys beside it.
+    with pytest.raises(ConfigError) as e:
+        check_node_parameters({"pipeline.precision": ("bf16", "a.yaml"), "pipeline.tracker.type": ("deaot", "a.yaml"),
+                               "pipeline.tracker.precision": ("FP16", "-p pipeline.tracker.precision:=FP16"),
+                               "pipeline.tracker.model": ("deaott", "a.yaml")}, NODE)
+    assert str(e.value).startswith("-p pipeline.tracker.precision:=FP16: tracker.precision must be"), str(e.value)
+
+
+def test_a_block_precision_on_a_weight_free_model_is_refused_naming_the_key():
+    from hqsmem_ros.core import registry
+
+    with pytest.raises(ConfigError, match=r"refiner\.precision 'bf16': refiner 'watershed' has no weights"):
+        registry.build("refiner", {"type": "watershed", "precision": "bf16"}, "cpu", "fp32")
+    registry.build("refiner", {"type": "watershed"}, "cpu", "bf16")  # the pipeline's: ignored, as before

@@ -3,7 +3,7 @@ file must hold exactly what the generator gives, and the generator must cover ev
 from pathlib import Path
 
 from hqsmem_ros.core import registry
-from hqsmem_ros.core.config import PipelineConfig
+from hqsmem_ros.core.config import ModelBlockSettings, PipelineConfig
 from hqsmem_ros.core.settings import settings_info
 from hqsmem_ros.ros.param_table import NODE_PARAMS
 from hqsmem_ros.tools import param_docs
@@ -38,6 +38,9 @@ def test_every_parameter_has_a_row_with_its_default_and_constraints():
     for info in settings_info(PipelineConfig):
         key = f"pipeline.{info.name}.type" if isinstance(info.default, dict) else f"pipeline.{info.name}"
         assert info.description.replace("|", "\\|") in rows[key][0][4], key
+    for kind in ("tracker", "refiner", "features"):  # a model block's own keys
+        for info in settings_info(ModelBlockSettings):
+            assert rows[f"pipeline.{kind}.{info.name}"][0][4] == f"{info.description} ({info.allowed()})"
     for kind in ("tracker", "refiner", "features"):
         for name in registry.names(kind):
             assert f"`{kind}: {name}`" in block

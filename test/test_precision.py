@@ -18,20 +18,47 @@ is TinyViT's encoder itself: in bf16 with everything else in fp32 it alone gives
 image embedding is 2.0 % off fp32 in L2, vit_b's 0.8 %), spread over every stage, and mostly its
 weights as bf16 holds them (rounded alone, arithmetic in fp32: 0.975); random weights give mask
 logits with no margin at the boundary (mean |logit| 0.06), so that error moves the boundary. Its
-bf16 test holds that measured level; the float32 token path itself is tested below."""
+bf16 test holds that measured level, a fact about the model that no profile ships: config/sam2.yaml
+runs its vit_tiny refiner in fp32 (its block's own precision). The float32 token path itself is
+tested below.
+
+CHECKED lists every (model, low precision) pair this file checks against fp32 (IoU >= 0.98; DINO:
+cosine > 0.99); the tests below are parametrized from it, and every shipped profile's low-precision
+models (block precision or the pipeline's) must be in it, so no profile ships an unchecked pair."""
 import functools
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from hqsmem_ros.core import registry
+from hqsmem_ros.core.config import ConfigError, load_config
+from hqsmem_ros.core.pipeline import HQSMemPipeline
 from hqsmem_ros.models.checkpoints import CPU_FP16_SWITCH, cpu_autocast_has_float16
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # conftest.py
 
 H, W = 96, 128
+CONFIG = Path(__file__).parent.parent / "config"
+
+# (kind, model block, precision) of every pair checked here against fp32 at the small sizes above.
+CHECKED = [
+    ("tracker", {"type": "deaot", "model": "r50_deaotl"}, "bf16"),
+    ("tracker", {"type": "deaot", "model": "r50_deaotl"}, "fp16"),
+    ("tracker", {"type": "sam2", "model": "tiny", "image_size": 128}, "bf16"),
+    ("tracker", {"type": "sam2", "model": "tiny", "image_size": 128}, "fp16"),
+    ("refiner", {"type": "sam_hq", "model_type": "vit_b"}, "bf16"),
+    ("refiner", {"type": "sam_hq", "model_type": "vit_tiny"}, "fp16"),  # as paper_models / jetson_orin run it
+    ("features", {"type": "dino", "model_name": "dinov2_vits14"}, "bf16"),
+    ("features", {"type": "dino", "model_name": "dinov2_vits14"}, "fp16"),
+]
+
+
+def _checked(kind):
+    return [pytest.param(spec, precision, id=f"{spec['type']}-{list(spec.values())[1]}-{precision}")
+            for k, spec, precision in CHECKED if k == kind]
 
 
 @pytest.fixture
@@ -87,11 +114,7 @@ def _assert_agree(fp32, low, what, at_least=0.98):
     return iou
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("spec", [
-    {"type": "deaot", "model": "r50_deaotl"},
-    {"type": "sam2", "model": "tiny", "image_size": 128},
-], ids=["deaot", "sam2"])
+@pytest.mark.parametrize("spec,precision", _checked("tracker"))
 def test_tracker_low_precision_masks_agree_with_fp32(spec, precision, allow):
     """SAM2 in fp16 stopped at its first memory read while it stored memory features in
     bfloat16 (fp16 autocast cannot concatenate them); it stores float16 there (sam2_tracker.py)."""
@@ -117,22 +140,18 @@ def _sam_hq_proposals(model_type, precision):
     return masks
 
 
-def test_sam_hq_vit_b_bf16_proposals_agree_with_fp32():
-    ref, low = _sam_hq_proposals("vit_b", "fp32"), _sam_hq_proposals("vit_b", "bf16")
+@pytest.mark.parametrize("spec,precision", _checked("refiner"))
+def test_sam_hq_low_precision_proposals_agree_with_fp32(spec, precision, allow):
+    model_type = spec["model_type"]
+    ref, low = _sam_hq_proposals(model_type, "fp32"), _sam_hq_proposals(model_type, allow(precision))
     for i in range(2):
         for c in range(3):
-            _assert_agree(ref[i, c], low[i, c], f"sam_hq vit_b box {i} proposal {c}")
+            _assert_agree(ref[i, c], low[i, c], f"sam_hq {model_type} {precision} box {i} proposal {c}")
 
 
-def test_sam_hq_vit_tiny_fp16_proposals_agree_with_fp32(allow):
-    """Light HQ-SAM in fp16, as config/paper_models.yaml and config/jetson_orin.yaml run it."""
-    ref, low = _sam_hq_proposals("vit_tiny", "fp32"), _sam_hq_proposals("vit_tiny", allow("fp16"))
-    for i in range(2):
-        for c in range(3):
-            _assert_agree(ref[i, c], low[i, c], f"sam_hq vit_tiny fp16 box {i} proposal {c}")
-
-
-def test_sam_hq_vit_tiny_bf16_proposals_hold_the_measured_level():
+def test_sam_hq_vit_tiny_bf16_not_shipped_by_any_profile_holds_the_measured_level():
+    """vit_tiny in bf16 is not in CHECKED (below 0.98, see the module docstring), so no profile
+    runs it: config/sam2.yaml's pipeline is bf16 and its refiner block says fp32."""
     ref, low = _sam_hq_proposals("vit_tiny", "fp32"), _sam_hq_proposals("vit_tiny", "bf16")
     ious = [_assert_agree(ref[i, c], low[i, c], f"sam_hq vit_tiny box {i} proposal {c}", at_least=0.95)
             for i in range(2) for c in range(3)]
@@ -187,13 +206,12 @@ def test_precision_stages_as_before_puts_the_prompt_encoder_and_token_path_under
     torch.testing.assert_close(before, shipped, atol=0.1, rtol=0.05)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_dino_low_precision_embeddings_agree_with_fp32(precision, allow):
+@pytest.mark.parametrize("spec,precision", _checked("features"))
+def test_dino_low_precision_embeddings_agree_with_fp32(spec, precision, allow):
     frames, masks = _scene(1)
     emb = {}
     for p in ("fp32", allow(precision)):
-        f = registry.build("features", {"type": "dino", "model_name": "dinov2_vits14", "random_weights": True,
-                                        "input_size": 56}, "cpu", p)
+        f = registry.build("features", dict(spec, random_weights=True, input_size=56), "cpu", p)
         f.set_image(frames[0])
         emb[p] = f.embed(np.stack([masks[1], masks[2]]))
     cos = (emb["fp32"] * emb[precision]).sum(axis=1)
@@ -239,3 +257,79 @@ def test_precision_stages_encoder_rows_round_and_wrap_only_what_they_name():
     assert all(m in inside for modules in parts.values() for m in modules)
     staged = {b for name, modules in parts.items() if name.startswith("stage") for m in modules for b in m.modules()}
     assert all(b.mlp in staged for layer in enc.layers[1:] for b in layer.blocks)
+
+
+# The setting that names a neural model's network, and its canonical name (aliases resolved).
+def _network(kind, spec):
+    from hqsmem_ros.models import dino, sam2_model
+
+    key = {"deaot": "model", "sam2": "model", "sam_hq": "model_type", "dino": "model_name"}[spec["type"]]
+    settings = registry.model_class(kind, spec["type"]).parse_settings({key: spec[key]} if key in spec else {})
+    name = getattr(settings, key)
+    canonical = {"sam2": sam2_model.resolve_model, "dino": lambda n: dino.ALIASES.get(n, n)}
+    return kind, spec["type"], canonical.get(spec["type"], str)(name)
+
+
+def _unchecked_low_precision(cfg):
+    """The profile's (model, precision) pairs below fp32 (the block's precision or the pipeline's,
+    by the config's own rule) that CHECKED does not hold."""
+    checked = {(_network(kind, spec), precision) for kind, spec, precision in CHECKED}
+    out = []
+    for kind in ("tracker", "refiner", "features"):
+        spec, precision = getattr(cfg, kind), cfg.model_precision(kind)
+        if registry.model_class(kind, spec["type"]).takes_precision and precision != "fp32":
+            if (_network(kind, spec), precision) not in checked:
+                out.append((_network(kind, spec), precision))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIG.glob("*.yaml")))
+def test_every_low_precision_model_a_profile_ships_is_checked_here(name):
+    assert _unchecked_low_precision(load_config(CONFIG / name)) == []
+
+
+def test_the_profile_check_finds_sam2_yamls_refiner_without_its_fp32_block():
+    """Without its block's fp32, config/sam2.yaml would ship vit_tiny in bf16, which is not checked."""
+    cfg = load_config(CONFIG / "sam2.yaml")
+    assert cfg.precision == "bf16" and cfg.model_precision("refiner") == "fp32"
+    lows = {kind for kind in ("tracker", "features") if cfg.model_precision(kind) == "bf16"}
+    assert lows == {"tracker", "features"}  # the rest of the profile is bf16, and checked
+    plain = cfg.replace(refiner={k: v for k, v in cfg.refiner.items() if k != "precision"})
+    assert _unchecked_low_precision(plain) == [(("refiner", "sam_hq", "vit_tiny"), "bf16")]
+
+
+@pytest.mark.parametrize("pipeline_precision,refiner_precision", [("bf16", "fp32"), ("fp32", "bf16")])
+def test_a_block_precision_reaches_its_model_and_the_others_keep_the_pipelines(pipeline_precision, refiner_precision):
+    """Built as the node and `hqsmem` build it (HQSMemPipeline from a config); seen from layer outputs."""
+    cfg = load_config({"device": "cpu", "precision": pipeline_precision, "tracker": {"type": "flow"},
+                       "refiner": {"type": "sam_hq", "model_type": "vit_tiny", "random_weights": True,
+                                   "precision": refiner_precision},
+                       "features": {"type": "dino", "model_name": "dinov2_vits14", "random_weights": True,
+                                    "input_size": 56}})
+    pipeline = HQSMemPipeline(cfg)
+    seen = {}
+
+    def record(name, output):  # returns None: the output goes on unchanged
+        seen.setdefault(name, output.dtype)
+
+    for name, module in {"refiner": pipeline.refiner.model.image_encoder.layers[-1],
+                         "features": pipeline.features.model.blocks[-1].attn.qkv}.items():
+        module.register_forward_hook(lambda _m, _i, out, name=name: record(name, out))
+    frames, _ = _scene(1)
+    pipeline.refiner.set_image(frames[0])
+    masks, _ = pipeline.refiner.propose(np.array([[20, 20, 64, 60], [80, 50, 116, 86]], float))
+    pipeline.features.set_image(frames[0])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    assert seen == {"refiner": dtype[refiner_precision], "features": dtype[pipeline_precision]}
+    if refiner_precision == "fp32":  # the shipped sam2.yaml case: the fp32 proposals, whatever the pipeline's
+        ref = _sam_hq_proposals("vit_tiny", "fp32")
+        for i in range(2):
+            for c in range(3):
+                _assert_agree(ref[i, c], masks[i, c], f"vit_tiny block fp32, pipeline bf16: box {i} proposal {c}")
+
+
+def test_a_block_fp16_on_the_cpu_is_refused_naming_the_block(monkeypatch):
+    monkeypatch.delenv(CPU_FP16_SWITCH, raising=False)
+    with pytest.raises(ConfigError, match=r"^refiner\.precision \(refiner 'sam_hq'\): precision 'fp16' needs a CUDA"):
+        HQSMemPipeline(load_config({"device": "cpu", "refiner": {"type": "sam_hq", "random_weights": True,
+                                                                 "precision": "fp16"}}))

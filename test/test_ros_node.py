@@ -910,3 +910,30 @@ def test_intake_group_starts_one_callback_at_a_time_and_release_lets_the_next_st
     assert not group.can_execute(sub)
     group.ending_execution(sub)
     assert group.can_execute(sub)
+
+
+def test_a_model_blocks_precision_is_a_declared_parameter_that_reaches_the_model():
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    try:
+        node = HQSMemNode("block_precision", context=ctx, parameter_overrides=[
+            Parameter("allow_random_weights", value=True), Parameter("pipeline.precision", value="bf16"),
+            Parameter("pipeline.refiner.type", value="sam_hq"), Parameter("pipeline.refiner.random_weights", value=True),
+            Parameter("pipeline.refiner.precision", value="fp32")])
+        try:
+            assert node.pipeline.refiner.precision == "fp32" and node.config.model_precision("refiner") == "fp32"
+            d = node.describe_parameter("pipeline.refiner.precision")
+            assert d.read_only and d.description.startswith("This model's own precision")
+            assert "pipeline.tracker.precision" not in node._parameters  # flow has no weights: not declared
+        finally:
+            node.destroy_node()
+        for overrides, words in [({"pipeline.refiner.type": "sam_hq", "pipeline.refiner.precision": "fp8"},
+                                  "refiner.precision must be one of fp32, fp16, bf16"),
+                                 ({"pipeline.refiner.precision": "bf16"},
+                                  "refiner.precision 'bf16': refiner 'watershed' has no weights")]:
+            with pytest.raises(ConfigError) as e:
+                HQSMemNode("bad_block_precision", context=ctx, parameter_overrides=[
+                    Parameter(k, value=v) for k, v in overrides.items()])
+            assert words in str(e.value), str(e.value)
+    finally:
+        rclpy.shutdown(context=ctx)

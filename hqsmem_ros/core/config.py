@@ -5,6 +5,7 @@ The same keys are the ROS node's parameters (config/track.yaml) and the CLI's --
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -26,6 +27,8 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
 
 REFINE_MODES = ("off", "always", "gated")
 DEVICES_HELP = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+PRECISIONS = ("fp32", "fp16", "bf16")
+COMPONENTS = ("tracker", "refiner", "features")
 
 
 def _device_ok(dev: str) -> bool:
@@ -34,6 +37,30 @@ def _device_ok(dev: str) -> bool:
 
 def _component_ok(spec: Dict[str, Any]) -> bool:
     return isinstance(spec.get("type"), str) and bool(spec["type"])
+
+
+class PrecisionError(ConfigError):
+    """A precision this machine cannot run (models/checkpoints.py raises it when a model is
+    built); here, without torch, so that the registry can name the block key it came from."""
+
+
+@dataclass
+class ModelBlockSettings:
+    """Keys of a model block (`pipeline.<tracker|refiner|features>`) that the pipeline reads, not
+    the model: beside `type`, the block's own precision. The model's Settings never see them."""
+    precision: Optional[str] = setting(
+        None, "This model's own precision, overriding pipeline.precision (unset: the pipeline's), with "
+        "the same rules; neural models only", choices=PRECISIONS)
+
+
+BLOCK_KEYS = tuple(f.name for f in fields(ModelBlockSettings))
+
+
+def model_precision(block: Mapping[str, Any], pipeline_precision: str) -> str:
+    """The precision a model block runs in: its own `precision`, else the pipeline's. The one
+    place this rule lives (registry.build applies it to every model it builds)."""
+    own = block.get("precision")
+    return own if own is not None else pipeline_precision
 
 
 def _component(kind: str, default: str) -> Any:
@@ -61,7 +88,8 @@ class PipelineConfig:
                           "by the CPU", check=_device_ok, rule=DEVICES_HELP)
     precision: str = setting("fp32", "Model precision: fp16 needs CUDA (on the CPU only with "
                              "HQSMEM_CPU_FP16=1, to check its numerics: emulated, slow); bf16 runs on "
-                             "the CPU and on GPUs that have it", choices=("fp32", "fp16", "bf16"))
+                             "the CPU and on GPUs that have it; a model block's own `precision` "
+                             "overrides it for that model", choices=PRECISIONS)
 
     # Smart memory (Eq. 3-7) and verification (Eq. 8-9): two distinct thresholds.
     memory_capacity: int = setting(8, "Smart memory size K: long-term memory never holds more frames "
@@ -134,9 +162,21 @@ class PipelineConfig:
 
     # -- validation -------------------------------------------------------------------------
     def validate(self) -> None:
-        """Every field against its setting(): ConfigError '<key> must be <allowed>, got <value>'."""
+        """Every field against its setting(): ConfigError '<key> must be <allowed>, got <value>';
+        a model block's own keys (ModelBlockSettings) as '<block>.<key> must be ...'. The model's
+        settings are its Settings', checked when it is built."""
         for info in settings_info(PipelineConfig):
             setattr(self, info.name, check_value(info, getattr(self, info.name)))
+        for kind in COMPONENTS:
+            block = getattr(self, kind)
+            for info in settings_info(ModelBlockSettings):
+                if info.name in block:
+                    named = dataclasses.replace(info, name=f"{kind}.{info.name}")
+                    block[info.name] = check_value(named, block[info.name])
+
+    def model_precision(self, kind: str) -> str:
+        """The precision this config's `kind` model runs in (see model_precision)."""
+        return model_precision(getattr(self, kind), self.precision)
 
 
 def load_config(source: Union[None, str, Path, Dict[str, Any], PipelineConfig] = None) -> PipelineConfig:

@@ -109,7 +109,7 @@ def check_node_parameters(params: Mapping[str, Tuple[Any, str]], node_defaults: 
             key = parts[1]
             if key in COMPONENT_KEYS and len(parts) >= 3:
                 pipeline.setdefault(key, {})[".".join(parts[2:])] = value
-                sources[key] = where
+                sources[key] = sources[".".join(parts[1:])] = where
                 continue
             if len(parts) == 2:
                 pipeline[key] = value
@@ -128,7 +128,9 @@ def check_node_parameters(params: Mapping[str, Tuple[Any, str]], node_defaults: 
     try:
         PipelineConfig.from_dict(pipeline)
     except (ConfigError, TypeError) as exc:
-        culprit = next((k for k in pipeline if f"{k} " in str(exc) or f"{k}:" in str(exc)), None)
+        msg = str(exc)  # '<key> must be ...' or '<block>.<key> must be ...' (a block's own keys)
+        culprit = next((k for k in sources if "." in k and msg.startswith(f"{k} ")), None) or \
+            next((k for k in pipeline if f"{k} " in msg or f"{k}:" in msg), None)
         where = sources.get(culprit, ", ".join(sorted(set(sources.values()))))
         raise ConfigError(f"{where}: {exc}") from exc
 

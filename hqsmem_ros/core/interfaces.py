@@ -32,6 +32,9 @@ class _Buildable:
     kind: ClassVar[str] = "part"  # tracker | refiner | features: how config keys and messages name it
     name: str = "part"
     Settings: ClassVar[type]
+    # Whether from_config honours `precision` (the neural parts); a block `precision` on a part
+    # that does not is refused by the registry.
+    takes_precision: ClassVar[bool] = False
 
     @classmethod
     def parse_settings(cls, params: Optional[Dict[str, Any]]):

@@ -3,14 +3,16 @@
 Entries are "module:Class" strings so that importing the core never imports torch; a model's
 module is imported only when a config asks for it. Every class is built through
 `Cls.from_config(params: dict, device: str, precision: str)`, and its parameters are those of
-`Cls.Settings` (core/settings.py).
+`Cls.Settings` (core/settings.py). The block's own keys (config.BLOCK_KEYS: its `precision`) are
+read here, never handed to the model: `precision` is the block's or the pipeline's
+(config.model_precision).
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any, Dict, List
 
-from .config import ConfigError
+from .config import BLOCK_KEYS, ConfigError, PrecisionError, model_precision
 
 TRACKERS: Dict[str, str] = {
     "flow": "hqsmem_ros.models.flow_tracker:FlowTracker",
@@ -54,11 +56,26 @@ def settings_class(kind: str, name: Any) -> type:
     return model_class(kind, name).Settings
 
 
+def check_block_keys(kind: str, cls, spec: Dict[str, Any]) -> None:
+    """A block's own keys that its model cannot take: `precision` on a weight-free model."""
+    own = spec.get("precision")
+    if own is not None and not cls.takes_precision:
+        raise ConfigError(f"{kind}.precision {own!r}: {kind} {spec['type']!r} has no weights and no "
+                          "precision; only the neural models' blocks take one")
+
+
 def build(kind: str, spec: Dict[str, Any], device: str = "auto", precision: str = "fp32"):
-    params = dict(spec)
-    name = params.pop("type")
+    """The model of a config block; `precision` is the pipeline's, which the block's own overrides."""
+    params = {k: v for k, v in spec.items() if k != "type" and k not in BLOCK_KEYS}
+    name = spec["type"]
     cls = model_class(kind, name)
+    check_block_keys(kind, cls, spec)
+    own = spec.get("precision")
     try:
-        return cls.from_config(params, device=device, precision=precision)
+        return cls.from_config(params, device=device, precision=model_precision(spec, precision))
+    except PrecisionError as exc:  # fp16 on the CPU, bf16 on a GPU without it: name the block's key
+        if own is None:
+            raise
+        raise type(exc)(f"{kind}.precision ({kind} {name!r}): {exc}") from exc
     except TypeError as exc:  # a from_config with its own keyword handling; Settings raise ConfigError
         raise ConfigError(f"{kind} {name!r}: bad parameters {params}: {exc}") from exc

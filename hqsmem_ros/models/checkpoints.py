@@ -30,7 +30,7 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from ..core.config import ConfigError
+from ..core.config import PRECISIONS, ConfigError, PrecisionError
 from ..core.settings import setting
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ class CheckpointError(ConfigError):
 
 class DeviceError(ConfigError):
     """A device or precision that this machine cannot provide."""
+
+
+class PrecisionUnavailable(DeviceError, PrecisionError):
+    """A precision this device cannot run (the registry names the block key it came from)."""
 
 
 @dataclass
@@ -237,8 +241,6 @@ def apply_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], fil
 
 # -- device and precision ---------------------------------------------------------------------
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-
 
 def resolve_device(device: str = "auto") -> torch.device:
     """'auto' -> the first CUDA device if there is one, else the CPU; 'cpu', 'cuda', 'cuda:N'."""
@@ -289,11 +291,11 @@ def _warn_cpu_fp16_once() -> None:
 
 def _check_cpu_fp16() -> None:
     if os.environ.get(CPU_FP16_SWITCH) != "1":
-        raise DeviceError("precision 'fp16' needs a CUDA device; on the CPU use 'fp32' or 'bf16' (CPU float16 "
+        raise PrecisionUnavailable("precision 'fp16' needs a CUDA device; on the CPU use 'fp32' or 'bf16' (CPU float16 "
                           "is emulated on most CPUs, many times slower than fp32; set "
                           f"{CPU_FP16_SWITCH}=1 only to check a GPU profile's fp16 numerics on the CPU)")
     if not cpu_autocast_has_float16():
-        raise DeviceError(f"precision 'fp16' on the CPU ({CPU_FP16_SWITCH}=1): the CPU autocast of torch "
+        raise PrecisionUnavailable(f"precision 'fp16' on the CPU ({CPU_FP16_SWITCH}=1): the CPU autocast of torch "
                           f"{torch.__version__} has no float16; use 'fp32' or 'bf16'")
     _warn_cpu_fp16_once()
 
@@ -307,7 +309,7 @@ def check_precision(device: torch.device, precision: str) -> str:
     if device.type == "cpu" and p == "fp16":
         _check_cpu_fp16()
     if device.type == "cuda" and p == "bf16" and not torch.cuda.is_bf16_supported():
-        raise DeviceError(f"precision 'bf16' is not supported by {torch.cuda.get_device_name(device)}; "
+        raise PrecisionUnavailable(f"precision 'bf16' is not supported by {torch.cuda.get_device_name(device)}; "
                           "use 'fp16' or 'fp32'")
     return p
 

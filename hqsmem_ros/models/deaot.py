@@ -212,6 +212,7 @@ class DeAOTTracker(BaseTracker):
     """HQ-SMem's base tracker y_t = D(E(x_t); M_t; y_{t-1}) on DeAOT (see the module doc)."""
 
     name = "deaot"
+    takes_precision = True
     Settings = DeAOTSettings
 
     def __init__(self, net, cfg, model: str, device: torch.device, amp_dtype: Optional[torch.dtype] = None,

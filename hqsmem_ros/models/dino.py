@@ -142,6 +142,7 @@ class DinoSettings(WeightSettings):
 
 class DinoFeatureExtractor(FeatureExtractor):
     name = "dino"
+    takes_precision = True
     Settings = DinoSettings
 
     def __init__(self, model, input_size: int = 448, device="cpu", precision: str = "fp32",

@@ -116,6 +116,7 @@ class SAM2Tracker(MemoryTokens, BaseTracker):
     """HQ-SMem's base tracker y_t = D(E(x_t); M_t; y_{t-1}) on SAM 2.1 (see the module doc)."""
 
     name = "sam2"
+    takes_precision = True
     Settings = SAM2Settings
 
     def __init__(self, net, model: str, device: torch.device, amp_dtype: Optional[torch.dtype] = None,

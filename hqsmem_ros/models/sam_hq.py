@@ -123,6 +123,7 @@ class SamHQSettings(WeightSettings):
 
 class SamHQRefiner(Refiner):
     name = "sam_hq"
+    takes_precision = True
     Settings = SamHQSettings
 
     def __init__(self, model, device="cpu", precision: str = "fp32", hq_token_only: bool = False,

@@ -2,7 +2,8 @@
 
 What a parameter means and takes has one owner each: the node's own parameters are in
 ros/param_table.py (NODE_PARAMS), `pipeline.<key>` in PipelineConfig's fields and
-`pipeline.<tracker|refiner|features>.<key>` in the configured model's Settings (core/settings.py).
+`pipeline.<tracker|refiner|features>.<key>` in the configured model's Settings (core/settings.py),
+except the block's own `precision` (core/config.py ModelBlockSettings, declared for neural models).
 The descriptors declared here and docs/ros.md's tables (tools/param_docs.py) are made from them.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescr
 from rclpy.parameter import Parameter
 
 from hqsmem_ros.core import registry
-from hqsmem_ros.core.config import ConfigError, PipelineConfig
+from hqsmem_ros.core.config import BLOCK_KEYS, ConfigError, ModelBlockSettings, PipelineConfig
 from hqsmem_ros.core.depth3d import DEPTH_NODE_PARAMS
 from hqsmem_ros.core.pipeline import HQSMemPipeline
 from hqsmem_ros.core.settings import SettingInfo, settings_info
@@ -113,10 +114,15 @@ class NodeParameters:
         by_name = {i.name: i for i in infos}
         params = {k[len(prefix):]: self._plain(p.value) for k, p in overrides.items()
                   if k.startswith(prefix) and k != prefix + "type"}
+        # The block's own keys (its precision) are the pipeline's, declared for the neural models.
+        block = {k: params.pop(k) for k in BLOCK_KEYS if k in params}
+        registry.check_block_keys(kind, cls, dict(block, type=model))
         cls.parse_settings({k: from_ros_value(by_name[k], v) if k in by_name else v for k, v in params.items()})
         # The config holds the keys given, as `hqsmem track` would read them from the same file;
         # the others are declared (described) at their defaults, which the model applies anyway.
-        self._given_settings[kind] = set(params)
+        self._given_settings[kind] = set(params) | set(block)
+        if cls.takes_precision:
+            infos = list(settings_info(ModelBlockSettings)) + infos
         for info in infos:
             self._declare_setting(prefix + info.name, info, setting_descriptor(info, True, FIXED_WHY))
 

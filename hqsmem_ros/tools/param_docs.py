@@ -1,7 +1,8 @@
 """docs/ros.md's parameter tables, generated from their owners (ROS-free):
 
 - the node's own parameters: ros/param_table.py (NODE_PARAMS);
-- `pipeline.<key>`: PipelineConfig's fields (core/config.py);
+- `pipeline.<key>`: PipelineConfig's fields (core/config.py), and a model block's own keys
+  (`pipeline.<tracker|refiner|features>.precision`: ModelBlockSettings, core/config.py);
 - `pipeline.<tracker|refiner|features>.<key>`: each registered model's Settings (its model file).
 
 The tables sit between two HTML comments in docs/ros.md; `--write` rewrites that block, `--check`
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from hqsmem_ros.core import registry
-from hqsmem_ros.core.config import PipelineConfig
+from hqsmem_ros.core.config import ModelBlockSettings, PipelineConfig
 from hqsmem_ros.core.pipeline import HQSMemPipeline
 from hqsmem_ros.core.settings import SettingInfo, settings_info
 from hqsmem_ros.ros.param_table import NODE_PARAMS
@@ -76,6 +77,11 @@ def _pipeline_rows() -> List[str]:
             continue
         runtime = "yes" if info.name in HQSMemPipeline.RUNTIME_KEYS else "no"
         rows.append(f"| `pipeline.{info.name}` | {_value(info.default)} | {runtime} | {_meaning(info)} |")
+        if info.name == "precision":  # the block keys that override it
+            for kind in COMPONENT_KEYS:
+                for block in settings_info(ModelBlockSettings):
+                    rows.append(f"| `pipeline.{kind}.{block.name}` | {_value(block.default)} | no | "
+                                f"{_meaning(block)} |")
     return rows
 
 
