@@ -138,10 +138,6 @@ class FlowSettings:
     motion_band: float = setting(3.0, "With motion_weight: the push grows to full strength over this many "
                                  "pixels inside the prior's edge (where the flow blends both sides)",
                                  minimum=0.0)
-    luminance_spread: float = setting(0.0, "Share of each luminance bin's colour counts given to each "
-                                      "neighbouring luminance bin before the colour ratio is taken (an "
-                                      "exposure change moving a colour one bin keeps most of its ratio)",
-                                      minimum=0.0, maximum=0.5)
 
 
 class FlowTracker(BaseTracker):
@@ -485,22 +481,8 @@ class FlowTracker(BaseTracker):
                 bg = (1 - self.anchor_weight) * bg + self.anchor_weight * obj.anchor[1]
             if obj.recent_bg is not None:
                 bg = (1 - self.recent_bg_weight) * bg + self.recent_bg_weight * obj.recent_bg
-            if self.luminance_spread > 0:
-                fg, bg = self._spread(fg), self._spread(bg)
             obj.lut = np.clip(np.log((fg + _EPS) / (bg + _EPS)), -_LR_CLIP, _LR_CLIP).astype(np.float32)
         return obj.lut
-
-    def _spread(self, hist: np.ndarray) -> np.ndarray:
-        """`hist` with `luminance_spread` of each luminance bin moved to each neighbour (the edge
-        bins keep what would leave the range)."""
-        yb, cb = self.color_bins
-        h = hist.reshape(yb, cb * cb)
-        out = (1 - 2 * self.luminance_spread) * h
-        out[1:] += self.luminance_spread * h[:-1]
-        out[:-1] += self.luminance_spread * h[1:]
-        out[0] += self.luminance_spread * h[0]
-        out[-1] += self.luminance_spread * h[-1]
-        return out.reshape(-1)
 
     def commit(self, frame: int, image: np.ndarray, masks: Masks) -> None:
         gray, index = self._frame_data(frame, image)
