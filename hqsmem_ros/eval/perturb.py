@@ -32,6 +32,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import cv2
 import numpy as np
 
+from ..ablation import load_sequence, run_sequence
+from ..core.config import load_config
+from .davis_io import find_sequences
+from .metrics import evaluate_sequence_arrays
+
 _JPEG_QUALITY = 50
 _READ_NOISE = 4.0  # std (of 255) where the pixel is black
 _SHOT_GAIN = 0.2  # variance added per unit of pixel value: std sqrt(16 + 0.2 * 255) = 8.2 at white
@@ -137,9 +142,6 @@ def perturb(kind: str, frames: Sequence[np.ndarray], gts: Sequence[np.ndarray], 
 def score_perturbed(cfg, frames, gts, kind: str, name: str = "", seed: int = 0) -> Dict:
     """Run `cfg` on the perturbed sequence; its masks scored against the original `gts` (scaled
     back to their size, only the frames that arrived)."""
-    from ..ablation import run_sequence
-    from .metrics import evaluate_sequence_arrays
-
     p = perturb(kind, frames, gts, name, seed)
     preds, _ = run_sequence(cfg, p.frames, p.prompts)
     h, w = gts[0].shape[:2]
@@ -150,10 +152,6 @@ def score_perturbed(cfg, frames, gts, kind: str, name: str = "", seed: int = 0) 
 def run_perturbations(data_root, configs: Sequence[str], kinds: Sequence[str] = KINDS, row: str = "full",
                       seed: int = 0) -> Dict:
     """J&F per sequence for every (config, perturbation): result["scores"][config][kind][sequence]."""
-    from ..ablation import load_sequence
-    from ..core.config import load_config
-    from .davis_io import find_sequences
-
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise ValueError(f"unknown perturbation(s) {', '.join(bad)}; choose from {', '.join(KINDS)}")
