@@ -33,6 +33,17 @@ def run_sequence(cfg, frames: Sequence, gts: Sequence[np.ndarray]):
     return preds, elapsed
 
 
+def load_sequence(seq, stride: int = 1):
+    """(frames, label maps) of one sequence found by `find_sequences`, every `stride`th frame."""
+    if seq.frames_dir is None or seq.labels_dir is None:
+        raise DataError(f"sequence {seq.name!r} needs both frames and annotations")
+    frame_paths = list_frames(seq.frames_dir)
+    label_paths = list_labels(seq.labels_dir)
+    if len(label_paths) != len(frame_paths):
+        raise DataError(f"sequence {seq.name!r}: {len(frame_paths)} frames but {len(label_paths)} annotations")
+    return [read_frame(p) for p in frame_paths[::stride]], [read_label(p) for p in label_paths[::stride]]
+
+
 def run_ablation(data_root, rows: Optional[List[str]] = None, config=None, stride: int = 1) -> Dict:
     """`stride` N > 1 keeps every Nth frame (and annotation) of each sequence: N times the motion
     between frames, a stress test of the same data."""
@@ -45,14 +56,7 @@ def run_ablation(data_root, rows: Optional[List[str]] = None, config=None, strid
     per_row: Dict[str, List[Dict]] = {r: [] for r in rows}
     fps: Dict[str, List[float]] = {r: [] for r in rows}
     for seq in sequences:
-        if seq.frames_dir is None or seq.labels_dir is None:
-            raise DataError(f"sequence {seq.name!r} needs both frames and annotations")
-        frame_paths = list_frames(seq.frames_dir)
-        label_paths = list_labels(seq.labels_dir)
-        if len(label_paths) != len(frame_paths):
-            raise DataError(f"sequence {seq.name!r}: {len(frame_paths)} frames but {len(label_paths)} annotations")
-        gts = [read_label(p) for p in label_paths[::stride]]
-        frames = [read_frame(p) for p in frame_paths[::stride]]
+        frames, gts = load_sequence(seq, stride)
         for row in rows:
             cfg = base.replace(ablation=row, refine=None, teacher_forcing=None, smart_memory=None)
             preds, elapsed = run_sequence(cfg, frames, gts)

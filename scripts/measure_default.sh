@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every figure of the default profile (config/track.yaml) in docs/benchmarks.md and README, in
 # one go, one job at a time: DAVIS leave-one-out and ablation rows, the stride-3 stress test, the
-# synthetic suite's ablation rows, the README demo's scene, and the one-core bench.
+# synthetic suite's ablation rows, the README demo's scene, the camera perturbations, and the
+# one-core bench.
 #   bash scripts/measure_default.sh [OUT_DIR]     (needs ../shared/vos_data, or VOS_DATA=DIR; about 15 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,8 @@ for row in ("base", "full"):
     print(f"demo scene, {row}: J&F {r['JF']:.3f}, Q {r['Q']:.3f}, IDsw {r['id_switches']}")
 PY
 run $hq ablate "$data" --stride 3 --rows base full --config $cfg | tee "$out/stride3.txt"
+# The same sequences as a robot camera gives them (JPEG 50, noise, exposure, ...; about 3 min):
+run python -m hqsmem_ros.eval.perturb "$data" --config $cfg | tee "$out/perturb.txt"
 run $hq bench --size 640x480 --objects 3 --frames 300 --config $cfg | tee "$out/bench.txt"
 # The 10,000-frame memory run (about 8 min more): LONG=1 bash scripts/measure_default.sh
 if [ "${LONG:-0}" = 1 ]; then

@@ -41,6 +41,11 @@ the prior's edge, where the flow blends both sides, is spared (`motion_band`); a
 tracked objects (where another's prediction reaches, or while two are in an occlusion order)
 the colours and the order decide. Where the object moves as its surroundings do the two models
 coincide and the push is nothing.
+
+Exposure level (`exposure_level`, off by default): the colours are binned as if every frame had
+that median luminance, so the luminance bins no longer depend on the camera's exposure
+(docs/benchmarks.md "Camera conditions": it removes most of an exposure ramp's loss, but was not
+chosen leave-one-out).
 """
 from __future__ import annotations
 
@@ -62,6 +67,7 @@ _PRESETS = {
 _EPS = 1e-3
 _LR_CLIP = 4.0
 _REMAP_CHANNELS = 64
+_GAIN_RANGE = (0.25, 4.0)  # the exposure_level gain is held inside this (a black frame stays black)
 
 
 @dataclass
@@ -138,6 +144,10 @@ class FlowSettings:
     motion_band: float = setting(3.0, "With motion_weight: the push grows to full strength over this many "
                                  "pixels inside the prior's edge (where the flow blends both sides)",
                                  minimum=0.0)
+    exposure_level: float = setting(0.0, "0: colours binned as the camera gives them; L > 0: each frame "
+                                    "scaled so that its median luminance is L before its colours are "
+                                    "binned (the colour model made independent of the exposure)",
+                                    minimum=0.0, maximum=255.0)
 
 
 class FlowTracker(BaseTracker):
@@ -210,6 +220,9 @@ class FlowTracker(BaseTracker):
     def _frame_data(self, frame: int, image: np.ndarray):
         if self._cache_frame != frame or self._cache is None:
             gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+            if self.exposure_level > 0:
+                gain = self.exposure_level / max(float(np.median(gray[::2, ::2])), 1.0)
+                image = cv2.convertScaleAbs(image, alpha=float(np.clip(gain, *_GAIN_RANGE)))
             self._cache = (gray, color_index(image, *self.color_bins))
             self._cache_frame = frame
         return self._cache
