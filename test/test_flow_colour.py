@@ -1,6 +1,7 @@
-"""The flow tracker's colour model and the camera's exposure (exposure_level, exposure_range): with a level set,
-the colours are binned as if every frame had that median luminance, so the same scene under
-another exposure gives the same colour bins and the same masks."""
+"""The flow tracker's colour model and the camera's exposure (exposure_level, exposure_range):
+with a level set, the colours are binned as if every frame had that median luminance, so the same
+scene under another exposure gives the same colour bins and the same masks; with a range, only
+frames outside it are brought to its nearer end."""
 import cv2
 import numpy as np
 import pytest
