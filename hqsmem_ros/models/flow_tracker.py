@@ -45,7 +45,9 @@ coincide and the push is nothing.
 Exposure level (`exposure_level`, off by default): the colours are binned as if every frame had
 that median luminance, so the luminance bins no longer depend on the camera's exposure
 (docs/benchmarks.md "Camera conditions": it removes most of an exposure ramp's loss, but was not
-chosen leave-one-out).
+chosen leave-one-out). Exposure range (`exposure_range`, off by default): only a frame whose median
+luminance lies outside the range is brought to its nearer end, so a normally exposed camera's
+colours are binned as it gives them.
 """
 from __future__ import annotations
 
@@ -89,6 +91,11 @@ class _Pending:
 def _color_bins_ok(bins) -> bool:
     yb, cb = bins
     return 1 <= yb <= 256 and 1 <= cb <= 64 and not yb & (yb - 1) and not cb & (cb - 1)
+
+
+def _exposure_range_ok(bounds) -> bool:
+    low, high = bounds
+    return 0.0 <= low <= high <= 255.0
 
 
 def _grown(mask: np.ndarray) -> np.ndarray:
@@ -148,6 +155,11 @@ class FlowSettings:
                                     "scaled so that its median luminance is L before its colours are "
                                     "binned (the colour model made independent of the exposure)",
                                     minimum=0.0, maximum=255.0)
+    exposure_range: Tuple[float, float] = setting(
+        (0.0, 255.0), "[low, high]: a frame whose median luminance lies outside is scaled to the nearer "
+        "end before its colours are binned; inside it the colours are binned as the camera gives them "
+        "([0, 255]: off; [L, L] is exposure_level L)", check=_exposure_range_ok,
+        rule="0 <= low <= high <= 255")
 
 
 class FlowTracker(BaseTracker):
@@ -161,7 +173,19 @@ class FlowTracker(BaseTracker):
         yb, cb = s.color_bins
         self._n_bins = yb * cb * cb
         self._flow = cv2.DISOpticalFlow_create(_PRESETS[s.flow_preset])
+        self._exposure_bounds = self._exposure_bounds_of(s)
         self.reset()
+
+    @staticmethod
+    def _exposure_bounds_of(s) -> Optional[Tuple[float, float]]:
+        """The median luminance range the colours are binned in (None: as the camera gives them)."""
+        ranged = tuple(s.exposure_range) != (0.0, 255.0)
+        if s.exposure_level > 0 and ranged:
+            raise ValueError("exposure_level and exposure_range both set: set only one "
+                             f"(exposure_level={s.exposure_level}, exposure_range={list(s.exposure_range)})")
+        if s.exposure_level > 0:
+            return (s.exposure_level, s.exposure_level)
+        return (float(s.exposure_range[0]), float(s.exposure_range[1])) if ranged else None
 
     # -- state --------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -220,9 +244,12 @@ class FlowTracker(BaseTracker):
     def _frame_data(self, frame: int, image: np.ndarray):
         if self._cache_frame != frame or self._cache is None:
             gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-            if self.exposure_level > 0:
-                gain = self.exposure_level / max(float(np.median(gray[::2, ::2])), 1.0)
-                image = cv2.convertScaleAbs(image, alpha=float(np.clip(gain, *_GAIN_RANGE)))
+            if self._exposure_bounds is not None:
+                median = max(float(np.median(gray[::2, ::2])), 1.0)
+                target = float(np.clip(median, *self._exposure_bounds))
+                if target != median:
+                    gain = float(np.clip(target / median, *_GAIN_RANGE))
+                    image = cv2.convertScaleAbs(image, alpha=gain)
             self._cache = (gray, color_index(image, *self.color_bins))
             self._cache_frame = frame
         return self._cache
