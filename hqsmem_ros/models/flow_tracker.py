@@ -45,7 +45,8 @@ coincide and the push is nothing.
 Exposure level (`exposure_level`, off by default): the colours are binned as if every frame had
 that median luminance, so the luminance bins no longer depend on the camera's exposure
 (docs/benchmarks.md "Camera conditions": it removes most of an exposure ramp's loss, but was not
-chosen leave-one-out). Exposure range (`exposure_range`, off by default): only a frame whose median
+chosen leave-one-out). Exposure range (`exposure_range`, off in the Settings, [128, 192] in
+config/track.yaml, chosen leave-one-out): only a frame whose median
 luminance lies outside the range is brought to its nearer end, so a normally exposed camera's
 colours are binned as it gives them.
 """
