@@ -13,6 +13,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != ROOT:
     os.environ["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
+# The suite's own DDS domain for every test that does not pick one (and the processes they start):
+# a robot's topics on this machine (domain 0 or its ROS_DOMAIN_ID) and a second test run at the
+# same time never reach its subscriptions (two runs once mixed their synthetic cameras' frames).
+# HQSMEM_TEST_DOMAIN_ID chooses it.
+os.environ["ROS_DOMAIN_ID"] = os.environ.get("HQSMEM_TEST_DOMAIN_ID") or str(1 + (os.getpid() + 31) % 200)
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
