@@ -937,3 +937,20 @@ def test_a_model_blocks_precision_is_a_declared_parameter_that_reaches_the_model
             assert words in str(e.value), str(e.value)
     finally:
         rclpy.shutdown(context=ctx)
+
+
+def test_a_native_crash_in_the_node_process_prints_every_threads_stack():
+    """A segfault in DDS or rclpy's C code must leave the Python stacks in the launch log, not a
+    bare exit -11: `hqsmem node` enables faulthandler first (here: a config error returns, then a
+    native crash in the same process)."""
+    import signal
+    import subprocess
+    import sys
+    code = ("import ctypes, os, sys\n"
+            "from hqsmem_ros.ros.main import main\n"
+            "assert main(['--config', os.devnull + '.missing.yaml']) == 2\n"
+            "ctypes.string_at(0)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == -signal.SIGSEGV, (r.returncode, r.stderr)
+    assert "Fatal Python error: Segmentation fault" in r.stderr and "string_at" in r.stderr, r.stderr

@@ -10,6 +10,7 @@ keys; everything after --ros-args goes to ROS as usual (remappings, -p name:=val
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 from typing import List, Optional
 
@@ -87,6 +88,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="run as a lifecycle node (unconfigured at start; configure loads the models, "
                              "activate subscribes, deactivate pauses, cleanup frees the models)")
     args = parser.parse_args(ours)
+    # A crash in native code (DDS, rclpy's C extension) prints every thread's Python stack to
+    # stderr (the launch log) instead of a bare exit -11: one such exit was seen at a SIGTERM.
+    faulthandler.enable()
 
     try:
         import rclpy
