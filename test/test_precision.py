@@ -108,9 +108,13 @@ def _track(spec, precision, frames, masks):
 
 
 def _assert_agree(fp32, low, what, at_least=0.98):
+    """IoU >= at_least, or a single pixel of difference: below 1 / (1 - at_least) pixels (50 at
+    0.98) one pixel already breaks the IoU bar (a random-weight DeAOT's 22-pixel mask in bf16 under
+    torch 2.14: IoU 0.9545 from one pixel), so the bar is never looser than one pixel."""
     assert 16 <= fp32.sum() <= 0.995 * fp32.size, f"{what}: fp32 mask has {fp32.sum()} pixels: a trivial case"
     iou = _iou(fp32, low)
-    assert iou >= at_least, f"{what}: IoU fp32 vs low precision {iou:.4f}"
+    differ = int(np.logical_xor(fp32, low).sum())
+    assert iou >= at_least or differ <= 1, f"{what}: IoU fp32 vs low precision {iou:.4f} ({differ} pixels differ)"
     return iou
 
 
