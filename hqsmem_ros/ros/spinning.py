@@ -8,9 +8,9 @@ short steps and checks a flag between them; then the callbacks it already handed
 MultiThreadedExecutor's thread pool are waited for (rclpy's MultiThreadedExecutor.shutdown()
 destroys that guard condition before it waits for its pool, so a callback queued there failed,
 and the Task holding that error printed "The following exception was never retrieved" when
-collected); only then is the executor shut down. And rclpy's
-executors raise InvalidHandle from the spinning thread when an entity is destroyed while they
-build their wait set (a lifecycle deactivate): the spinner goes on instead of dying silently.
+collected); only then is the executor shut down. And rclpy's executors raise InvalidHandle
+from the spinning thread when an entity is destroyed while they build their wait set (a
+lifecycle deactivate): the spinner goes on instead of dying silently.
 """
 from __future__ import annotations
 
