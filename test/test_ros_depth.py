@@ -507,3 +507,4 @@ def test_hqsmem_node_stops_cleanly_on_sigterm():
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert "stopped: 0 frames received" in out, out
+    assert "never retrieved" not in out, out  # no executor task left failing at exit

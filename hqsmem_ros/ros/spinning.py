@@ -4,15 +4,22 @@ rclpy's Executor.shutdown() destroys the executor's guard condition without wait
 handlers that a spinning thread is still running (its wait is skipped once the shutdown flag is
 set), and such a handler then fails with "InvalidHandle: cannot use Destroyable because
 destruction was requested". So the spinning thread is stopped and joined first: it spins in
-short steps and checks a flag between them; only then is the executor shut down. And rclpy's
-executors raise InvalidHandle from the spinning thread when an entity is destroyed while they
-build their wait set (a lifecycle deactivate): the spinner goes on instead of dying silently.
+short steps and checks a flag between them; then the callbacks it already handed to a
+MultiThreadedExecutor's thread pool are waited for (rclpy's MultiThreadedExecutor.shutdown()
+destroys that guard condition before it waits for its pool, so a callback queued there failed,
+and the Task holding that error printed "The following exception was never retrieved" when
+collected); only then is the executor shut down. And rclpy's executors raise InvalidHandle
+from the spinning thread when an entity is destroyed while they build their wait set (a
+lifecycle deactivate): the spinner goes on instead of dying silently.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import signal
+import sys
 import threading
+import traceback
 from typing import Callable, Iterator, Optional
 
 
@@ -52,7 +59,27 @@ class BackgroundSpinner:
         self._stop.set()
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(timeout=timeout_s)
+        self._finish_dispatched_callbacks()
         self.executor.shutdown()
+
+    def _finish_dispatched_callbacks(self) -> None:
+        """Wait for the callbacks the last spins handed to a MultiThreadedExecutor's thread pool
+        (while the executor's guard condition still exists), then fetch each one's outcome, as
+        spin_once would have: an InvalidHandle counts like one in _spin, any other error is
+        printed. rclpy has no public call for this: `_executor` (the pool) and `_futures` (the
+        dispatched tasks not yet checked) are its MultiThreadedExecutor's, Humble to Kilted."""
+        pool = getattr(self.executor, "_executor", None)
+        if not isinstance(pool, concurrent.futures.ThreadPoolExecutor):
+            return  # a SingleThreadedExecutor runs its callbacks inside spin_once: none is left
+        pool.shutdown(wait=True)
+        invalid_handle = _invalid_handle_error()
+        for task in list(getattr(self.executor, "_futures", ())):
+            error = task.exception() if task.done() else None
+            if isinstance(error, invalid_handle):
+                self.invalid_handles += 1
+            elif error is not None:
+                print("hqsmem: a callback failed while its executor stopped:", file=sys.stderr)
+                traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
 
 
 def _invalid_handle_error() -> type:
